@@ -1,0 +1,1 @@
+//! nvcopy copier (placeholder)
