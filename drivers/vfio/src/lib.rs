@@ -24,4 +24,4 @@ pub use error::{Error, Result};
 pub use iova::Iova;
 pub use mmio::Mmio;
 pub use pci::{PciAddress, PciFunction, Sysfs, NVME_CLASS};
-pub use vm_memory::{Bytes, VolatileMemory, VolatileSlice};
+pub use vm_memory::{ByteValued, Bytes, VolatileMemory, VolatileSlice};

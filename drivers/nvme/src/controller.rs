@@ -1,0 +1,527 @@
+//! Controller bring-up, admin commands and shutdown.
+//!
+//! Initialisation follows base spec 3.5.1: disable and wait for CSTS.RDY = 0, program the
+//! admin queue (AQA, ASQ, ACQ), enable with 4 KiB pages and 64/16-byte entries, wait for
+//! CSTS.RDY = 1, then Identify, Set Features (Number of Queues) and namespace discovery.
+//! Every register wait is bounded by CAP.TO. Dropping the controller requests a normal
+//! shutdown (CC.SHN, 3.6.1) and waits for CSTS.SHST to report it complete.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use nvcopy_vfio::{DmaPool, PAGE_SIZE};
+
+use crate::error::{Error, Result};
+use crate::identify::{parse_ns_list, ControllerInfo, Namespace};
+use crate::io::IoQpair;
+use crate::prp::{DataPtr, MAX_TRANSFER};
+use crate::queue::{Completion, QueuePair};
+use crate::regs::Bar;
+use crate::spec::{admin, cc, csts, doorbell_offset, opcode_name, reg, Cap, Sqe};
+
+/// How a controller is brought up.
+#[derive(Clone, Debug)]
+pub struct ControllerOptions {
+    /// Admin queue entries.
+    pub admin_entries: u16,
+    /// Timeout of one admin command.
+    pub admin_timeout: Duration,
+    /// Timeout of one I/O command.
+    pub io_timeout: Duration,
+    /// I/O queue pairs to ask for with Set Features (Number of Queues).
+    pub io_queues: u16,
+}
+
+impl Default for ControllerOptions {
+    fn default() -> Self {
+        ControllerOptions {
+            admin_entries: 32,
+            admin_timeout: Duration::from_secs(30),
+            io_timeout: Duration::from_secs(30),
+            io_queues: 64,
+        }
+    }
+}
+
+/// An initialised NVMe controller.
+pub struct Controller {
+    name: String,
+    bar: Arc<dyn Bar>,
+    pool: DmaPool,
+    cap: Cap,
+    opts: ControllerOptions,
+    admin: Mutex<QueuePair>,
+    info: ControllerInfo,
+    namespaces: Vec<Namespace>,
+    /// I/O queue ids in use, index qid - 1.
+    qids: Mutex<Vec<bool>>,
+    failed: AtomicBool,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("name", &self.name)
+            .field("model", &self.info.model)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Polls CSTS until RDY equals `ready`, within CAP.TO. A fatal status while waiting for
+/// ready is reported as such rather than as a timeout.
+fn wait_ready(name: &str, bar: &dyn Bar, cap: Cap, ready: bool, what: &'static str) -> Result<()> {
+    let limit = Duration::from_millis(cap.timeout_ms().max(500));
+    let start = Instant::now();
+    loop {
+        let s = bar.read32(reg::CSTS);
+        if s == u32::MAX {
+            return Err(Error::Unsupported {
+                ctrl: name.to_string(),
+                reason: "registers read as all ones: the device is not responding (surprise removal or a failed reset)".into(),
+            });
+        }
+        if ready && s & csts::CFS != 0 {
+            return Err(Error::ControllerFatal {
+                ctrl: name.to_string(),
+            });
+        }
+        if (s & csts::RDY != 0) == ready {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            return Err(Error::ReadyTimeout {
+                ctrl: name.to_string(),
+                what,
+                waited: start.elapsed(),
+            });
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Clears CC.EN and waits for the controller to stop. After this the controller does no
+/// more DMA, so buffers of commands that never completed may be reused.
+fn disable(name: &str, bar: &dyn Bar, cap: Cap) -> Result<()> {
+    let cfg = bar.read32(reg::CC);
+    if cfg & cc::EN != 0 {
+        bar.write32(reg::CC, cfg & !cc::EN);
+    }
+    wait_ready(name, bar, cap, false, "CSTS.RDY = 0 after clearing CC.EN")
+}
+
+/// Polls `qp` until at most `target` commands are outstanding, passing each completion to
+/// `each`. Checks for expired commands and controller fatal status while idle; either one
+/// disables the controller (so no buffer is written after we give up on it) and the queue.
+pub(crate) fn wait_until(
+    name: &str,
+    bar: &dyn Bar,
+    cap: Cap,
+    qp: &mut QueuePair,
+    target: usize,
+    mut each: impl FnMut(Completion),
+) -> Result<()> {
+    let mut idle: u32 = 0;
+    while qp.outstanding() > target {
+        if qp.poll(bar, 64, &mut each)? > 0 {
+            idle = 0;
+            continue;
+        }
+        idle = idle.wrapping_add(1);
+        if idle % 1024 != 0 {
+            std::hint::spin_loop();
+            continue;
+        }
+        if bar.read32(reg::CSTS) & csts::CFS != 0 {
+            qp.disable();
+            return Err(Error::ControllerFatal {
+                ctrl: name.to_string(),
+            });
+        }
+        if let Some(late) = qp.expired(Instant::now()) {
+            qp.disable();
+            // Best effort: a controller that cannot even be disabled is reported by the
+            // timeout below, which is the error that matters to the caller.
+            let _ = disable(name, bar, cap);
+            return Err(Error::CommandTimeout {
+                ctrl: name.to_string(),
+                cmd: opcode_name(qp.qid() == 0, late.opcode),
+                nsid: late.nsid,
+                lba: late.slba,
+                waited: late.waited,
+            });
+        }
+        std::thread::yield_now();
+    }
+    Ok(())
+}
+
+/// Turns a completion into `Ok(dw0)` or the typed command error.
+pub(crate) fn check(name: &str, admin_queue: bool, c: &Completion) -> Result<u32> {
+    if c.status.is_success() {
+        Ok(c.dw0)
+    } else {
+        Err(Error::Command {
+            ctrl: name.to_string(),
+            cmd: opcode_name(admin_queue, c.opcode),
+            nsid: c.nsid,
+            lba: if admin_queue { 0 } else { c.slba },
+            status: c.status,
+        })
+    }
+}
+
+/// Runs one admin command to completion.
+fn admin_sync(
+    name: &str,
+    bar: &dyn Bar,
+    cap: Cap,
+    qp: &mut QueuePair,
+    sqe: Sqe,
+    data: Option<DataPtr<'_>>,
+) -> Result<u32> {
+    qp.post(sqe, data, 0)?;
+    qp.ring(bar);
+    let mut done = None;
+    wait_until(name, bar, cap, qp, 0, |c| done = Some(c))?;
+    match done {
+        Some(c) => check(name, true, &c),
+        None => Err(Error::Unsupported {
+            ctrl: name.to_string(),
+            reason: "admin command vanished without a completion".into(),
+        }),
+    }
+}
+
+impl Controller {
+    /// Brings up the controller behind `bar`. `name` (the PCI address) labels every error.
+    pub fn new(
+        name: &str,
+        bar: Arc<dyn Bar>,
+        pool: DmaPool,
+        opts: ControllerOptions,
+    ) -> Result<Arc<Controller>> {
+        let name = name.to_string();
+        let unsupported = |reason: String| Error::Unsupported {
+            ctrl: name.clone(),
+            reason,
+        };
+        let cap = Cap(bar.read64(reg::CAP));
+        if cap.0 == u64::MAX {
+            return Err(unsupported(
+                "registers read as all ones: the device is not responding".into(),
+            ));
+        }
+        if !cap.supports_nvm() {
+            return Err(unsupported(
+                "does not support the NVM command set (CAP.CSS)".into(),
+            ));
+        }
+        if cap.mps_min() > PAGE_SIZE {
+            return Err(unsupported(format!(
+                "smallest memory page is {} bytes; nvcopy uses 4096",
+                cap.mps_min()
+            )));
+        }
+        let stride = cap.doorbell_stride();
+        if doorbell_offset(1, true, stride) + 4 > bar.len() {
+            return Err(unsupported(format!(
+                "BAR0 ({:#x} bytes) has no room for I/O doorbells",
+                bar.len()
+            )));
+        }
+
+        disable(&name, bar.as_ref(), cap)?;
+        let admin_entries = opts.admin_entries.clamp(2, cap.mqes().min(4096) as u16);
+        let mut aq = QueuePair::new(&name, 0, admin_entries, stride, &pool, opts.admin_timeout)?;
+        let n = admin_entries as u32 - 1;
+        bar.write32(reg::AQA, n | n << 16);
+        bar.write64(reg::ASQ, aq.sq_iova().0);
+        bar.write64(reg::ACQ, aq.cq_iova().0);
+        // nvcopy polls: mask the pin/MSI interrupt vector the admin CQ would use.
+        bar.write32(reg::INTMS, u32::MAX);
+        bar.write32(reg::CC, cc::EN | cc::IOSQES_64 | cc::IOCQES_16);
+        wait_ready(
+            &name,
+            bar.as_ref(),
+            cap,
+            true,
+            "CSTS.RDY = 1 after setting CC.EN",
+        )?;
+
+        let b = bar.as_ref();
+        let idbuf = pool.alloc(PAGE_SIZE)?;
+        let idptr = Some(DataPtr::Contig {
+            iova: idbuf.iova(),
+            len: PAGE_SIZE,
+        });
+        let mut page = vec![0u8; PAGE_SIZE];
+
+        let mut id = Sqe::new(admin::IDENTIFY, 0);
+        id.cdw10 = admin::CNS_CONTROLLER;
+        admin_sync(&name, b, cap, &mut aq, id, idptr)?;
+        idbuf.read_at(0, &mut page);
+        let info = ControllerInfo::parse(&page);
+
+        let mut sf = Sqe::new(admin::SET_FEATURES, 0);
+        sf.cdw10 = admin::FEAT_NUM_QUEUES;
+        let want = opts.io_queues.max(1) as u32 - 1;
+        sf.cdw11 = want | want << 16;
+        let granted = admin_sync(&name, b, cap, &mut aq, sf, None)?;
+        let io_queues = ((granted & 0xffff).min(granted >> 16) + 1).min(want + 1) as usize;
+
+        let mut nsids = Vec::new();
+        let mut after = 0u32;
+        loop {
+            let mut list = Sqe::new(admin::IDENTIFY, after);
+            list.cdw10 = admin::CNS_ACTIVE_NS_LIST;
+            admin_sync(&name, b, cap, &mut aq, list, idptr)?;
+            idbuf.read_at(0, &mut page);
+            let ids = parse_ns_list(&page);
+            let full = ids.len() == PAGE_SIZE / 4;
+            // Ids must ascend past `after`; anything else would loop forever.
+            let fresh: Vec<u32> = ids.into_iter().filter(|&i| i > after).collect();
+            match fresh.last() {
+                Some(&last) if full => {
+                    after = last;
+                    nsids.extend(fresh);
+                }
+                _ => {
+                    nsids.extend(fresh);
+                    break;
+                }
+            }
+        }
+        let mut namespaces = Vec::with_capacity(nsids.len());
+        for nsid in nsids {
+            let mut ns = Sqe::new(admin::IDENTIFY, nsid);
+            ns.cdw10 = admin::CNS_NAMESPACE;
+            admin_sync(&name, b, cap, &mut aq, ns, idptr)?;
+            idbuf.read_at(0, &mut page);
+            namespaces.push(Namespace::parse(nsid, &page));
+        }
+
+        Ok(Arc::new(Controller {
+            name,
+            bar,
+            pool,
+            cap,
+            opts,
+            admin: Mutex::new(aq),
+            info,
+            namespaces,
+            qids: Mutex::new(vec![false; io_queues]),
+            failed: AtomicBool::new(false),
+        }))
+    }
+
+    /// The name errors use (the PCI address).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Identify Controller data.
+    pub fn info(&self) -> &ControllerInfo {
+        &self.info
+    }
+    /// Controller capabilities.
+    pub fn cap(&self) -> Cap {
+        self.cap
+    }
+    /// The DMA pool the controller's queues come from.
+    pub fn pool(&self) -> &DmaPool {
+        &self.pool
+    }
+    /// Register access.
+    pub fn bar(&self) -> &dyn Bar {
+        self.bar.as_ref()
+    }
+    /// I/O queue pairs the controller granted.
+    pub fn io_queues(&self) -> usize {
+        lock(&self.qids).len()
+    }
+    /// Every active namespace, usable or not.
+    pub fn namespaces(&self) -> &[Namespace] {
+        &self.namespaces
+    }
+    /// The largest transfer one command may carry: MDTS, capped at what one PRP list page
+    /// describes.
+    pub fn max_transfer(&self) -> usize {
+        self.info
+            .mdts_bytes()
+            .unwrap_or(MAX_TRANSFER)
+            .min(MAX_TRANSFER)
+    }
+    /// The options it was brought up with.
+    pub fn options(&self) -> &ControllerOptions {
+        &self.opts
+    }
+
+    /// An active namespace that nvcopy can do I/O on: no metadata, 512 to 4096-byte blocks.
+    pub fn namespace(&self, nsid: u32) -> Result<&Namespace> {
+        let ns = self
+            .namespaces
+            .iter()
+            .find(|n| n.nsid == nsid)
+            .ok_or_else(|| Error::NoNamespace {
+                ctrl: self.name.clone(),
+                nsid,
+                active: self
+                    .namespaces
+                    .iter()
+                    .map(|n| n.nsid.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        if ns.metadata != 0 {
+            return Err(Error::MetadataFormat {
+                ctrl: self.name.clone(),
+                nsid,
+                metadata: ns.metadata,
+            });
+        }
+        if !(512..=4096).contains(&ns.lba_size) || !ns.lba_size.is_power_of_two() {
+            return Err(Error::LbaSize {
+                ctrl: self.name.clone(),
+                nsid,
+                lba_size: ns.lba_size as u64,
+            });
+        }
+        Ok(ns)
+    }
+
+    /// Runs an admin command to completion and returns its DW0.
+    pub fn admin(&self, sqe: Sqe, data: Option<DataPtr<'_>>) -> Result<u32> {
+        self.check_alive()?;
+        let mut aq = lock(&self.admin);
+        let r = admin_sync(&self.name, self.bar(), self.cap, &mut aq, sqe, data);
+        if aq.is_disabled() {
+            self.failed.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(Error::QueueDisabled {
+                ctrl: self.name.clone(),
+                qid: 0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Marks the controller unusable after an I/O queue gave up on it.
+    pub(crate) fn mark_failed(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// Creates an I/O queue pair with up to `entries` slots: the CQ first, then the SQ bound
+    /// to it (base spec 5.4, 5.5), polled, interrupts disabled.
+    pub fn create_io_qpair(self: &Arc<Self>, entries: u16) -> Result<IoQpair> {
+        self.check_alive()?;
+        let qid = {
+            let mut q = lock(&self.qids);
+            let Some(i) = q.iter().position(|used| !used) else {
+                return Err(Error::Unsupported {
+                    ctrl: self.name.clone(),
+                    reason: format!(
+                        "all {} I/O queue pairs the controller granted are in use",
+                        q.len()
+                    ),
+                });
+            };
+            q[i] = true;
+            i as u16 + 1
+        };
+        let stride = self.cap.doorbell_stride();
+        let entries = entries.clamp(2, self.cap.mqes().min(u16::MAX as u32) as u16);
+        let made = (|| {
+            if doorbell_offset(qid, true, stride) + 4 > self.bar.len() {
+                return Err(Error::Unsupported {
+                    ctrl: self.name.clone(),
+                    reason: format!("doorbell of queue {qid} lies outside BAR0"),
+                });
+            }
+            let qp = QueuePair::new(
+                &self.name,
+                qid,
+                entries,
+                stride,
+                &self.pool,
+                self.opts.io_timeout,
+            )?;
+            let size = (entries as u32 - 1) << 16;
+            let mut cq = Sqe::new(admin::CREATE_CQ, 0);
+            cq.prp1 = qp.cq_iova().0;
+            cq.cdw10 = qid as u32 | size;
+            cq.cdw11 = 1; // physically contiguous, interrupts off
+            self.admin(cq, None)?;
+            let mut sq = Sqe::new(admin::CREATE_SQ, 0);
+            sq.prp1 = qp.sq_iova().0;
+            sq.cdw10 = qid as u32 | size;
+            sq.cdw11 = 1 | (qid as u32) << 16; // contiguous, bound to the CQ of the same id
+            if let Err(e) = self.admin(sq, None) {
+                let _ = self.delete_queue(admin::DELETE_CQ, qid);
+                return Err(e);
+            }
+            Ok(qp)
+        })();
+        match made {
+            Ok(qp) => Ok(IoQpair::new(self.clone(), qp)),
+            Err(e) => {
+                self.release_qid(qid);
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) fn delete_queue(&self, opcode: u8, qid: u16) -> Result<u32> {
+        let mut d = Sqe::new(opcode, 0);
+        d.cdw10 = qid as u32;
+        self.admin(d, None)
+    }
+
+    pub(crate) fn release_qid(&self, qid: u16) {
+        if let Some(slot) = lock(&self.qids).get_mut(qid as usize - 1) {
+            *slot = false;
+        }
+    }
+
+    /// Waits on an I/O queue (see [`wait_until`]); marks the controller failed when the
+    /// queue had to be given up.
+    pub(crate) fn wait_io(
+        &self,
+        qp: &mut QueuePair,
+        target: usize,
+        each: impl FnMut(Completion),
+    ) -> Result<()> {
+        let r = wait_until(&self.name, self.bar(), self.cap, qp, target, each);
+        if qp.is_disabled() {
+            self.mark_failed();
+        }
+        r
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if self.failed.load(Ordering::Acquire) {
+            return;
+        }
+        // Normal shutdown lets the device flush its caches before the host lets go of it.
+        let b = self.bar.as_ref();
+        let cfg = b.read32(reg::CC);
+        b.write32(reg::CC, (cfg & !cc::SHN_MASK) | cc::SHN_NORMAL);
+        let limit = Duration::from_millis(self.cap.timeout_ms().clamp(500, 10_000));
+        let start = Instant::now();
+        while b.read32(reg::CSTS) & csts::SHST_MASK != csts::SHST_COMPLETE
+            && start.elapsed() < limit
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}

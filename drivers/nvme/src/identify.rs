@@ -1,0 +1,208 @@
+//! What Identify says about a controller and its namespaces (base spec 5.17.2.1 Identify
+//! Controller, NVM command set spec 4.1.5.1 Identify Namespace), reduced to what nvcopy
+//! uses and shows.
+
+use crate::spec::{le, oncs};
+
+/// Identify Controller, the fields nvcopy uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ControllerInfo {
+    /// PCI vendor id.
+    pub vid: u16,
+    /// Serial number.
+    pub serial: String,
+    /// Model number.
+    pub model: String,
+    /// Firmware revision.
+    pub firmware: String,
+    /// MDTS: largest transfer is 2^mdts minimum pages; 0 means no limit.
+    pub mdts: u8,
+    /// Controller id.
+    pub cntlid: u16,
+    /// Version, as reported (VER).
+    pub version: u32,
+    /// Optional Admin Command Support.
+    pub oacs: u16,
+    /// Optional NVM Command Support.
+    pub oncs: u16,
+    /// Optional Copy Formats Supported.
+    pub ocfs: u16,
+    /// Volatile write cache present.
+    pub vwc: bool,
+    /// Number of namespaces (highest namespace id).
+    pub nn: u32,
+}
+
+impl ControllerInfo {
+    /// Parses a 4096-byte Identify Controller data structure.
+    pub fn parse(b: &[u8]) -> Self {
+        ControllerInfo {
+            vid: le::u16(b, 0),
+            serial: le::text(b, 4, 20),
+            model: le::text(b, 24, 40),
+            firmware: le::text(b, 64, 8),
+            mdts: b[77],
+            cntlid: le::u16(b, 78),
+            version: le::u32(b, 80),
+            oacs: le::u16(b, 256),
+            nn: le::u32(b, 516),
+            oncs: le::u16(b, 520),
+            vwc: b[525] & 1 == 1,
+            ocfs: le::u16(b, 534),
+        }
+    }
+
+    /// Largest transfer in bytes for a 4 KiB memory page size, if the controller limits it.
+    pub fn mdts_bytes(&self) -> Option<usize> {
+        (self.mdts != 0).then(|| 4096usize << self.mdts.min(20))
+    }
+    /// Copy command, descriptor format 0.
+    pub fn supports_copy(&self) -> bool {
+        self.oncs & oncs::COPY != 0 && self.ocfs & 1 != 0
+    }
+    /// Write Zeroes.
+    pub fn supports_write_zeroes(&self) -> bool {
+        self.oncs & oncs::WRITE_ZEROES != 0
+    }
+    /// Dataset Management.
+    pub fn supports_dsm(&self) -> bool {
+        self.oncs & oncs::DSM != 0
+    }
+    /// Doorbell Buffer Config (shadow doorbells).
+    pub fn supports_doorbell_buffer(&self) -> bool {
+        self.oacs & (1 << 8) != 0
+    }
+    /// "major.minor.tertiary".
+    pub fn version_string(&self) -> String {
+        format!(
+            "{}.{}.{}",
+            self.version >> 16,
+            self.version >> 8 & 0xff,
+            self.version & 0xff
+        )
+    }
+}
+
+/// An active namespace, the fields nvcopy uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Namespace {
+    /// Namespace id.
+    pub nsid: u32,
+    /// Size in logical blocks (NSZE).
+    pub blocks: u64,
+    /// Logical block size in bytes.
+    pub lba_size: u32,
+    /// Metadata bytes per block in the current format (nvcopy needs 0).
+    pub metadata: u16,
+    /// Index of the current LBA format.
+    pub lba_format: u8,
+    /// Maximum Single Source Range Length of Copy, in blocks.
+    pub mssrl: u16,
+    /// Maximum Copy Length, in blocks.
+    pub mcl: u32,
+    /// Maximum Source Range Count of Copy, as a count (the field is 0-based).
+    pub msrc: u16,
+}
+
+impl Namespace {
+    /// Parses a 4096-byte Identify Namespace data structure.
+    pub fn parse(nsid: u32, b: &[u8]) -> Self {
+        let nlbaf = b[25] as usize + 1;
+        let flbas = b[26];
+        // FLBAS bits 3:0 give the low index bits, bits 6:5 the high ones (for > 16 formats).
+        let mut index = (flbas & 0xf) as usize;
+        if nlbaf > 16 {
+            index |= ((flbas >> 5 & 3) as usize) << 4;
+        }
+        let lbaf = le::u32(b, 128 + 4 * index.min(63));
+        let lbads = lbaf >> 16 & 0xff;
+        Namespace {
+            nsid,
+            blocks: le::u64(b, 0),
+            lba_size: if (9..=16).contains(&lbads) {
+                1 << lbads
+            } else {
+                lbads
+            },
+            metadata: lbaf as u16,
+            lba_format: index as u8,
+            mssrl: le::u16(b, 74),
+            mcl: le::u32(b, 76),
+            msrc: b[80] as u16 + 1,
+        }
+    }
+
+    /// Capacity in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.blocks * self.lba_size as u64
+    }
+}
+
+/// Parses an Active Namespace ID list: ascending ids, ended by the first zero.
+pub fn parse_ns_list(b: &[u8]) -> Vec<u32> {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .take_while(|&id| id != 0)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_identify_controller() {
+        let mut b = vec![0u8; 4096];
+        b[0..2].copy_from_slice(&0x1b36u16.to_le_bytes());
+        b[4..24].copy_from_slice(b"NVCOPY0             ");
+        b[24..64].copy_from_slice(&[b' '; 40]);
+        b[24..36].copy_from_slice(b"QEMU NVMe Ct");
+        b[64..72].copy_from_slice(b"7.2.0   ");
+        b[77] = 7;
+        b[80..84].copy_from_slice(&0x0001_0400u32.to_le_bytes());
+        b[256..258].copy_from_slice(&(1u16 << 8).to_le_bytes());
+        b[516..520].copy_from_slice(&256u32.to_le_bytes());
+        b[520..522].copy_from_slice(&(oncs::COPY | oncs::WRITE_ZEROES | oncs::DSM).to_le_bytes());
+        b[534..536].copy_from_slice(&1u16.to_le_bytes());
+        let c = ControllerInfo::parse(&b);
+        assert_eq!(
+            (
+                c.vid,
+                c.serial.as_str(),
+                c.model.as_str(),
+                c.firmware.as_str()
+            ),
+            (0x1b36, "NVCOPY0", "QEMU NVMe Ct", "7.2.0")
+        );
+        assert_eq!(c.mdts_bytes(), Some(512 * 1024));
+        assert_eq!(c.version_string(), "1.4.0");
+        assert!(
+            c.supports_copy()
+                && c.supports_write_zeroes()
+                && c.supports_dsm()
+                && c.supports_doorbell_buffer()
+        );
+        assert_eq!(c.nn, 256);
+    }
+
+    #[test]
+    fn parses_identify_namespace_formats() {
+        let mut b = vec![0u8; 4096];
+        b[0..8].copy_from_slice(&(1u64 << 19).to_le_bytes());
+        b[25] = 1; // two formats
+        b[26] = 1; // using format 1
+        b[128..132].copy_from_slice(&(9u32 << 16).to_le_bytes());
+        b[132..136].copy_from_slice(&(12u32 << 16 | 8).to_le_bytes());
+        b[74..76].copy_from_slice(&128u16.to_le_bytes());
+        b[76..80].copy_from_slice(&128u32.to_le_bytes());
+        b[80] = 127;
+        let ns = Namespace::parse(2, &b);
+        assert_eq!((ns.lba_size, ns.metadata, ns.lba_format), (4096, 8, 1));
+        assert_eq!(ns.bytes(), (1u64 << 19) * 4096);
+        assert_eq!((ns.mssrl, ns.mcl, ns.msrc), (128, 128, 128));
+        assert_eq!(
+            parse_ns_list(&[1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0]),
+            vec![1, 2]
+        );
+    }
+}

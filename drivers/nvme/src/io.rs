@@ -1,0 +1,385 @@
+//! I/O commands of the NVM command set on one queue pair: Read, Write, Write Zeroes,
+//! Flush, Dataset Management (deallocate) and Copy (format 0).
+//!
+//! `submit_*` post a command without ringing; `ring` and `poll` move the queue, so a
+//! reactor can post a batch and pay for one doorbell. The `*_sync` helpers run a whole
+//! transfer: they split it at the controller's maximum transfer, keep the queue full,
+//! and return the first error once everything in flight has finished.
+
+use std::sync::Arc;
+
+use nvcopy_vfio::{DmaBuf, Iova, PAGE_SIZE};
+
+use crate::controller::{check, Controller};
+use crate::error::{Error, Result};
+use crate::identify::Namespace;
+use crate::prp::DataPtr;
+use crate::queue::{Completion, Expired, QueuePair};
+use crate::spec::{admin, io, Sqe};
+
+/// Most blocks one Read/Write/Write Zeroes carries: NLB is a 16-bit, 0-based field.
+pub const MAX_NLB: u32 = 1 << 16;
+
+/// An I/O queue pair, owned by one thread. Dropping it deletes the queues.
+#[derive(Debug)]
+pub struct IoQpair {
+    ctrl: Arc<Controller>,
+    qp: QueuePair,
+}
+
+impl IoQpair {
+    pub(crate) fn new(ctrl: Arc<Controller>, qp: QueuePair) -> Self {
+        IoQpair { ctrl, qp }
+    }
+
+    /// The controller.
+    pub fn controller(&self) -> &Arc<Controller> {
+        &self.ctrl
+    }
+    /// Queue id.
+    pub fn qid(&self) -> u16 {
+        self.qp.qid()
+    }
+    /// Ring size in entries (one fewer can be in flight).
+    pub fn depth(&self) -> u16 {
+        self.qp.entries()
+    }
+    /// Commands in flight.
+    pub fn outstanding(&self) -> usize {
+        self.qp.outstanding()
+    }
+    /// Commands that can be posted now.
+    pub fn free_slots(&self) -> usize {
+        self.qp.free_slots()
+    }
+
+    fn bad_buffer(&self, reason: String) -> Error {
+        Error::BadBuffer {
+            ctrl: self.ctrl.name().to_string(),
+            reason,
+        }
+    }
+
+    fn rw(
+        &mut self,
+        opcode: u8,
+        ns: &Namespace,
+        lba: u64,
+        data: DataPtr<'_>,
+        token: u64,
+    ) -> Result<u16> {
+        let len = data.len();
+        let bs = ns.lba_size as usize;
+        if len == 0 || len % bs != 0 || len / bs > MAX_NLB as usize {
+            return Err(self.bad_buffer(format!(
+                "{len} bytes is not 1 to {MAX_NLB} blocks of {bs} bytes"
+            )));
+        }
+        if len > self.ctrl.max_transfer() {
+            return Err(self.bad_buffer(format!(
+                "{len} bytes exceeds the controller's maximum transfer of {}",
+                self.ctrl.max_transfer()
+            )));
+        }
+        let mut s = Sqe::new(opcode, ns.nsid);
+        s.set_slba(lba);
+        s.cdw12 = (len / bs - 1) as u32;
+        self.qp.post(s, Some(data), token)
+    }
+
+    /// Posts a Read of `data.len()` bytes from `lba`.
+    pub fn submit_read(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        data: DataPtr<'_>,
+        token: u64,
+    ) -> Result<u16> {
+        self.rw(io::READ, ns, lba, data, token)
+    }
+
+    /// Posts a Write of `data.len()` bytes at `lba`.
+    pub fn submit_write(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        data: DataPtr<'_>,
+        token: u64,
+    ) -> Result<u16> {
+        self.rw(io::WRITE, ns, lba, data, token)
+    }
+
+    /// Posts a Write Zeroes of `blocks` (1 to 65536) blocks at `lba`.
+    pub fn submit_write_zeroes(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        blocks: u32,
+        token: u64,
+    ) -> Result<u16> {
+        if !self.ctrl.info().supports_write_zeroes() {
+            return Err(self.unsupported("Write Zeroes"));
+        }
+        if blocks == 0 || blocks > MAX_NLB {
+            return Err(
+                self.bad_buffer(format!("Write Zeroes of {blocks} blocks (1 to {MAX_NLB})"))
+            );
+        }
+        let mut s = Sqe::new(io::WRITE_ZEROES, ns.nsid);
+        s.set_slba(lba);
+        s.cdw12 = blocks - 1;
+        self.qp.post(s, None, token)
+    }
+
+    /// Posts a Flush of the namespace.
+    pub fn submit_flush(&mut self, ns: &Namespace, token: u64) -> Result<u16> {
+        self.qp.post(Sqe::new(io::FLUSH, ns.nsid), None, token)
+    }
+
+    fn unsupported(&self, what: &str) -> Error {
+        Error::Unsupported {
+            ctrl: self.ctrl.name().to_string(),
+            reason: format!("{what} is not supported (ONCS)"),
+        }
+    }
+
+    /// Posts the doorbell for everything posted since the last ring.
+    #[inline]
+    pub fn ring(&mut self) {
+        self.qp.ring(self.ctrl.bar());
+    }
+
+    /// Reaps at most `max` completions.
+    #[inline]
+    pub fn poll(&mut self, max: usize, each: impl FnMut(Completion)) -> Result<usize> {
+        self.qp.poll(self.ctrl.bar(), max, each)
+    }
+
+    /// The oldest command past its timeout. A caller that sees one must stop using the
+    /// buffers of every command in flight until [`IoQpair::abandon`] has run.
+    pub fn expired(&self) -> Option<Expired> {
+        self.qp.expired(std::time::Instant::now())
+    }
+
+    /// Gives up on this queue after a timeout: disables the controller so that the device
+    /// stops all DMA, after which in-flight buffers may be reused.
+    pub fn abandon(&mut self) -> Result<()> {
+        let r = self.ctrl.wait_io(&mut self.qp, 0, |_| {});
+        self.qp.disable();
+        self.ctrl.mark_failed();
+        r
+    }
+
+    /// The typed error for a failed completion, or Ok.
+    pub fn check(&self, c: &Completion) -> Result<u32> {
+        check(self.ctrl.name(), false, c)
+    }
+
+    /// Posts commands from `next` until it runs dry, keeping the queue as full as it goes,
+    /// then waits for all of them. Returns the first failure.
+    fn run(&mut self, mut next: impl FnMut(&mut Self) -> Option<Result<u16>>) -> Result<()> {
+        let mut first_err: Option<Error> = None;
+        let name = self.ctrl.name().to_string();
+        loop {
+            if self.qp.free_slots() == 0 {
+                self.qp.ring(self.ctrl.bar());
+                let target = self.qp.outstanding() - 1;
+                self.ctrl.wait_io(&mut self.qp, target, |c| {
+                    if let (Err(e), None) = (check(&name, false, &c), &first_err) {
+                        first_err = Some(e);
+                    }
+                })?;
+            }
+            if first_err.is_some() {
+                break;
+            }
+            match next(self) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    first_err = Some(e);
+                    break;
+                }
+                None => break,
+            }
+        }
+        self.qp.ring(self.ctrl.bar());
+        self.ctrl.wait_io(&mut self.qp, 0, |c| {
+            if let (Err(e), None) = (check(&name, false, &c), &first_err) {
+                first_err = Some(e);
+            }
+        })?;
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn transfer_sync(
+        &mut self,
+        opcode: u8,
+        ns: &Namespace,
+        lba: u64,
+        buf: &DmaBuf,
+        bytes: usize,
+    ) -> Result<()> {
+        let bs = ns.lba_size as usize;
+        if bytes > buf.len() {
+            return Err(self.bad_buffer(format!(
+                "{bytes} bytes requested from a {}-byte buffer",
+                buf.len()
+            )));
+        }
+        if bytes % bs != 0 {
+            return Err(self.bad_buffer(format!(
+                "{bytes} bytes is not a multiple of the {bs}-byte block size"
+            )));
+        }
+        let chunk = (self.ctrl.max_transfer() / bs * bs).min(MAX_NLB as usize * bs);
+        let mut done = 0usize;
+        self.run(|q| {
+            if done >= bytes {
+                return None;
+            }
+            let len = chunk.min(bytes - done);
+            let data = DataPtr::Contig {
+                iova: buf.iova().add(done as u64),
+                len,
+            };
+            let r = q.rw(opcode, ns, lba + (done / bs) as u64, data, 0);
+            done += len;
+            Some(r)
+        })
+    }
+
+    /// Reads `bytes` from `lba` into `buf`, in as many commands as it takes.
+    pub fn read_sync(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        buf: &DmaBuf,
+        bytes: usize,
+    ) -> Result<()> {
+        self.transfer_sync(io::READ, ns, lba, buf, bytes)
+    }
+
+    /// Writes `bytes` of `buf` at `lba`, in as many commands as it takes.
+    pub fn write_sync(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        buf: &DmaBuf,
+        bytes: usize,
+    ) -> Result<()> {
+        self.transfer_sync(io::WRITE, ns, lba, buf, bytes)
+    }
+
+    /// Reads into a list of pages (kcopyd style) in one command.
+    pub fn read_pages_sync(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        pages: &[Iova],
+        bytes: usize,
+    ) -> Result<()> {
+        let mut once = Some(DataPtr::Pages { pages, len: bytes });
+        self.run(|q| once.take().map(|d| q.rw(io::READ, ns, lba, d, 0)))
+    }
+
+    /// Writes `blocks` zeroed blocks from `lba` with Write Zeroes.
+    pub fn write_zeroes_sync(&mut self, ns: &Namespace, lba: u64, blocks: u64) -> Result<()> {
+        let mut done = 0u64;
+        self.run(|q| {
+            if done >= blocks {
+                return None;
+            }
+            let n = (blocks - done).min(MAX_NLB as u64) as u32;
+            let r = q.submit_write_zeroes(ns, lba + done, n, 0);
+            done += n as u64;
+            Some(r)
+        })
+    }
+
+    /// Flushes the namespace's volatile write cache.
+    pub fn flush_sync(&mut self, ns: &Namespace) -> Result<()> {
+        let mut once = true;
+        self.run(|q| std::mem::take(&mut once).then(|| q.submit_flush(ns, 0)))
+    }
+
+    /// Deallocates (trims) `blocks` blocks from `lba` with Dataset Management.
+    pub fn deallocate_sync(&mut self, ns: &Namespace, lba: u64, blocks: u64) -> Result<()> {
+        if !self.ctrl.info().supports_dsm() {
+            return Err(self.unsupported("Dataset Management"));
+        }
+        let ranges = self.ctrl.pool().alloc(PAGE_SIZE)?;
+        // One range of at most u32::MAX blocks per 16-byte descriptor, 256 per command
+        // (NVM command set spec 3.2.3: context attributes, length, starting LBA).
+        let mut done = 0u64;
+        while done < blocks {
+            let mut nr = 0usize;
+            while done < blocks && nr < 256 {
+                let n = (blocks - done).min(u32::MAX as u64) as u32;
+                let mut d = [0u8; 16];
+                d[4..8].copy_from_slice(&n.to_le_bytes());
+                d[8..16].copy_from_slice(&(lba + done).to_le_bytes());
+                ranges.write_at(nr * 16, &d);
+                nr += 1;
+                done += n as u64;
+            }
+            let mut s = Sqe::new(io::DSM, ns.nsid);
+            s.cdw10 = nr as u32 - 1;
+            s.cdw11 = 1 << 2; // Attribute - Deallocate
+            let data = DataPtr::Contig {
+                iova: ranges.iova(),
+                len: nr * 16,
+            };
+            let mut once = Some(data);
+            self.run(|q| once.take().map(|d| q.qp.post(s, Some(d), 0)))?;
+        }
+        Ok(())
+    }
+
+    /// Copies `blocks` blocks from `src` to `dst` inside the namespace with the Copy
+    /// command (format 0), split to respect MSSRL, MSRC and MCL (NVM command set spec 3.2.2).
+    pub fn copy_sync(&mut self, ns: &Namespace, src: u64, blocks: u64, dst: u64) -> Result<()> {
+        if !self.ctrl.info().supports_copy() {
+            return Err(self.unsupported("Copy"));
+        }
+        let range_max = (ns.mssrl.max(1) as u64).min(MAX_NLB as u64);
+        let per_cmd = (ns.mcl.max(1) as u64).min(range_max * ns.msrc.max(1) as u64);
+        let descs = self.ctrl.pool().alloc(PAGE_SIZE * 2)?;
+        let mut done = 0u64;
+        while done < blocks {
+            let cmd_blocks = (blocks - done).min(per_cmd);
+            let mut nr = 0usize;
+            let mut off = 0u64;
+            while off < cmd_blocks {
+                let n = (cmd_blocks - off).min(range_max);
+                let mut d = [0u8; 32];
+                d[8..16].copy_from_slice(&(src + done + off).to_le_bytes());
+                d[16..18].copy_from_slice(&((n - 1) as u16).to_le_bytes());
+                descs.write_at(nr * 32, &d);
+                nr += 1;
+                off += n;
+            }
+            let mut s = Sqe::new(io::COPY, ns.nsid);
+            s.set_slba(dst + done);
+            s.cdw12 = nr as u32 - 1; // number of ranges, 0-based; descriptor format 0
+            let mut once = Some(DataPtr::Contig {
+                iova: descs.iova(),
+                len: nr * 32,
+            });
+            self.run(|q| once.take().map(|d| q.qp.post(s, Some(d), 0)))?;
+            done += cmd_blocks;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for IoQpair {
+    fn drop(&mut self) {
+        if !self.qp.is_disabled() && self.ctrl.check_alive().is_ok() {
+            // Deleting the SQ aborts whatever is left in it; the CQ goes after its SQ.
+            let _ = self.ctrl.wait_io(&mut self.qp, 0, |_| {});
+            let _ = self.ctrl.delete_queue(admin::DELETE_SQ, self.qp.qid());
+            let _ = self.ctrl.delete_queue(admin::DELETE_CQ, self.qp.qid());
+        }
+        self.ctrl.release_qid(self.qp.qid());
+    }
+}

@@ -1,0 +1,469 @@
+//! A submission/completion queue pair with its command trackers (base spec 4.1, 4.2, 4.6).
+//!
+//! Posting an entry and ringing the doorbell are separate steps, as in libvfn: callers
+//! post a batch and ring once. Completions are found by the phase tag, read volatile,
+//! with an acquire fence before the rest of the entry is trusted; the head doorbell is
+//! written once per batch. Command ids index a slab of trackers (as in SPDK), and a
+//! command id that comes back from the device is checked before it is used.
+
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use nvcopy_vfio::{Bytes, DmaBuf, DmaPool, Iova, VolatileMemory, PAGE_SIZE};
+
+use crate::error::{Error, Result};
+use crate::prp::{self, DataPtr, LIST_ENTRIES};
+use crate::regs::Bar;
+use crate::spec::{doorbell_offset, Cqe, Sqe, CQE_STATUS_OFFSET};
+use crate::status::Status;
+
+/// Bytes per SQ entry (CC.IOSQES = 6).
+pub const SQE_SIZE: usize = 64;
+/// Bytes per CQ entry (CC.IOCQES = 4).
+pub const CQE_SIZE: usize = 16;
+
+/// A finished command, as the queue's user sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Completion {
+    /// The caller's token from submission.
+    pub token: u64,
+    /// Command id.
+    pub cid: u16,
+    /// Typed status.
+    pub status: Status,
+    /// Command-specific result (DW0).
+    pub dw0: u32,
+    /// Opcode of the command, for error context.
+    pub opcode: u8,
+    /// Namespace of the command.
+    pub nsid: u32,
+    /// First LBA of the command (CDW10-11), for error context.
+    pub slba: u64,
+}
+
+#[derive(Debug)]
+struct Tracker {
+    busy: bool,
+    token: u64,
+    submitted: Instant,
+    opcode: u8,
+    nsid: u32,
+    slba: u64,
+    /// One page for this command's PRP list, allocated the first time it is needed.
+    prp_list: Option<DmaBuf>,
+}
+
+/// The command a timed-out tracker held.
+#[derive(Clone, Copy, Debug)]
+pub struct Expired {
+    /// Opcode.
+    pub opcode: u8,
+    /// Namespace.
+    pub nsid: u32,
+    /// First LBA.
+    pub slba: u64,
+    /// How long it has been outstanding.
+    pub waited: Duration,
+}
+
+/// One queue pair and its trackers.
+#[derive(Debug)]
+pub struct QueuePair {
+    qid: u16,
+    ctrl: String,
+    entries: u16,
+    sq: DmaBuf,
+    cq: DmaBuf,
+    sq_tail: u16,
+    sq_rung: u16,
+    cq_head: u16,
+    phase: u16,
+    sq_doorbell: usize,
+    cq_doorbell: usize,
+    trackers: Vec<Tracker>,
+    free: Vec<u16>,
+    scratch: Box<[u64; LIST_ENTRIES]>,
+    pool: DmaPool,
+    timeout: Duration,
+    disabled: bool,
+}
+
+impl QueuePair {
+    /// Allocates rings for a queue of `entries` slots (one stays empty, so `entries - 1`
+    /// commands can be outstanding).
+    pub fn new(
+        ctrl: &str,
+        qid: u16,
+        entries: u16,
+        stride: usize,
+        pool: &DmaPool,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let entries = entries.max(2);
+        let sq = pool.alloc_zeroed(entries as usize * SQE_SIZE)?;
+        // A zeroed CQ has every phase tag clear, so the first pass looks for phase 1.
+        let cq = pool.alloc_zeroed(entries as usize * CQE_SIZE)?;
+        let slots = entries - 1;
+        let now = Instant::now();
+        let trackers = (0..slots)
+            .map(|_| Tracker {
+                busy: false,
+                token: 0,
+                submitted: now,
+                opcode: 0,
+                nsid: 0,
+                slba: 0,
+                prp_list: None,
+            })
+            .collect();
+        Ok(QueuePair {
+            qid,
+            ctrl: ctrl.to_string(),
+            entries,
+            sq,
+            cq,
+            sq_tail: 0,
+            sq_rung: 0,
+            cq_head: 0,
+            phase: 1,
+            sq_doorbell: doorbell_offset(qid, false, stride),
+            cq_doorbell: doorbell_offset(qid, true, stride),
+            trackers,
+            // Popped from the end: hand out low command ids first.
+            free: (0..slots).rev().collect(),
+            scratch: Box::new([0; LIST_ENTRIES]),
+            pool: pool.clone(),
+            timeout,
+            disabled: false,
+        })
+    }
+
+    /// Queue id.
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+    /// Ring size in entries.
+    pub fn entries(&self) -> u16 {
+        self.entries
+    }
+    /// Device address of the SQ ring.
+    pub fn sq_iova(&self) -> Iova {
+        self.sq.iova()
+    }
+    /// Device address of the CQ ring.
+    pub fn cq_iova(&self) -> Iova {
+        self.cq.iova()
+    }
+    /// Commands submitted and not completed.
+    pub fn outstanding(&self) -> usize {
+        self.trackers.len() - self.free.len()
+    }
+    /// Commands that can still be submitted.
+    pub fn free_slots(&self) -> usize {
+        self.free.len()
+    }
+    /// Stops the queue from taking commands; used once the controller has been disabled
+    /// after a timeout or fatal status.
+    pub fn disable(&mut self) {
+        self.disabled = true;
+    }
+    /// Whether the queue was disabled.
+    pub fn is_disabled(&self) -> bool {
+        self.disabled
+    }
+
+    /// Writes a command into the next SQ slot without ringing the doorbell. Returns its
+    /// command id.
+    pub fn post(&mut self, mut sqe: Sqe, data: Option<DataPtr<'_>>, token: u64) -> Result<u16> {
+        if self.disabled {
+            return Err(Error::QueueDisabled {
+                ctrl: self.ctrl.clone(),
+                qid: self.qid,
+            });
+        }
+        let Some(&cid) = self.free.last() else {
+            return Err(Error::QueueFull {
+                ctrl: self.ctrl.clone(),
+                qid: self.qid,
+            });
+        };
+        let tracker = &mut self.trackers[cid as usize];
+        if let Some(data) = data {
+            let list_iova = match &tracker.prp_list {
+                Some(page) => page.iova(),
+                None => Iova(0),
+            };
+            let mut prps =
+                prp::build(data, &mut self.scratch, list_iova).map_err(|e| Error::BadBuffer {
+                    ctrl: self.ctrl.clone(),
+                    reason: e.to_string(),
+                })?;
+            if prps.list_len > 0 {
+                if tracker.prp_list.is_none() {
+                    let page = self.pool.alloc(PAGE_SIZE)?;
+                    prps.prp2 = page.iova().0;
+                    tracker.prp_list = Some(page);
+                }
+                if let Some(page) = &tracker.prp_list {
+                    page.slice().copy_from(&self.scratch[..prps.list_len]);
+                }
+            }
+            sqe.prp1 = prps.prp1;
+            sqe.prp2 = prps.prp2;
+        }
+        sqe.set_cid(cid);
+        self.free.pop();
+        tracker.busy = true;
+        tracker.token = token;
+        tracker.submitted = Instant::now();
+        tracker.opcode = sqe.opcode();
+        tracker.nsid = sqe.nsid;
+        tracker.slba = sqe.slba();
+        let at = self.sq_tail as usize * SQE_SIZE;
+        // Cannot fail: `at` is inside the ring by construction of sq_tail.
+        let _ = self.sq.slice().write_obj(sqe, at);
+        self.sq_tail = (self.sq_tail + 1) % self.entries;
+        Ok(cid)
+    }
+
+    /// Tells the controller about every posted entry: one doorbell store for the batch,
+    /// none when nothing new was posted.
+    #[inline]
+    pub fn ring(&mut self, bar: &dyn Bar) {
+        if self.sq_tail != self.sq_rung {
+            // The entries must be visible in memory before the device can see the new tail.
+            fence(Ordering::Release);
+            bar.write32(self.sq_doorbell, self.sq_tail as u32);
+            self.sq_rung = self.sq_tail;
+        }
+    }
+
+    /// Reaps at most `max` completions, calling `each` for every one, then writes the CQ
+    /// head doorbell once. A completion whose command id is not outstanding is consumed and
+    /// reported as [`Error::BadCommandId`] after the rest of the batch is handled.
+    pub fn poll(
+        &mut self,
+        bar: &dyn Bar,
+        max: usize,
+        mut each: impl FnMut(Completion),
+    ) -> Result<usize> {
+        let mut reaped = 0;
+        let mut bad = None;
+        let cq = self.cq.slice();
+        while reaped < max {
+            let at = self.cq_head as usize * CQE_SIZE;
+            let status_word = match cq.get_ref::<u16>(at + CQE_STATUS_OFFSET) {
+                Ok(r) => r.load(),
+                Err(_) => break,
+            };
+            if status_word & 1 != self.phase {
+                break;
+            }
+            // The phase tag says the entry is complete; nothing else in it may be read
+            // before that load.
+            fence(Ordering::Acquire);
+            let cqe: Cqe = match cq.read_obj(at) {
+                Ok(c) => c,
+                Err(_) => break,
+            };
+            self.cq_head += 1;
+            if self.cq_head == self.entries {
+                self.cq_head = 0;
+                self.phase ^= 1;
+            }
+            reaped += 1;
+            let cid = cqe.cid;
+            match self.trackers.get_mut(cid as usize) {
+                Some(t) if t.busy => {
+                    t.busy = false;
+                    self.free.push(cid);
+                    each(Completion {
+                        token: t.token,
+                        cid,
+                        status: Status::from_cqe_word(status_word),
+                        dw0: cqe.dw0,
+                        opcode: t.opcode,
+                        nsid: t.nsid,
+                        slba: t.slba,
+                    });
+                }
+                _ => bad = Some(cid),
+            }
+        }
+        if reaped > 0 {
+            bar.write32(self.cq_doorbell, self.cq_head as u32);
+        }
+        match bad {
+            Some(cid) => Err(Error::BadCommandId {
+                ctrl: self.ctrl.clone(),
+                qid: self.qid,
+                cid,
+            }),
+            None => Ok(reaped),
+        }
+    }
+
+    /// The oldest outstanding command past its timeout, if any.
+    pub fn expired(&self, now: Instant) -> Option<Expired> {
+        self.trackers
+            .iter()
+            .filter(|t| t.busy && now.duration_since(t.submitted) > self.timeout)
+            .min_by_key(|t| t.submitted)
+            .map(|t| Expired {
+                opcode: t.opcode,
+                nsid: t.nsid,
+                slba: t.slba,
+                waited: now.duration_since(t.submitted),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records doorbell stores.
+    #[derive(Default)]
+    struct FakeBar(Mutex<Vec<(usize, u32)>>);
+    impl Bar for FakeBar {
+        fn read32(&self, _: usize) -> u32 {
+            0
+        }
+        fn write32(&self, off: usize, v: u32) {
+            self.0.lock().unwrap().push((off, v));
+        }
+        fn len(&self) -> usize {
+            0x2000
+        }
+    }
+
+    /// Plays the device: writes a CQE with the given cid at slot `slot` and phase.
+    fn complete(qp: &QueuePair, slot: u16, cid: u16, phase: u16, sc: u16) {
+        let cqe = Cqe {
+            cid,
+            status: (sc << 1) | phase,
+            ..Default::default()
+        };
+        qp.cq
+            .slice()
+            .write_obj(cqe, slot as usize * CQE_SIZE)
+            .unwrap();
+    }
+
+    fn queue(entries: u16) -> (QueuePair, DmaPool) {
+        let pool = DmaPool::unmapped(64 * PAGE_SIZE).unwrap();
+        (
+            QueuePair::new("test", 1, entries, 4, &pool, Duration::from_secs(5)).unwrap(),
+            pool,
+        )
+    }
+
+    #[test]
+    fn rings_once_per_batch_and_wraps_with_the_phase() {
+        let (mut qp, _pool) = queue(4);
+        let bar = FakeBar::default();
+        qp.ring(&bar);
+        assert!(
+            bar.0.lock().unwrap().is_empty(),
+            "no doorbell when the tail did not move"
+        );
+        for round in 0..3u16 {
+            let a = qp.post(Sqe::new(2, 1), None, 10).unwrap();
+            let b = qp.post(Sqe::new(2, 1), None, 11).unwrap();
+            let c = qp.post(Sqe::new(2, 1), None, 12).unwrap();
+            assert!(matches!(
+                qp.post(Sqe::new(2, 1), None, 13),
+                Err(Error::QueueFull { .. })
+            ));
+            qp.ring(&bar);
+            // The device completes them in reverse order; CQ slots and phase wrap.
+            let base = round * 3;
+            for (i, cid) in [c, b, a].into_iter().enumerate() {
+                let slot = (base + i as u16) % 4;
+                let phase = if (base + i as u16) / 4 % 2 == 0 { 1 } else { 0 };
+                complete(&qp, slot, cid, phase, 0);
+            }
+            let mut tokens = vec![];
+            assert_eq!(qp.poll(&bar, 16, |c| tokens.push(c.token)).unwrap(), 3);
+            assert_eq!(tokens, vec![12, 11, 10]);
+            assert_eq!(qp.outstanding(), 0);
+        }
+        let stores = bar.0.lock().unwrap().clone();
+        // Per round: one SQ tail store (0x1008) and one CQ head store (0x100c).
+        assert_eq!(stores.len(), 6);
+        assert_eq!(stores[0], (0x1008, 3));
+        assert_eq!(stores[1], (0x100c, 3));
+        assert_eq!(stores[4], (0x1008, 1), "SQ tail wrapped: 9 % 4");
+        assert_eq!(stores[5], (0x100c, 1));
+    }
+
+    #[test]
+    fn caps_the_batch() {
+        let (mut qp, _pool) = queue(8);
+        let bar = FakeBar::default();
+        for slot in 0..5 {
+            let cid = qp.post(Sqe::new(2, 1), None, slot as u64).unwrap();
+            complete(&qp, slot, cid, 1, 0);
+        }
+        assert_eq!(qp.poll(&bar, 2, |_| {}).unwrap(), 2);
+        assert_eq!(qp.poll(&bar, 16, |_| {}).unwrap(), 3);
+        assert_eq!(qp.poll(&bar, 16, |_| {}).unwrap(), 0);
+    }
+
+    #[test]
+    fn rejects_a_bad_command_id_and_keeps_going() {
+        let (mut qp, _pool) = queue(8);
+        let bar = FakeBar::default();
+        let cid = qp.post(Sqe::new(2, 1), None, 7).unwrap();
+        complete(&qp, 0, 999, 1, 0); // out of the slab
+        complete(&qp, 1, 3, 1, 0); // in range but not outstanding
+        complete(&qp, 2, cid, 1, 0x80);
+        let mut seen = vec![];
+        let err = qp
+            .poll(&bar, 16, |c| seen.push((c.token, c.status)))
+            .unwrap_err();
+        assert!(matches!(err, Error::BadCommandId { cid: 3, .. }), "{err}");
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].1.kind(), crate::status::StatusKind::LbaOutOfRange);
+        assert_eq!(qp.outstanding(), 0);
+    }
+
+    #[test]
+    fn builds_prp_lists_in_the_trackers_page() {
+        let (mut qp, pool) = queue(4);
+        let data = pool.alloc(16 * PAGE_SIZE).unwrap();
+        qp.post(
+            Sqe::new(2, 1),
+            Some(DataPtr::Contig {
+                iova: data.iova(),
+                len: 16 * PAGE_SIZE,
+            }),
+            0,
+        )
+        .unwrap();
+        let sqe: Sqe = qp.sq.slice().read_obj(0).unwrap();
+        assert_eq!(sqe.prp1, data.iova().0);
+        let list = pool.slice_at(Iova(sqe.prp2), 15 * 8).unwrap();
+        let mut entries = [0u64; 15];
+        list.copy_to(&mut entries[..]);
+        assert_eq!(entries[0], data.iova().0 + PAGE_SIZE as u64);
+        assert_eq!(entries[14], data.iova().0 + 15 * PAGE_SIZE as u64);
+    }
+
+    #[test]
+    fn reports_expired_commands_and_refuses_work_when_disabled() {
+        let (mut qp, _pool) = queue(4);
+        let mut s = Sqe::new(2, 3);
+        s.set_slba(42);
+        qp.post(s, None, 0).unwrap();
+        assert!(qp.expired(Instant::now()).is_none());
+        let late = qp.expired(Instant::now() + Duration::from_secs(6)).unwrap();
+        assert_eq!((late.opcode, late.nsid, late.slba), (2, 3, 42));
+        qp.disable();
+        assert!(matches!(
+            qp.post(Sqe::new(2, 1), None, 0),
+            Err(Error::QueueDisabled { .. })
+        ));
+    }
+}

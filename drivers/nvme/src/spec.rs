@@ -1,0 +1,328 @@
+//! NVMe structures and constants as the base specification (2.0) lays them out: the
+//! controller registers (section 3.1), submission and completion queue entries (4.2, 4.6),
+//! opcodes (5, 7) and the admin data structures nvcopy reads (Identify, 5.17).
+
+use nvcopy_vfio::ByteValued;
+
+/// Controller register offsets in BAR0 (base spec 3.1.4).
+pub mod reg {
+    /// Controller Capabilities (64-bit).
+    pub const CAP: usize = 0x00;
+    /// Version.
+    pub const VS: usize = 0x08;
+    /// Interrupt Mask Set.
+    pub const INTMS: usize = 0x0c;
+    /// Controller Configuration.
+    pub const CC: usize = 0x14;
+    /// Controller Status.
+    pub const CSTS: usize = 0x1c;
+    /// Admin Queue Attributes.
+    pub const AQA: usize = 0x24;
+    /// Admin Submission Queue base (64-bit).
+    pub const ASQ: usize = 0x28;
+    /// Admin Completion Queue base (64-bit).
+    pub const ACQ: usize = 0x30;
+    /// First doorbell (SQ 0 tail).
+    pub const DOORBELL_BASE: usize = 0x1000;
+}
+
+/// CAP: what the controller can do (base spec 3.1.4.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cap(pub u64);
+
+impl Cap {
+    /// Maximum Queue Entries Supported, as a count (the field is 0-based).
+    pub fn mqes(self) -> u32 {
+        (self.0 & 0xffff) as u32 + 1
+    }
+    /// Contiguous Queues Required.
+    pub fn cqr(self) -> bool {
+        self.0 >> 16 & 1 == 1
+    }
+    /// Worst-case time to become ready or not ready, in milliseconds (field is in 500 ms units).
+    pub fn timeout_ms(self) -> u64 {
+        (self.0 >> 24 & 0xff) * 500
+    }
+    /// Doorbell stride in bytes: 4 << DSTRD.
+    pub fn doorbell_stride(self) -> usize {
+        4 << (self.0 >> 32 & 0xf)
+    }
+    /// Command Sets Supported bit 0: the NVM command set.
+    pub fn supports_nvm(self) -> bool {
+        self.0 >> 37 & 1 == 1
+    }
+    /// Memory Page Size Minimum, in bytes.
+    pub fn mps_min(self) -> usize {
+        4096 << (self.0 >> 48 & 0xf)
+    }
+    /// Memory Page Size Maximum, in bytes.
+    pub fn mps_max(self) -> usize {
+        4096 << (self.0 >> 52 & 0xf)
+    }
+}
+
+/// CC fields (base spec 3.1.4.5).
+pub mod cc {
+    /// Enable.
+    pub const EN: u32 = 1;
+    /// I/O Submission Queue Entry Size: 2^6 = 64 bytes.
+    pub const IOSQES_64: u32 = 6 << 16;
+    /// I/O Completion Queue Entry Size: 2^4 = 16 bytes.
+    pub const IOCQES_16: u32 = 4 << 20;
+    /// Shutdown Notification: normal shutdown.
+    pub const SHN_NORMAL: u32 = 1 << 14;
+    /// Shutdown Notification field mask.
+    pub const SHN_MASK: u32 = 3 << 14;
+}
+
+/// CSTS fields (base spec 3.1.4.6).
+pub mod csts {
+    /// Ready.
+    pub const RDY: u32 = 1;
+    /// Controller Fatal Status.
+    pub const CFS: u32 = 1 << 1;
+    /// Shutdown Status mask.
+    pub const SHST_MASK: u32 = 3 << 2;
+    /// Shutdown processing complete.
+    pub const SHST_COMPLETE: u32 = 2 << 2;
+}
+
+/// Offset of a queue's doorbell: SQ tail is 2y, CQ head is 2y + 1 (base spec 3.1.4.21-22).
+pub fn doorbell_offset(qid: u16, completion: bool, stride: usize) -> usize {
+    reg::DOORBELL_BASE + (2 * qid as usize + completion as usize) * stride
+}
+
+/// A Submission Queue Entry (base spec 4.2): 64 bytes, little-endian.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sqe {
+    /// Opcode (bits 0-7), fused (8-9), PSDT (14-15), command id (16-31).
+    pub cdw0: u32,
+    /// Namespace id.
+    pub nsid: u32,
+    /// Command dword 2.
+    pub cdw2: u32,
+    /// Command dword 3.
+    pub cdw3: u32,
+    /// Metadata pointer.
+    pub mptr: u64,
+    /// PRP entry 1.
+    pub prp1: u64,
+    /// PRP entry 2 (or PRP list pointer).
+    pub prp2: u64,
+    /// Command dword 10.
+    pub cdw10: u32,
+    /// Command dword 11.
+    pub cdw11: u32,
+    /// Command dword 12.
+    pub cdw12: u32,
+    /// Command dword 13.
+    pub cdw13: u32,
+    /// Command dword 14.
+    pub cdw14: u32,
+    /// Command dword 15.
+    pub cdw15: u32,
+}
+
+impl Sqe {
+    /// An entry with only the opcode and namespace set.
+    pub fn new(opcode: u8, nsid: u32) -> Self {
+        Sqe {
+            cdw0: opcode as u32,
+            nsid,
+            ..Default::default()
+        }
+    }
+    /// The opcode.
+    pub fn opcode(&self) -> u8 {
+        self.cdw0 as u8
+    }
+    /// The command id.
+    pub fn cid(&self) -> u16 {
+        (self.cdw0 >> 16) as u16
+    }
+    /// Sets the command id.
+    pub fn set_cid(&mut self, cid: u16) {
+        self.cdw0 = (self.cdw0 & 0xffff) | (cid as u32) << 16;
+    }
+    /// Starting LBA in CDW10-11, as Read, Write, Write Zeroes and Copy (destination) use it.
+    pub fn set_slba(&mut self, lba: u64) {
+        self.cdw10 = lba as u32;
+        self.cdw11 = (lba >> 32) as u32;
+    }
+    /// The starting LBA of CDW10-11.
+    pub fn slba(&self) -> u64 {
+        self.cdw10 as u64 | (self.cdw11 as u64) << 32
+    }
+}
+
+/// A Completion Queue Entry (base spec 4.6): 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cqe {
+    /// Command-specific result.
+    pub dw0: u32,
+    /// Reserved / command specific.
+    pub dw1: u32,
+    /// Where the controller's SQ head now is.
+    pub sq_head: u16,
+    /// Which SQ the command came from.
+    pub sq_id: u16,
+    /// The command id, as the controller reports it. Untrusted.
+    pub cid: u16,
+    /// Phase tag (bit 0) and status field (bits 1-15).
+    pub status: u16,
+}
+
+/// Byte offset of the status word inside a CQE: the phase bit is read from here first.
+pub const CQE_STATUS_OFFSET: usize = 14;
+
+// SAFETY: Sqe is repr(C), made only of integers with no padding (asserted below), so every
+// bit pattern is a valid value.
+unsafe impl ByteValued for Sqe {}
+// SAFETY: Cqe is repr(C), made only of integers with no padding, so every bit pattern is valid.
+unsafe impl ByteValued for Cqe {}
+
+const _: () = assert!(std::mem::size_of::<Sqe>() == 64);
+const _: () = assert!(std::mem::offset_of!(Sqe, prp1) == 24);
+const _: () = assert!(std::mem::offset_of!(Sqe, cdw10) == 40);
+const _: () = assert!(std::mem::offset_of!(Sqe, cdw15) == 60);
+const _: () = assert!(std::mem::size_of::<Cqe>() == 16);
+const _: () = assert!(std::mem::offset_of!(Cqe, cid) == 12);
+const _: () = assert!(std::mem::offset_of!(Cqe, status) == CQE_STATUS_OFFSET);
+const _: () = assert!(reg::CC == 0x14 && reg::CSTS == 0x1c && reg::AQA == 0x24);
+const _: () = assert!(reg::ASQ == 0x28 && reg::ACQ == 0x30 && reg::DOORBELL_BASE == 0x1000);
+
+/// Admin command opcodes (base spec 5).
+pub mod admin {
+    /// Delete I/O Submission Queue.
+    pub const DELETE_SQ: u8 = 0x00;
+    /// Create I/O Submission Queue.
+    pub const CREATE_SQ: u8 = 0x01;
+    /// Delete I/O Completion Queue.
+    pub const DELETE_CQ: u8 = 0x04;
+    /// Create I/O Completion Queue.
+    pub const CREATE_CQ: u8 = 0x05;
+    /// Identify.
+    pub const IDENTIFY: u8 = 0x06;
+    /// Set Features.
+    pub const SET_FEATURES: u8 = 0x09;
+    /// Doorbell Buffer Config.
+    pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7c;
+    /// Identify CNS: namespace.
+    pub const CNS_NAMESPACE: u32 = 0x00;
+    /// Identify CNS: controller.
+    pub const CNS_CONTROLLER: u32 = 0x01;
+    /// Identify CNS: active namespace id list.
+    pub const CNS_ACTIVE_NS_LIST: u32 = 0x02;
+    /// Feature: Number of Queues.
+    pub const FEAT_NUM_QUEUES: u32 = 0x07;
+}
+
+/// NVM command set I/O opcodes (NVM command set spec 3).
+pub mod io {
+    /// Flush.
+    pub const FLUSH: u8 = 0x00;
+    /// Write.
+    pub const WRITE: u8 = 0x01;
+    /// Read.
+    pub const READ: u8 = 0x02;
+    /// Write Zeroes.
+    pub const WRITE_ZEROES: u8 = 0x08;
+    /// Dataset Management.
+    pub const DSM: u8 = 0x09;
+    /// Copy.
+    pub const COPY: u8 = 0x19;
+}
+
+/// A human name for an opcode, for errors.
+pub fn opcode_name(admin_queue: bool, opcode: u8) -> &'static str {
+    if admin_queue {
+        match opcode {
+            admin::DELETE_SQ => "Delete I/O SQ",
+            admin::CREATE_SQ => "Create I/O SQ",
+            admin::DELETE_CQ => "Delete I/O CQ",
+            admin::CREATE_CQ => "Create I/O CQ",
+            admin::IDENTIFY => "Identify",
+            admin::SET_FEATURES => "Set Features",
+            admin::DOORBELL_BUFFER_CONFIG => "Doorbell Buffer Config",
+            _ => "admin command",
+        }
+    } else {
+        match opcode {
+            io::FLUSH => "Flush",
+            io::WRITE => "Write",
+            io::READ => "Read",
+            io::WRITE_ZEROES => "Write Zeroes",
+            io::DSM => "Dataset Management",
+            io::COPY => "Copy",
+            _ => "I/O command",
+        }
+    }
+}
+
+/// ONCS bits: optional NVM commands (Identify Controller bytes 520-521).
+pub mod oncs {
+    /// Dataset Management.
+    pub const DSM: u16 = 1 << 2;
+    /// Write Zeroes.
+    pub const WRITE_ZEROES: u16 = 1 << 3;
+    /// Copy.
+    pub const COPY: u16 = 1 << 8;
+}
+
+/// Little-endian field readers over an Identify data buffer.
+pub(crate) mod le {
+    pub fn u16(b: &[u8], o: usize) -> u16 {
+        u16::from_le_bytes([b[o], b[o + 1]])
+    }
+    pub fn u32(b: &[u8], o: usize) -> u32 {
+        u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+    }
+    pub fn u64(b: &[u8], o: usize) -> u64 {
+        u32(b, o) as u64 | (u32(b, o + 4) as u64) << 32
+    }
+    /// An ASCII field, space padded.
+    pub fn text(b: &[u8], o: usize, len: usize) -> String {
+        String::from_utf8_lossy(&b[o..o + len]).trim().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_fields_decode() {
+        // QEMU 7.2's CAP: MQES 2047, CQR, TO 15 (7.5 s), DSTRD 0, CSS NVM, MPSMAX 64 KiB.
+        let cap = Cap(0x0040_0020_0f01_07ff);
+        assert_eq!(cap.mqes(), 2048);
+        assert!(cap.cqr());
+        assert_eq!(cap.timeout_ms(), 7500);
+        assert_eq!(cap.doorbell_stride(), 4);
+        assert!(cap.supports_nvm());
+        assert_eq!(cap.mps_min(), 4096);
+        assert_eq!(cap.mps_max(), 4096 << 4);
+        assert_eq!(Cap(2 << 32).doorbell_stride(), 16);
+    }
+
+    #[test]
+    fn doorbells_follow_the_stride() {
+        assert_eq!(doorbell_offset(0, false, 4), 0x1000);
+        assert_eq!(doorbell_offset(0, true, 4), 0x1004);
+        assert_eq!(doorbell_offset(3, true, 16), 0x1000 + 7 * 16);
+    }
+
+    #[test]
+    fn sqe_fields_pack() {
+        let mut s = Sqe::new(io::WRITE, 2);
+        s.set_cid(0xbeef);
+        s.set_slba(0x1_2345_6789);
+        assert_eq!(
+            (s.opcode(), s.cid(), s.slba()),
+            (io::WRITE, 0xbeef, 0x1_2345_6789)
+        );
+        assert_eq!(s.as_slice()[0], io::WRITE);
+        assert_eq!(&s.as_slice()[2..4], &0xbeefu16.to_le_bytes());
+    }
+}

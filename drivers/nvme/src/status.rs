@@ -1,0 +1,203 @@
+//! The NVMe completion status field (base spec 4.6.1), typed: status code type, status
+//! code, Command Retry Delay index, More and Do Not Retry.
+
+use std::fmt;
+
+/// The 15-bit status field of a CQE (the CQE's status word shifted past the phase bit).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Status(pub u16);
+
+/// Status Code Types (base spec 4.6.1.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusCodeType {
+    /// Generic command status.
+    Generic,
+    /// Command-specific status.
+    CommandSpecific,
+    /// Media and data integrity errors.
+    MediaError,
+    /// Path-related status.
+    Path,
+    /// Vendor specific.
+    Vendor,
+    /// Reserved values.
+    Reserved(u8),
+}
+
+/// The statuses nvcopy tells apart. Everything else is `Other`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusKind {
+    /// Successful Completion.
+    Success,
+    /// Invalid Command Opcode.
+    InvalidOpcode,
+    /// Invalid Field in Command.
+    InvalidField,
+    /// Data Transfer Error.
+    DataTransferError,
+    /// Internal Error.
+    InternalError,
+    /// Command Abort Requested.
+    AbortRequested,
+    /// Command Aborted due to SQ Deletion.
+    AbortedSqDeleted,
+    /// Invalid Namespace or Format.
+    InvalidNamespace,
+    /// LBA Out of Range.
+    LbaOutOfRange,
+    /// Capacity Exceeded.
+    CapacityExceeded,
+    /// Namespace Not Ready.
+    NamespaceNotReady,
+    /// Write Fault.
+    WriteFault,
+    /// Unrecovered Read Error.
+    UnrecoveredReadError,
+    /// Access Denied.
+    AccessDenied,
+    /// Invalid Queue Identifier (Create queue commands).
+    InvalidQueueId,
+    /// Invalid Queue Size.
+    InvalidQueueSize,
+    /// Anything else.
+    Other,
+}
+
+impl Status {
+    /// From the raw 16-bit CQE status word (bit 0 is the phase tag).
+    pub fn from_cqe_word(word: u16) -> Status {
+        Status(word >> 1)
+    }
+    /// Status Code.
+    pub fn sc(self) -> u8 {
+        self.0 as u8
+    }
+    /// Status Code Type, raw.
+    pub fn sct_raw(self) -> u8 {
+        (self.0 >> 8 & 7) as u8
+    }
+    /// Status Code Type.
+    pub fn sct(self) -> StatusCodeType {
+        match self.sct_raw() {
+            0 => StatusCodeType::Generic,
+            1 => StatusCodeType::CommandSpecific,
+            2 => StatusCodeType::MediaError,
+            3 => StatusCodeType::Path,
+            7 => StatusCodeType::Vendor,
+            r => StatusCodeType::Reserved(r),
+        }
+    }
+    /// Command Retry Delay index into the controller's CRDT table (0: retry at once).
+    pub fn crd(self) -> u8 {
+        (self.0 >> 11 & 3) as u8
+    }
+    /// More status information in the Error Information log.
+    pub fn more(self) -> bool {
+        self.0 >> 13 & 1 == 1
+    }
+    /// Do Not Retry: the same command will fail again.
+    pub fn dnr(self) -> bool {
+        self.0 >> 14 & 1 == 1
+    }
+    /// Whether the command succeeded.
+    pub fn is_success(self) -> bool {
+        self.sct_raw() == 0 && self.sc() == 0
+    }
+    /// Which status this is.
+    pub fn kind(self) -> StatusKind {
+        use StatusKind::*;
+        match (self.sct_raw(), self.sc()) {
+            (0, 0x00) => Success,
+            (0, 0x01) => InvalidOpcode,
+            (0, 0x02) => InvalidField,
+            (0, 0x04) => DataTransferError,
+            (0, 0x06) => InternalError,
+            (0, 0x07) => AbortRequested,
+            (0, 0x08) => AbortedSqDeleted,
+            (0, 0x0b) => InvalidNamespace,
+            (0, 0x80) => LbaOutOfRange,
+            (0, 0x81) => CapacityExceeded,
+            (0, 0x82) => NamespaceNotReady,
+            (1, 0x01) => InvalidQueueId,
+            (1, 0x02) => InvalidQueueSize,
+            (2, 0x80) => WriteFault,
+            (2, 0x81) => UnrecoveredReadError,
+            (2, 0x86) => AccessDenied,
+            _ => Other,
+        }
+    }
+    /// The spec's name for the status.
+    pub fn name(self) -> &'static str {
+        use StatusKind::*;
+        match self.kind() {
+            Success => "Successful Completion",
+            InvalidOpcode => "Invalid Command Opcode",
+            InvalidField => "Invalid Field in Command",
+            DataTransferError => "Data Transfer Error",
+            InternalError => "Internal Error",
+            AbortRequested => "Command Abort Requested",
+            AbortedSqDeleted => "Command Aborted due to SQ Deletion",
+            InvalidNamespace => "Invalid Namespace or Format",
+            LbaOutOfRange => "LBA Out of Range",
+            CapacityExceeded => "Capacity Exceeded",
+            NamespaceNotReady => "Namespace Not Ready",
+            InvalidQueueId => "Invalid Queue Identifier",
+            InvalidQueueSize => "Invalid Queue Size",
+            WriteFault => "Write Fault",
+            UnrecoveredReadError => "Unrecovered Read Error",
+            AccessDenied => "Access Denied",
+            Other => "status",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (SCT {:x}h, SC {:02x}h",
+            self.name(),
+            self.sct_raw(),
+            self.sc()
+        )?;
+        if self.dnr() {
+            write!(f, ", DNR")?;
+        }
+        if self.more() {
+            write!(f, ", More")?;
+        }
+        if self.crd() != 0 {
+            write!(f, ", CRD {}", self.crd())?;
+        }
+        write!(f, ")")
+    }
+}
+
+impl fmt::Debug for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_the_status_word() {
+        // Unrecovered Read Error with DNR, phase bit set: SCT 2, SC 0x81.
+        let word = (1 << 15) | (2 << 9) | (0x81 << 1) | 1;
+        let s = Status::from_cqe_word(word);
+        assert_eq!(s.kind(), StatusKind::UnrecoveredReadError);
+        assert_eq!(s.sct(), StatusCodeType::MediaError);
+        assert!(s.dnr() && !s.more() && !s.is_success());
+        assert_eq!(
+            s.to_string(),
+            "Unrecovered Read Error (SCT 2h, SC 81h, DNR)"
+        );
+        let lba = Status(0x80);
+        assert_eq!(lba.kind(), StatusKind::LbaOutOfRange);
+        assert_eq!(Status(2 << 11).crd(), 2);
+        assert!(Status(0).is_success());
+    }
+}
