@@ -1,0 +1,22 @@
+//! The copier crate's error type: the drivers' errors, plus what the copier and CLI
+//! themselves refuse.
+
+/// Errors from nvcopy's library and command-line tool.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// VFIO, sysfs or DMA memory.
+    #[error(transparent)]
+    Platform(#[from] nvcopy_vfio::Error),
+    /// An NVMe controller or command.
+    #[error(transparent)]
+    Nvme(#[from] nvcopy_nvme::Error),
+    /// Bad input from the user, found before any I/O.
+    #[error("{0}")]
+    Usage(String),
+    /// Writing output failed.
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// The copier crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;
