@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# test.sh - nvcopy's full test suite, as CI runs it (.ci/run calls this).
+#
+#   scripts/test.sh            everything: fmt, clippy, host tests, both VM suites
+#   NVCOPY_SKIP_VM=1 scripts/test.sh   host checks only (no QEMU), for quick iterations
+#
+# Run as root on a fresh Debian 12 machine: scripts/vm.sh installs QEMU, busybox and a
+# guest kernel from Debian's packages, and cargo fetches the crates. The last line is
+# "N passed, N failed", summed over every suite: libtest's own counts for the Rust
+# tests (host and guest), plus one check each for fmt, clippy and each VM boot.
+set -u
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+LOGS=${NVCOPY_TEST_LOGS:-$REPO/target/test-logs}
+mkdir -p "$LOGS"
+PASSED=0
+FAILED=0
+
+log() { printf '\n== %s\n' "$*"; }
+
+# Adds up libtest's "test result: ... N passed; M failed" lines from a log, and sets
+# RESULTS to how many such lines there were, so a caller can tell "ran nothing" from
+# "all passed". (Globals, not output: a $( ) subshell would lose the sums.)
+count_results() {
+    local file=$1 p f
+    RESULTS=0
+    while read -r p f; do
+        PASSED=$((PASSED + p))
+        FAILED=$((FAILED + f))
+        RESULTS=$((RESULTS + 1))
+    done < <(tr -d '\r' <"$file" | sed -n 's/.*test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p')
+}
+
+# One pass/fail check for a whole command (fmt, clippy).
+check() {
+    local name=$1
+    shift
+    log "$name"
+    if "$@" >"$LOGS/$name.log" 2>&1; then
+        PASSED=$((PASSED + 1))
+        echo "ok: $name"
+    else
+        FAILED=$((FAILED + 1))
+        echo "FAILED: $name"
+        tail -n 40 "$LOGS/$name.log"
+    fi
+}
+
+# Runs a Rust test command and counts libtest's results. A command that fails without
+# reporting a failed test (a build error, a crashed VM) counts as one failure.
+tests() {
+    local name=$1
+    shift
+    log "$name"
+    local before=$FAILED
+    "$@" 2>&1 | tee "$LOGS/$name.log"
+    local rc=${PIPESTATUS[0]}
+    count_results "$LOGS/$name.log"
+    if [ "$rc" -ne 0 ] && [ "$FAILED" -eq "$before" ]; then
+        FAILED=$((FAILED + 1))
+        echo "FAILED: $name exited with status $rc"
+    elif [ "$RESULTS" -eq 0 ]; then
+        FAILED=$((FAILED + 1))
+        echo "FAILED: $name ran no tests"
+    fi
+}
+
+check fmt cargo fmt --all -- --check
+check clippy cargo clippy --workspace --all-targets --all-features -- -D warnings
+tests host cargo test --workspace --all-features
+
+if [ "${NVCOPY_SKIP_VM:-0}" != 1 ]; then
+    VMWORK=${NVCOPY_VM_WORK:-$REPO/vm-work}
+    mkdir -p "$VMWORK"
+    IMAGE=$VMWORK/file-backed.img
+    rm -f "$IMAGE"
+    truncate -s 64M "$IMAGE"
+    # The layout tests/vm.rs expects: 512 B, 2 x 4 KiB, mdts=1, and a file-backed 4 KiB drive.
+    tests vm-iommu timeout -k 10 1500 bash scripts/vm.sh run --timeout 1200 \
+        --nvme size=64M --nvme size=64M,lbs=4096,ns=2 --nvme size=64M,mdts=1 \
+        --nvme "file=$IMAGE,lbs=4096" \
+        -- /tests/nvcopy-vm --ignored guest_ --skip guest_noiommu --test-threads=1
+    tests vm-host-image env NVCOPY_HOST_IMAGE="$IMAGE" cargo test --test vm -- --ignored host_
+    export NVCOPY_VM_NO_BUILD=1
+    tests vm-noiommu timeout -k 10 1500 bash scripts/vm.sh run --timeout 1200 --noiommu \
+        --nvme size=64M \
+        -- env NVCOPY_NOIOMMU=1 /tests/nvcopy-vm --ignored guest_noiommu --test-threads=1
+fi
+
+echo
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ]
