@@ -13,6 +13,9 @@ pub enum Error {
     /// Bad input from the user, found before any I/O.
     #[error("{0}")]
     Usage(String),
+    /// The copy ran but some chunks failed; the summary says which destinations.
+    #[error("the copy did not complete: see the summary above")]
+    CopyFailed,
     /// Writing output failed.
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),

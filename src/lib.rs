@@ -4,7 +4,9 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod pipeline;
 pub mod platform;
+pub mod region;
 pub mod report;
 
 pub use error::{Error, Result};
