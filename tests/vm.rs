@@ -394,7 +394,7 @@ fn guest_writes_the_file_backed_image() {
 
 #[test]
 #[ignore = "runs on the host after the VM suite"]
-fn host_image_holds_what_the_guest_wrote() {
+fn host_image_holds_the_data_written_in_the_vm() {
     let path =
         std::env::var("NVCOPY_HOST_IMAGE").expect("NVCOPY_HOST_IMAGE names the file-backed image");
     let image = std::fs::read(&path).unwrap();
@@ -406,8 +406,8 @@ fn host_image_holds_what_the_guest_wrote() {
             "image bytes at {off} differ from what the guest wrote"
         );
     }
-    // Everything else was never written: the sparse image still reads as zeroes there.
-    assert!(image[FILE_LEN..(8 << 20)].iter().all(|&b| b == 0));
+    // No test writes 32 MiB..60 MiB of any drive: a stray write would show up here.
+    assert!(image[(32 << 20)..(60 << 20)].iter().all(|&b| b == 0), "bytes appeared where nothing was written");
 }
 
 #[test]
