@@ -1,0 +1,214 @@
+//! What register stores make the controller do: CC enables, resets and shuts down; an SQ
+//! tail doorbell fetches and runs every new entry of that queue, in order, and posts its
+//! completion; a CQ head doorbell frees slots for completions held back while the CQ was
+//! full. Everything runs synchronously inside the store, under the controller's lock.
+
+use nvcopy_vfio::DmaPool;
+
+use super::config::Params;
+use super::counters::Counters;
+use super::faults::FaultState;
+use super::namespace::SimNamespace;
+use super::queues::{CompQueue, Queues, SubQueue};
+use super::regs::Regs;
+use super::status::Done;
+use super::{admin, io};
+use crate::queue::{CQE_SIZE, SQE_SIZE};
+use crate::spec::{cc, csts, reg, Cqe};
+
+/// Everything about the controller that changes.
+#[derive(Debug)]
+pub struct State {
+    pub regs: Regs,
+    pub queues: Queues,
+    pub namespaces: Vec<SimNamespace>,
+    pub faults: FaultState,
+    pub counters: Counters,
+    /// Staging buffer for data between host memory and namespaces.
+    pub buf: Vec<u8>,
+}
+
+impl State {
+    pub fn new(p: &Params, namespaces: Vec<SimNamespace>) -> Self {
+        State {
+            regs: Regs::default(),
+            queues: Queues::new(p.io_queues),
+            namespaces,
+            faults: FaultState::default(),
+            counters: Counters::new(p.io_queues as usize + 1),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Whether commands on `qid` may be fetched now.
+    fn fetching(&self, qid: u16) -> bool {
+        if !self.regs.rdy || self.regs.cfs || self.faults.fatal {
+            return false;
+        }
+        qid == 0 || !self.faults.io_paused
+    }
+}
+
+/// A 32-bit register store.
+pub fn write_register(p: &Params, pool: &DmaPool, st: &mut State, offset: usize, value: u32) {
+    if offset >= reg::DOORBELL_BASE {
+        doorbell(p, pool, st, offset - reg::DOORBELL_BASE, value);
+    } else if offset == reg::CC {
+        write_cc(p, pool, st, value);
+    } else {
+        st.regs.write(offset, value);
+    }
+}
+
+fn write_cc(p: &Params, pool: &DmaPool, st: &mut State, value: u32) {
+    let was = st.regs.cc & cc::EN != 0;
+    let now = value & cc::EN != 0;
+    st.regs.cc = value;
+    if was && !now {
+        reset(st);
+    } else if !was && now {
+        enable(p, pool, st);
+    }
+    if value & cc::SHN_MASK != 0 {
+        // Nothing is cached anywhere but in the namespaces: shutdown completes at once.
+        st.regs.shst = csts::SHST_COMPLETE;
+    }
+}
+
+/// Controller reset (CC.EN 1 -> 0): every queue is gone, CSTS clears.
+fn reset(st: &mut State) {
+    st.queues.clear();
+    st.regs.rdy = false;
+    st.regs.shst = 0;
+    st.regs.cfs = false;
+}
+
+/// CC.EN 0 -> 1: take the admin queues from AQA, ASQ and ACQ and become ready. A setup
+/// the controller cannot use raises CFS instead; an injected fatal status keeps it from
+/// becoming ready.
+fn enable(p: &Params, pool: &DmaPool, st: &mut State) {
+    if st.faults.fatal {
+        return;
+    }
+    let r = &st.regs;
+    let page = r.page_size() as u64;
+    let sq_entries = (r.aqa & 0xfff) + 1;
+    let cq_entries = (r.aqa >> 16 & 0xfff) + 1;
+    let reachable = |base: u64, bytes: usize| {
+        base % page == 0 && pool.slice_at(nvcopy_vfio::Iova(base), bytes).is_some()
+    };
+    let usable = p.page_size_ok(r.cc >> 7 & 0xf)
+        && r.cc >> 4 & 7 == 0 // CSS: NVM command set
+        && sq_entries >= 2
+        && cq_entries >= 2
+        && reachable(r.asq, sq_entries as usize * SQE_SIZE)
+        && reachable(r.acq, cq_entries as usize * CQE_SIZE);
+    if !usable {
+        st.regs.cfs = true;
+        return;
+    }
+    let (asq, acq) = (r.asq, r.acq);
+    st.queues.add_cq(0, CompQueue::new(acq, cq_entries));
+    st.queues.add_sq(0, SubQueue::new(asq, sq_entries, 0));
+    st.regs.rdy = true;
+}
+
+/// A doorbell store; `rel` is the offset from the first doorbell.
+fn doorbell(p: &Params, pool: &DmaPool, st: &mut State, rel: usize, value: u32) {
+    let index = rel / p.stride;
+    let qid = index / 2;
+    if rel % p.stride != 0 || qid > p.io_queues as usize {
+        st.counters.note_invalid_doorbell();
+        return;
+    }
+    let qid = qid as u16;
+    let completion = index % 2 == 1;
+    st.counters.note_doorbell(qid, completion);
+    if !st.regs.rdy {
+        st.counters.note_invalid_doorbell();
+        return;
+    }
+    if completion {
+        match st.queues.cq_mut(qid).map(|cq| cq.set_head(pool, value)) {
+            Some(Ok(true)) => {}
+            Some(Err(_)) => st.regs.cfs = true,
+            Some(Ok(false)) | None => st.counters.note_invalid_doorbell(),
+        }
+    } else {
+        match st.queues.sq_mut(qid) {
+            Some(sq) if value < sq.size => sq.tail = value,
+            _ => {
+                st.counters.note_invalid_doorbell();
+                return;
+            }
+        }
+        process(p, pool, st, qid);
+    }
+}
+
+/// Fetches and runs every entry of SQ `qid` between its head and tail.
+pub fn process(p: &Params, pool: &DmaPool, st: &mut State, qid: u16) {
+    while st.fetching(qid) {
+        let Some(sq) = st.queues.sq_mut(qid) else {
+            return;
+        };
+        let sqe = match sq.fetch(pool) {
+            Ok(Some(sqe)) => sqe,
+            Ok(None) => return,
+            Err(_) => {
+                st.regs.cfs = true;
+                return;
+            }
+        };
+        let (sq_head, cqid) = (sq.head, sq.cqid);
+        let admin_queue = qid == 0;
+        st.counters.note_command(admin_queue, sqe.opcode());
+        if st.faults.swallows(qid, &sqe) {
+            st.counters.note_swallowed();
+            continue;
+        }
+        let done = if admin_queue {
+            admin::execute(p, pool, st, &sqe)
+        } else {
+            io::execute(p, pool, st, &sqe)
+        };
+        if !admin_queue {
+            if let Some((cid, keep_real)) = st.faults.take_bogus() {
+                post(pool, st, cqid, completion(done, sq_head, qid, cid));
+                if !keep_real {
+                    continue;
+                }
+            }
+        }
+        post(pool, st, cqid, completion(done, sq_head, qid, sqe.cid()));
+    }
+}
+
+/// Processes every SQ, after something that held processing back was lifted.
+pub fn process_all(p: &Params, pool: &DmaPool, st: &mut State) {
+    for qid in st.queues.sq_ids() {
+        process(p, pool, st, qid);
+    }
+}
+
+/// The completion entry for a command (status not yet carrying the phase tag).
+pub fn completion(done: Done, sq_head: u32, qid: u16, cid: u16) -> Cqe {
+    Cqe {
+        dw0: done.dw0,
+        dw1: 0,
+        sq_head: sq_head as u16,
+        sq_id: qid,
+        cid,
+        status: done.status.0 << 1,
+    }
+}
+
+/// Posts a completion to CQ `cqid` (or holds it while the CQ is full).
+pub fn post(pool: &DmaPool, st: &mut State, cqid: u16, cqe: Cqe) {
+    st.counters.note_completion();
+    if let Some(cq) = st.queues.cq_mut(cqid) {
+        if cq.post(pool, cqe).is_err() {
+            st.regs.cfs = true;
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! Fault injection: media errors on chosen LBAs, commands that never complete, controller
+//! fatal status, completions with a command id the host never issued, and a paused
+//! controller that lets submission queues fill. Faults can be changed at any time through
+//! [`Faults`], the handle [`super::SimController::faults`] returns.
+
+use std::ops::Range;
+
+use super::status::{unrecovered_read_error, write_fault};
+use super::SimController;
+use crate::spec::io;
+use crate::spec::Sqe;
+use crate::status::Status;
+
+/// Names an injected fault, to remove it or read its hit count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FaultId(u64);
+
+/// Media errors on a range of LBAs of one namespace: reads fail with Unrecovered Read
+/// Error (SCT 2h, SC 81h), writes with Write Fault (SCT 2h, SC 80h). Any command whose
+/// blocks overlap the range fails (Copy: a source range for reads, the destination for
+/// writes; Write Zeroes counts as a write).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MediaError {
+    nsid: u32,
+    lbas: Range<u64>,
+    reads: bool,
+    writes: bool,
+    dnr: bool,
+    times: Option<u32>,
+}
+
+impl MediaError {
+    /// Reads of `lbas` on `nsid` fail, without DNR, every time.
+    pub fn read(nsid: u32, lbas: Range<u64>) -> Self {
+        MediaError {
+            nsid,
+            lbas,
+            reads: true,
+            writes: false,
+            dnr: false,
+            times: None,
+        }
+    }
+
+    /// Writes to `lbas` on `nsid` fail, without DNR, every time.
+    pub fn write(nsid: u32, lbas: Range<u64>) -> Self {
+        MediaError {
+            reads: false,
+            writes: true,
+            ..Self::read(nsid, lbas)
+        }
+    }
+
+    /// Both reads and writes of `lbas` fail.
+    pub fn read_write(nsid: u32, lbas: Range<u64>) -> Self {
+        MediaError {
+            writes: true,
+            ..Self::read(nsid, lbas)
+        }
+    }
+
+    /// Sets Do Not Retry in the status.
+    pub fn dnr(mut self, dnr: bool) -> Self {
+        self.dnr = dnr;
+        self
+    }
+
+    /// Fails only the first `n` commands that hit the range; later ones succeed.
+    pub fn times(mut self, n: u32) -> Self {
+        self.times = Some(n);
+        self
+    }
+}
+
+/// Which commands a fault applies to. Every condition set must match; `any()` matches
+/// every command on every queue, including admin commands.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommandFilter {
+    admin: Option<bool>,
+    qid: Option<u16>,
+    opcode: Option<u8>,
+    nsid: Option<u32>,
+    lbas: Option<Range<u64>>,
+    times: Option<u32>,
+}
+
+impl CommandFilter {
+    /// Every command.
+    pub fn any() -> Self {
+        Self::default()
+    }
+    /// Commands on I/O queues only.
+    pub fn io() -> Self {
+        CommandFilter {
+            admin: Some(false),
+            ..Self::default()
+        }
+    }
+    /// Commands on the admin queue only.
+    pub fn admin() -> Self {
+        CommandFilter {
+            admin: Some(true),
+            ..Self::default()
+        }
+    }
+    /// Only on queue `qid`.
+    pub fn qid(mut self, qid: u16) -> Self {
+        self.qid = Some(qid);
+        self
+    }
+    /// Only this opcode.
+    pub fn opcode(mut self, opcode: u8) -> Self {
+        self.opcode = Some(opcode);
+        self
+    }
+    /// Only commands for this namespace.
+    pub fn nsid(mut self, nsid: u32) -> Self {
+        self.nsid = Some(nsid);
+        self
+    }
+    /// Only Read, Write, Write Zeroes or Copy commands whose blocks (Copy: destination)
+    /// overlap `lbas`.
+    pub fn lbas(mut self, lbas: Range<u64>) -> Self {
+        self.lbas = Some(lbas);
+        self
+    }
+    /// Only the first `n` matching commands.
+    pub fn times(mut self, n: u32) -> Self {
+        self.times = Some(n);
+        self
+    }
+
+    fn matches(&self, qid: u16, sqe: &Sqe) -> bool {
+        if self.times == Some(0) {
+            return false;
+        }
+        let admin = qid == 0;
+        let lbas_match = match &self.lbas {
+            None => true,
+            Some(r) => lba_span(admin, sqe).is_some_and(|s| overlaps(&s, r)),
+        };
+        unset_or(self.admin, admin)
+            && unset_or(self.qid, qid)
+            && unset_or(self.opcode, sqe.opcode())
+            && unset_or(self.nsid, sqe.nsid)
+            && lbas_match
+    }
+}
+
+/// A filter condition: met when not set, or set to `got`.
+fn unset_or<T: PartialEq>(want: Option<T>, got: T) -> bool {
+    match want {
+        None => true,
+        Some(w) => w == got,
+    }
+}
+
+/// The blocks an I/O command names in CDW10-12 (Copy: its destination; the source ranges
+/// are in its descriptors).
+fn lba_span(admin: bool, sqe: &Sqe) -> Option<Range<u64>> {
+    if admin {
+        return None;
+    }
+    let nlb = match sqe.opcode() {
+        io::READ | io::WRITE | io::WRITE_ZEROES => (sqe.cdw12 & 0xffff) as u64 + 1,
+        // The destination length is only known from the descriptors; the first block is
+        // enough to aim a filter at it.
+        io::COPY => 1,
+        _ => return None,
+    };
+    let slba = sqe.slba();
+    Some(slba..slba.saturating_add(nlb))
+}
+
+fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
+/// A completion with a command id the host did not issue, for the next I/O command.
+#[derive(Clone, Copy, Debug)]
+struct BogusCid {
+    cid: u16,
+    keep_real: bool,
+}
+
+#[derive(Debug)]
+struct Entry<T> {
+    id: FaultId,
+    fault: T,
+    hits: u64,
+}
+
+/// Every fault in force, kept in the controller's state.
+#[derive(Debug, Default)]
+pub(super) struct FaultState {
+    next: u64,
+    media: Vec<Entry<MediaError>>,
+    swallow: Vec<Entry<CommandFilter>>,
+    bogus: Option<BogusCid>,
+    /// Raised CSTS.CFS: the controller stops processing commands.
+    pub fatal: bool,
+    /// I/O submission queues are not fetched from.
+    pub io_paused: bool,
+    /// Hit counts of removed faults are kept so tests can read them afterwards.
+    retired: Vec<(FaultId, u64)>,
+}
+
+impl FaultState {
+    fn id(&mut self) -> FaultId {
+        self.next += 1;
+        FaultId(self.next)
+    }
+
+    /// Whether the command on `qid` is to be swallowed (fetched and never completed).
+    pub fn swallows(&mut self, qid: u16, sqe: &Sqe) -> bool {
+        for e in &mut self.swallow {
+            if e.fault.matches(qid, sqe) {
+                e.hits += 1;
+                if let Some(t) = &mut e.fault.times {
+                    *t -= 1;
+                }
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The media error status for an access to `lbas` of `nsid`, if a fault covers it.
+    pub fn media(&mut self, nsid: u32, lbas: Range<u64>, write: bool) -> Option<Status> {
+        for e in &mut self.media {
+            let f = &mut e.fault;
+            let applies = if write { f.writes } else { f.reads };
+            if !applies || f.nsid != nsid || f.times == Some(0) || !overlaps(&f.lbas, &lbas) {
+                continue;
+            }
+            e.hits += 1;
+            if let Some(t) = &mut f.times {
+                *t -= 1;
+            }
+            return Some(if write {
+                write_fault(f.dnr)
+            } else {
+                unrecovered_read_error(f.dnr)
+            });
+        }
+        None
+    }
+
+    /// Takes the armed bogus completion, if any: (bogus cid, whether to post the real one
+    /// as well).
+    pub fn take_bogus(&mut self) -> Option<(u16, bool)> {
+        self.bogus.take().map(|b| (b.cid, b.keep_real))
+    }
+
+    fn hits(&self, id: FaultId) -> Option<u64> {
+        self.media
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.hits)
+            .or_else(|| self.swallow.iter().find(|e| e.id == id).map(|e| e.hits))
+            .or_else(|| self.retired.iter().find(|r| r.0 == id).map(|r| r.1))
+    }
+
+    fn remove(&mut self, id: FaultId) -> bool {
+        if let Some(i) = self.media.iter().position(|e| e.id == id) {
+            let e = self.media.remove(i);
+            self.retired.push((id, e.hits));
+            return true;
+        }
+        if let Some(i) = self.swallow.iter().position(|e| e.id == id) {
+            let e = self.swallow.remove(i);
+            self.retired.push((id, e.hits));
+            return true;
+        }
+        false
+    }
+}
+
+/// The fault-injection handle of a [`SimController`]. Every change takes effect for the
+/// next command the controller fetches.
+#[derive(Debug)]
+pub struct Faults<'a> {
+    pub(super) sim: &'a SimController,
+}
+
+impl Faults<'_> {
+    /// Injects media errors.
+    pub fn media_error(&self, e: MediaError) -> FaultId {
+        self.sim.with_state(|st| {
+            let id = st.faults.id();
+            st.faults.media.push(Entry {
+                id,
+                fault: e,
+                hits: 0,
+            });
+            id
+        })
+    }
+
+    /// Swallows matching commands: the controller fetches them (the SQ head moves) and
+    /// never completes them, so the host's timeout must fire.
+    pub fn swallow(&self, filter: CommandFilter) -> FaultId {
+        self.sim.with_state(|st| {
+            let id = st.faults.id();
+            st.faults.swallow.push(Entry {
+                id,
+                fault: filter,
+                hits: 0,
+            });
+            id
+        })
+    }
+
+    /// How many commands a media error or swallow fault has hit so far.
+    pub fn hits(&self, id: FaultId) -> u64 {
+        self.sim.with_state(|st| st.faults.hits(id).unwrap_or(0))
+    }
+
+    /// Removes one fault; false if it was not in force.
+    pub fn remove(&self, id: FaultId) -> bool {
+        self.sim.with_state(|st| st.faults.remove(id))
+    }
+
+    /// Sets or clears CSTS.CFS. While it is set the controller processes no commands and
+    /// does not become ready.
+    pub fn set_fatal(&self, on: bool) {
+        self.sim.with_state(|st| st.faults.fatal = on);
+    }
+
+    /// Completes the next I/O command with command id `cid` (for example 0xffff, or an id
+    /// that is not outstanding), and with its real command id as well if `keep_real`
+    /// (the bogus entry comes first). Without `keep_real` the real command never
+    /// completes.
+    pub fn bogus_cid_next(&self, cid: u16, keep_real: bool) {
+        self.sim
+            .with_state(|st| st.faults.bogus = Some(BogusCid { cid, keep_real }));
+    }
+
+    /// Stops fetching from I/O submission queues: doorbells still move the tails, so the
+    /// queues fill up and nothing completes.
+    pub fn pause_io(&self) {
+        self.sim.with_state(|st| st.faults.io_paused = true);
+    }
+
+    /// Undoes [`Faults::pause_io`] and processes everything submitted meanwhile.
+    pub fn resume_io(&self) {
+        self.sim.with_state(|st| st.faults.io_paused = false);
+        self.sim.kick();
+    }
+
+    /// Removes every fault (hit counts of removed faults stay readable), clears CFS and
+    /// resumes I/O.
+    pub fn clear(&self) {
+        self.sim.with_state(|st| {
+            let f = &mut st.faults;
+            let ids: Vec<FaultId> = f
+                .media
+                .iter()
+                .map(|e| e.id)
+                .chain(f.swallow.iter().map(|e| e.id))
+                .collect();
+            for id in ids {
+                f.remove(id);
+            }
+            f.bogus = None;
+            f.fatal = false;
+            f.io_paused = false;
+        });
+        self.sim.kick();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_and_media_errors_count_down() {
+        let mut f = FaultState::default();
+        let mut s = Sqe::new(io::READ, 1);
+        s.set_slba(100);
+        s.cdw12 = 7; // blocks 100..108
+        let flt = CommandFilter::io().opcode(io::READ).lbas(107..200).times(1);
+        assert!(!flt.matches(0, &s), "admin queue excluded");
+        assert!(flt.matches(1, &s));
+        assert!(!CommandFilter::io().lbas(108..200).matches(1, &s));
+        f.swallow.push(Entry {
+            id: FaultId(1),
+            fault: flt,
+            hits: 0,
+        });
+        assert!(f.swallows(1, &s));
+        assert!(!f.swallows(1, &s), "only once");
+        f.media.push(Entry {
+            id: FaultId(2),
+            fault: MediaError::read(1, 5..6).times(2).dnr(true),
+            hits: 0,
+        });
+        assert_eq!(f.media(1, 0..5, false), None);
+        assert_eq!(f.media(1, 0..6, true), None, "reads only");
+        assert_eq!(f.media(2, 0..6, false), None, "other namespace");
+        let st = f.media(1, 5..9, false).unwrap();
+        assert!(st.dnr() && st.sc() == 0x81 && st.sct_raw() == 2);
+        assert!(f.media(1, 5..9, false).is_some());
+        assert_eq!(f.media(1, 5..9, false), None, "two hits only");
+        assert_eq!(f.hits(FaultId(2)), Some(2));
+    }
+}

@@ -1,0 +1,240 @@
+//! A software NVMe controller, for testing and benchmarking the driver without hardware.
+//!
+//! [`SimController`] implements [`Bar`], so the real driver brings it up, creates queues
+//! and runs commands exactly as it does on a device. The controller reads submission
+//! entries and writes completion entries in the driver's DMA memory (an
+//! [`DmaPool::unmapped`] pool, reached through [`DmaPool::slice_at`] with volatile
+//! accesses only), walks PRPs and PRP lists, and keeps namespace data in sparse memory or
+//! sparse files. It is synchronous: a doorbell store runs the new commands before it
+//! returns, so completions are waiting by the time the driver polls.
+//!
+//! Beyond the commands nvcopy uses (Identify, Set Features, queue creation and deletion;
+//! Read, Write, Write Zeroes, Flush, Dataset Management, Copy format 0) it checks what a
+//! device checks, with the specification's status codes, and injects faults on request
+//! ([`SimController::faults`]). [`SimController::counters`] tells what it has seen, and
+//! [`SimController::read_ns`] / [`SimController::write_ns`] reach namespace data
+//! directly, to set up and verify tests independently of the driver.
+//!
+//! ```no_run
+//! # use nvcopy_nvme::sim::{NamespaceConfig, SimConfig, SimController};
+//! # use nvcopy_nvme::{Bar, Controller, ControllerOptions};
+//! # use nvcopy_vfio::DmaPool;
+//! # use std::sync::Arc;
+//! let pool = DmaPool::unmapped(16 << 20).unwrap();
+//! let sim = SimController::new(
+//!     SimConfig::new().namespace(NamespaceConfig::new(512, 1 << 20)),
+//!     pool.clone(),
+//! );
+//! let ctrl = Controller::new("sim", sim.clone() as Arc<dyn Bar>, pool, ControllerOptions::default())
+//!     .unwrap();
+//! ```
+
+mod admin;
+mod config;
+mod counters;
+mod dma;
+mod engine;
+mod faults;
+mod io;
+mod namespace;
+mod queues;
+mod regs;
+mod status;
+#[cfg(test)]
+mod tests;
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use nvcopy_vfio::DmaPool;
+
+pub use config::{NamespaceConfig, SimConfig, SIM_VID};
+pub use counters::Counters;
+pub use faults::{CommandFilter, FaultId, Faults, MediaError};
+
+use config::Params;
+use engine::State;
+use namespace::SimNamespace;
+
+use crate::regs::Bar;
+
+/// The software NVMe controller. Shared between the driver (as `Arc<dyn Bar>`) and the
+/// test that drives faults and checks data.
+pub struct SimController {
+    pool: DmaPool,
+    params: Params,
+    state: Mutex<State>,
+}
+
+/// Where a queue pair stands, from the controller's side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueStatus {
+    /// SQ entries.
+    pub sq_entries: u32,
+    /// Entries the host posted (doorbell rung) that the controller has not fetched.
+    pub sq_unfetched: u32,
+    /// CQ entries.
+    pub cq_entries: u32,
+    /// Completions posted that the host has not released with the CQ head doorbell.
+    pub cq_unconsumed: u32,
+    /// Completions held back because the CQ was full.
+    pub cq_held: usize,
+}
+
+impl SimController {
+    /// Builds a controller over `pool`, the DMA memory the driver will use.
+    ///
+    /// # Panics
+    /// If a namespace cannot be built (an LBA size that is not a power of two from 512 to
+    /// 65536, or a backing file that cannot be opened); see [`SimController::try_new`].
+    pub fn new(config: SimConfig, pool: DmaPool) -> Arc<SimController> {
+        match Self::try_new(config, pool) {
+            Ok(sim) => sim,
+            Err(e) => panic!("software NVMe controller: {e}"),
+        }
+    }
+
+    /// Like [`SimController::new`], returning namespace setup errors.
+    pub fn try_new(config: SimConfig, pool: DmaPool) -> std::io::Result<Arc<SimController>> {
+        let params = Params::new(&config);
+        let namespaces = config
+            .namespaces
+            .iter()
+            .map(SimNamespace::open)
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let state = State::new(&params, namespaces);
+        Ok(Arc::new(SimController {
+            pool,
+            params,
+            state: Mutex::new(state),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut self.lock())
+    }
+
+    /// Runs whatever was left waiting (after I/O was resumed or a fault cleared).
+    fn kick(&self) {
+        engine::process_all(&self.params, &self.pool, &mut self.lock());
+    }
+
+    /// The fault-injection handle.
+    pub fn faults(&self) -> Faults<'_> {
+        Faults { sim: self }
+    }
+
+    /// A snapshot of the counters.
+    pub fn counters(&self) -> Counters {
+        self.lock().counters.clone()
+    }
+
+    /// Zeroes the counters.
+    pub fn reset_counters(&self) {
+        let mut st = self.lock();
+        st.counters = Counters::new(self.params.io_queues as usize + 1);
+    }
+
+    /// The DMA pool the controller reaches host memory through.
+    pub fn pool(&self) -> &DmaPool {
+        &self.pool
+    }
+
+    /// Whether CSTS.RDY is set.
+    pub fn is_ready(&self) -> bool {
+        self.lock().regs.rdy
+    }
+
+    /// The state of queue pair `qid` (0 is the admin pair), if both its queues exist.
+    pub fn queue_status(&self, qid: u16) -> Option<QueueStatus> {
+        let st = self.lock();
+        let sq = st.queues.sq(qid)?;
+        let cq = st.queues.cq(sq.cqid)?;
+        Some(QueueStatus {
+            sq_entries: sq.size,
+            sq_unfetched: sq.unfetched(),
+            cq_entries: cq.size,
+            cq_unconsumed: cq.unconsumed(),
+            cq_held: cq.held(),
+        })
+    }
+
+    /// Number of namespaces (all active, ids 1 to N).
+    pub fn namespace_count(&self) -> u32 {
+        self.lock().namespaces.len() as u32
+    }
+
+    /// LBA size and block count of namespace `nsid`.
+    pub fn namespace_geometry(&self, nsid: u32) -> Option<(u32, u64)> {
+        let st = self.lock();
+        let ns = st.namespaces.get((nsid as usize).checked_sub(1)?)?;
+        Some((ns.lba_size, ns.blocks))
+    }
+
+    /// Memory taken by namespace `nsid`'s data: sparse pages actually written.
+    pub fn resident_bytes(&self, nsid: u32) -> Option<u64> {
+        let st = self.lock();
+        let ns = st.namespaces.get((nsid as usize).checked_sub(1)?)?;
+        Some(ns.resident_bytes())
+    }
+
+    /// Reads namespace data directly, bypassing commands and faults.
+    pub fn read_ns(&self, nsid: u32, byte_offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let st = self.lock();
+        namespace_of(&st, nsid)?.read(byte_offset, buf)
+    }
+
+    /// Writes namespace data directly, bypassing commands and faults.
+    pub fn write_ns(&self, nsid: u32, byte_offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut st = self.lock();
+        let i = namespace_of(&st, nsid).map(|_| nsid as usize - 1)?;
+        st.namespaces[i].write(byte_offset, data)
+    }
+}
+
+impl std::fmt::Debug for SimController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("SimController");
+        d.field("serial", &self.params.serial)
+            .field("io_queues", &self.params.io_queues);
+        // Never block (or deadlock) just to print.
+        if let Ok(st) = self.state.try_lock() {
+            d.field("namespaces", &st.namespaces.len())
+                .field("ready", &st.regs.rdy)
+                .field("fatal", &(st.regs.cfs || st.faults.fatal));
+        }
+        d.finish_non_exhaustive()
+    }
+}
+
+fn namespace_of(st: &State, nsid: u32) -> std::io::Result<&SimNamespace> {
+    (nsid as usize)
+        .checked_sub(1)
+        .and_then(|i| st.namespaces.get(i))
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("no namespace {nsid}"))
+        })
+}
+
+impl Bar for SimController {
+    fn read32(&self, offset: usize) -> u32 {
+        let st = self.lock();
+        st.regs.read(self.params.cap, st.faults.fatal, offset)
+    }
+
+    fn write32(&self, offset: usize, value: u32) {
+        engine::write_register(&self.params, &self.pool, &mut self.lock(), offset, value);
+    }
+
+    fn len(&self) -> usize {
+        self.params.bar_len
+    }
+}
+
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    shared::<SimController>();
+};
