@@ -125,6 +125,14 @@ pub(crate) fn wait_until(
     target: usize,
     mut each: impl FnMut(Completion),
 ) -> Result<()> {
+    // A disabled queue's controller was already stopped; its leftover trackers will never
+    // complete, and waiting on them again would re-report the old timeout.
+    if qp.is_disabled() {
+        return Err(Error::QueueDisabled {
+            ctrl: name.to_string(),
+            qid: qp.qid(),
+        });
+    }
     let mut idle: u32 = 0;
     while qp.outstanding() > target {
         if qp.poll(bar, 64, &mut each)? > 0 {

@@ -618,7 +618,6 @@ fn controller_fatal_status_stops_io() {
 /// returns a second `CommandTimeout` naming the old command's LBA (16) for this call
 /// about LBA 0.
 #[test]
-#[ignore = "driver bug: I/O on a queue disabled by a timeout returns a stale CommandTimeout (old command's LBA) instead of QueueDisabled"]
 fn io_on_a_timed_out_queue_is_refused_as_disabled() {
     let rig = Rig::new(cfg_512());
     let ns = rig.ns(1);
