@@ -407,7 +407,10 @@ fn host_image_holds_the_data_written_in_the_vm() {
         );
     }
     // No test writes 32 MiB..60 MiB of any drive: a stray write would show up here.
-    assert!(image[(32 << 20)..(60 << 20)].iter().all(|&b| b == 0), "bytes appeared where nothing was written");
+    assert!(
+        image[(32 << 20)..(60 << 20)].iter().all(|&b| b == 0),
+        "bytes appeared where nothing was written"
+    );
 }
 
 #[test]
