@@ -4,6 +4,7 @@
 #
 #   scripts/vm.sh run   [OPTIONS] -- CMD [ARGS...]   exit status = CMD's status
 #   scripts/vm.sh shell [OPTIONS]                    interactive busybox shell
+#   scripts/vm.sh demo  [OPTIONS]                    1 GiB copy to two drives, checked by checksum
 #   scripts/vm.sh help
 #
 # Why a VM at all: nvcopy drives NVMe controllers from userspace through VFIO,
@@ -114,6 +115,7 @@ vm_usage() {
 Usage:
   scripts/vm.sh run [OPTIONS] -- CMD [ARGS...]
   scripts/vm.sh shell [OPTIONS]
+  scripts/vm.sh demo  [OPTIONS]      copy 1 GiB (DEMO_MB) to two drives with nvcopy, check by checksum
   scripts/vm.sh help
 
 Boots a QEMU q35 guest (TCG) with an emulated Intel IOMMU, binds every NVMe
@@ -934,7 +936,16 @@ vm_boot() {
 # vm_boot with its own --nvme layout and command, e.g.
 #   vm_cmd_demo() { vm_boot --nvme size=1G --nvme size=1G "$@" -- nvcopy ...; }
 # and may call vm_boot several times (the build happens once per process).
-vm_cmd_demo() { vm_usage_error "demo: not implemented yet"; }
+# The README's main job: three 1 GiB drives; the guest fills the first with random data
+# through the kernel driver, nvcopy copies it to the other two, and the kernel driver reads
+# all three back for checksums (scripts/demo-guest.sh). DEMO_MB changes the size copied.
+vm_cmd_demo() {
+    local mb=${DEMO_MB:-1024}
+    local size=$(( (mb + 1023) / 1024 ))G
+    vm_boot --timeout 1800 --nvme "size=$size" --nvme "size=$size" --nvme "size=$size" \
+        --add "$VM_SCRIPT_DIR/demo-guest.sh:/bin/demo-guest.sh" --env "DEMO_MB=$mb" "$@" \
+        -- sh /bin/demo-guest.sh
+}
 vm_cmd_bench() { vm_usage_error "bench: not implemented yet"; }
 
 vm_cmd_run() { vm_boot "$@"; }

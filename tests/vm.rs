@@ -346,6 +346,44 @@ fn guest_device_not_bound_to_vfio_gets_a_clear_error() {
 
 #[test]
 #[ignore = "needs the VM"]
+fn guest_no_hugepages_gets_a_clear_error_and_small_pages_work_when_asked() {
+    let nr = "/proc/sys/vm/nr_hugepages";
+    let before = std::fs::read_to_string(nr).unwrap();
+    sysfs_write(nr, "0");
+    let dev = addr("0000:00:10.0");
+    let huge = Platform::open(&[dev], &PlatformOptions::default()).err();
+    let small = Platform::open(
+        &[dev],
+        &PlatformOptions {
+            page_kind: nvcopy_vfio::PageKind::Small,
+            ..Default::default()
+        },
+    )
+    .map(|p| {
+        let c = &p.controllers[0];
+        let mut q = c.create_io_qpair(16).unwrap();
+        let ns = c.namespace(1).unwrap().clone();
+        round_trip(&mut q, &ns, 3 << 20, &pattern(11, 3 << 20, 256 * 1024));
+    });
+    sysfs_write(nr, before.trim());
+    let err = huge.expect("opening without hugepages must fail");
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            err,
+            nvcopy::Error::Platform(nvcopy_vfio::Error::NoHugepages { free: 0, .. })
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("/proc/sys/vm/nr_hugepages") && msg.contains("HUGEMEM="),
+        "{msg}"
+    );
+    small.unwrap_or_else(|e| panic!("4 KiB pages, asked for by name: {e}"));
+}
+
+#[test]
+#[ignore = "needs the VM"]
 fn guest_cli_identify_json_lists_both_namespaces() {
     let out = Command::new("nvcopy")
         .args(["identify", "--json", "0000:00:11.0"])
