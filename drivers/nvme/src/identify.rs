@@ -31,6 +31,8 @@ pub struct ControllerInfo {
     pub vwc: bool,
     /// Number of namespaces (highest namespace id).
     pub nn: u32,
+    /// Command Retry Delay Times 1-3, in 100 ms units (bytes 134-139).
+    pub crdt: [u16; 3],
 }
 
 impl ControllerInfo {
@@ -49,7 +51,18 @@ impl ControllerInfo {
             oncs: le::u16(b, 520),
             vwc: b[525] & 1 == 1,
             ocfs: le::u16(b, 534),
+            crdt: [le::u16(b, 134), le::u16(b, 136), le::u16(b, 138)],
         }
+    }
+
+    /// How long to wait before retrying a command whose status carried this CRD index
+    /// (base spec 4.6.1: 0 means at once, 1-3 select CRDT1-3).
+    pub fn retry_delay(&self, crd: u8) -> std::time::Duration {
+        let units = match crd {
+            1..=3 => self.crdt[crd as usize - 1],
+            _ => 0,
+        };
+        std::time::Duration::from_millis(units as u64 * 100)
     }
 
     /// Largest transfer in bytes for a 4 KiB memory page size, if the controller limits it.
@@ -164,7 +177,10 @@ mod tests {
         b[516..520].copy_from_slice(&256u32.to_le_bytes());
         b[520..522].copy_from_slice(&(oncs::COPY | oncs::WRITE_ZEROES | oncs::DSM).to_le_bytes());
         b[534..536].copy_from_slice(&1u16.to_le_bytes());
+        b[136..138].copy_from_slice(&5u16.to_le_bytes());
         let c = ControllerInfo::parse(&b);
+        assert_eq!(c.retry_delay(2), std::time::Duration::from_millis(500));
+        assert_eq!(c.retry_delay(0), std::time::Duration::ZERO);
         assert_eq!(
             (
                 c.vid,

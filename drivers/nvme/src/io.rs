@@ -335,38 +335,83 @@ impl IoQpair {
         Ok(())
     }
 
+    /// Whether a Copy of `blocks` blocks fits the namespace's limits in one command
+    /// (MSSRL per range, MSRC ranges, MCL in all; NVM command set spec 3.2.2).
+    pub fn copy_fits(&self, ns: &Namespace, blocks: u64) -> bool {
+        let range_max = (ns.mssrl.max(1) as u64).min(MAX_NLB as u64);
+        let ranges = blocks.div_ceil(range_max);
+        self.ctrl.info().supports_copy()
+            && blocks <= ns.mcl.max(1) as u64
+            && ranges <= ns.msrc.max(1) as u64
+            && ranges as usize * 32 <= PAGE_SIZE
+    }
+
+    /// Posts one Copy (descriptor format 0) of `blocks` blocks from `src` to `dst`, with
+    /// the source ranges written into `descs` (one page, owned by the caller until the
+    /// command completes). The caller checks [`IoQpair::copy_fits`] first.
+    pub fn submit_copy(
+        &mut self,
+        ns: &Namespace,
+        src: u64,
+        blocks: u64,
+        dst: u64,
+        descs: &DmaBuf,
+        token: u64,
+    ) -> Result<u16> {
+        if !self.copy_fits(ns, blocks) || blocks == 0 {
+            return Err(self.unsupported_copy(ns, blocks));
+        }
+        let range_max = (ns.mssrl.max(1) as u64).min(MAX_NLB as u64);
+        let mut nr = 0usize;
+        let mut off = 0u64;
+        while off < blocks {
+            let n = (blocks - off).min(range_max);
+            let mut d = [0u8; 32];
+            d[8..16].copy_from_slice(&(src + off).to_le_bytes());
+            d[16..18].copy_from_slice(&((n - 1) as u16).to_le_bytes());
+            descs.write_at(nr * 32, &d);
+            nr += 1;
+            off += n;
+        }
+        let mut s = Sqe::new(io::COPY, ns.nsid);
+        s.set_slba(dst);
+        s.cdw12 = nr as u32 - 1; // number of ranges, 0-based; descriptor format 0
+        let data = DataPtr::Contig {
+            iova: descs.iova(),
+            len: nr * 32,
+        };
+        self.qp.post(s, Some(data), token)
+    }
+
+    fn unsupported_copy(&self, ns: &Namespace, blocks: u64) -> Error {
+        if !self.ctrl.info().supports_copy() {
+            return self.unsupported("Copy");
+        }
+        self.bad_buffer(format!(
+            "a Copy of {blocks} blocks exceeds namespace {}'s limits (MSSRL {}, MCL {}, MSRC {})",
+            ns.nsid, ns.mssrl, ns.mcl, ns.msrc
+        ))
+    }
+
     /// Copies `blocks` blocks from `src` to `dst` inside the namespace with the Copy
-    /// command (format 0), split to respect MSSRL, MSRC and MCL (NVM command set spec 3.2.2).
+    /// command, as many commands as the limits require, one at a time.
     pub fn copy_sync(&mut self, ns: &Namespace, src: u64, blocks: u64, dst: u64) -> Result<()> {
         if !self.ctrl.info().supports_copy() {
             return Err(self.unsupported("Copy"));
         }
         let range_max = (ns.mssrl.max(1) as u64).min(MAX_NLB as u64);
-        let per_cmd = (ns.mcl.max(1) as u64).min(range_max * ns.msrc.max(1) as u64);
-        let descs = self.ctrl.pool().alloc(PAGE_SIZE * 2)?;
+        let max_ranges = (ns.msrc.max(1) as u64).min((PAGE_SIZE / 32) as u64);
+        let per_cmd = (ns.mcl.max(1) as u64).min(range_max * max_ranges);
+        let descs = self.ctrl.pool().alloc(PAGE_SIZE)?;
         let mut done = 0u64;
         while done < blocks {
-            let cmd_blocks = (blocks - done).min(per_cmd);
-            let mut nr = 0usize;
-            let mut off = 0u64;
-            while off < cmd_blocks {
-                let n = (cmd_blocks - off).min(range_max);
-                let mut d = [0u8; 32];
-                d[8..16].copy_from_slice(&(src + done + off).to_le_bytes());
-                d[16..18].copy_from_slice(&((n - 1) as u16).to_le_bytes());
-                descs.write_at(nr * 32, &d);
-                nr += 1;
-                off += n;
-            }
-            let mut s = Sqe::new(io::COPY, ns.nsid);
-            s.set_slba(dst + done);
-            s.cdw12 = nr as u32 - 1; // number of ranges, 0-based; descriptor format 0
-            let mut once = Some(DataPtr::Contig {
-                iova: descs.iova(),
-                len: nr * 32,
-            });
-            self.run(|q| once.take().map(|d| q.qp.post(s, Some(d), 0)))?;
-            done += cmd_blocks;
+            let n = (blocks - done).min(per_cmd);
+            let mut once = true;
+            self.run(|q| {
+                std::mem::take(&mut once)
+                    .then(|| q.submit_copy(ns, src + done, n, dst + done, &descs, 0))
+            })?;
+            done += n;
         }
         Ok(())
     }
