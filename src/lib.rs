@@ -6,6 +6,7 @@
 pub mod error;
 pub mod pipeline;
 pub mod platform;
+pub mod readbench;
 pub mod region;
 pub mod report;
 

@@ -61,6 +61,30 @@ enum Command {
         #[command(flatten)]
         hw: HwArgs,
     },
+    /// Measurements that set nvcopy beside other tools (see `scripts/vm.sh bench`).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Sequential read of a region into DMA memory, as `dd of=/dev/null iflag=direct` does.
+    Read {
+        /// Region to read: BDF[/NSID][@OFFSET][+LENGTH].
+        #[arg(long, value_parser = parse_region)]
+        from: RegionSpec,
+        /// Bytes per read (capped at MDTS).
+        #[arg(long, default_value = "128K", value_parser = parse_chunk)]
+        chunk: usize,
+        /// Reads in flight.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        qd: u16,
+        /// Machine-readable result.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        hw: HwArgs,
+    },
 }
 
 fn parse_region(s: &str) -> std::result::Result<RegionSpec, String> {
@@ -294,6 +318,35 @@ fn run(cli: Cli) -> Result<()> {
                 json(&report)?
             } else {
                 report.to_text()
+            })
+        }
+        Command::Bench(BenchCommand::Read {
+            from,
+            chunk,
+            qd,
+            json: as_json,
+            hw,
+        }) => {
+            let mut po = hw.options();
+            po.pool_bytes = qd as usize * chunk + (qd as usize + 2) * 8192 + (4 << 20);
+            let platform = Platform::open(&[from.addr], &po)?;
+            let ns = platform.controllers[0].namespace(from.nsid)?;
+            let region = Region::check(&from, 0, ns.lba_size, ns.blocks, None)?;
+            let r = nvcopy::readbench::read(&platform, &region, chunk, qd as usize)?;
+            let rate = r.bytes as f64 / r.elapsed.as_secs_f64().max(1e-9) / 1e6;
+            print(&if as_json {
+                json(
+                    &serde_json::json!({ "bytes": r.bytes, "chunk": r.chunk, "qd": r.qd,
+                    "elapsed": r.elapsed.as_secs_f64(), "rate_mb_s": rate }),
+                )?
+            } else {
+                format!(
+                    "read {} in {:.2} s, {rate:.0} MB/s (chunk {}, qd {})\n",
+                    human_bytes(r.bytes),
+                    r.elapsed.as_secs_f64(),
+                    r.chunk,
+                    r.qd
+                )
             })
         }
         Command::Copy {
