@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
 
+use nvcopy_nvme::Namespace;
+
 use crate::client::ClientShared;
 use crate::region::Region;
 
@@ -92,9 +94,25 @@ pub enum JobKind {
     Zero,
 }
 
+/// Everything decided about a job before it starts.
+#[derive(Debug)]
+pub(crate) struct JobPlan {
+    pub kind: JobKind,
+    pub to: Vec<Region>,
+    pub flags: Flags,
+    pub chunk: usize,
+    pub len: u64,
+    pub offloaded: DestMask,
+    pub write_zeroes: DestMask,
+    pub src_ns: Option<Namespace>,
+    pub dst_ns: Vec<Namespace>,
+}
+
 /// A job in flight. Shared by the client and every reactor working on it.
 pub struct Job {
     pub(crate) kind: JobKind,
+    pub(crate) src_ns: Option<Namespace>,
+    pub(crate) dst_ns: Vec<Namespace>,
     pub(crate) to: Vec<Region>,
     pub(crate) flags: Flags,
     /// Bytes per chunk; a multiple of every block size involved, and of 4 KiB.
@@ -136,26 +154,17 @@ impl std::fmt::Debug for Job {
 }
 
 impl Job {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        kind: JobKind,
-        to: Vec<Region>,
-        flags: Flags,
-        chunk: usize,
-        len: u64,
-        offloaded: DestMask,
-        write_zeroes: DestMask,
-        client: Arc<ClientShared>,
-        callback: Callback,
-    ) -> Job {
+    pub(crate) fn new(plan: JobPlan, client: Arc<ClientShared>, callback: Callback) -> Job {
         Job {
-            kind,
-            to,
-            flags,
-            chunk,
-            len,
-            offloaded,
-            write_zeroes,
+            kind: plan.kind,
+            src_ns: plan.src_ns,
+            dst_ns: plan.dst_ns,
+            to: plan.to,
+            flags: plan.flags,
+            chunk: plan.chunk,
+            len: plan.len,
+            offloaded: plan.offloaded,
+            write_zeroes: plan.write_zeroes,
             client,
             cursor: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
@@ -191,7 +200,10 @@ impl Job {
     }
     /// The outcome, once finished.
     pub fn outcome(&self) -> Option<JobOutcome> {
-        self.outcome.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.outcome
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Whether a chunk may still be claimed.
@@ -217,14 +229,22 @@ impl Job {
     }
 
     /// Records an error on a chunk; stops dispatch unless IGNORE_ERRORS.
-    pub(crate) fn note_error(&self, read: bool, dest: Option<usize>, message: impl FnOnce() -> String) {
+    pub(crate) fn note_error(
+        &self,
+        read: bool,
+        dest: Option<usize>,
+        message: impl FnOnce() -> String,
+    ) {
         if read {
             self.read_err.store(true, Ordering::Relaxed);
         }
         if let Some(d) = dest {
             self.write_err.fetch_or(1 << d, Ordering::Relaxed);
         }
-        let mut first = self.first_error.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut first = self
+            .first_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if first.is_none() {
             *first = Some(message());
         }
@@ -249,7 +269,8 @@ impl Job {
 
     /// Runs the callback if the job is over; true if this call did it.
     pub(crate) fn maybe_finish(&self) -> bool {
-        let spent = self.stopped.load(Ordering::Acquire) || self.cursor.load(Ordering::Acquire) >= self.len;
+        let spent =
+            self.stopped.load(Ordering::Acquire) || self.cursor.load(Ordering::Acquire) >= self.len;
         if !spent || self.in_flight.load(Ordering::Acquire) != 0 {
             return false;
         }
@@ -261,11 +282,19 @@ impl Job {
             write_err: DestMask(self.write_err.load(Ordering::Acquire)),
             bytes_ok: self.bytes_ok.load(Ordering::Acquire),
             failed_chunks: self.failed_chunks.load(Ordering::Acquire),
-            first_error: self.first_error.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+            first_error: self
+                .first_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
         };
         let (read_err, write_err) = (outcome.read_err, outcome.write_err);
         *self.outcome.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
-        let cb = self.callback.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let cb = self
+            .callback
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(cb) = cb {
             cb(read_err, write_err);
         }

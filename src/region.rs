@@ -154,6 +154,39 @@ impl Region {
         })
     }
 
+    /// Checks a region built in code (not parsed) against its namespace.
+    pub fn check_against(
+        r: &Region,
+        ns: &nvcopy_nvme::Namespace,
+    ) -> std::result::Result<(), String> {
+        let bs = ns.lba_size as u64;
+        if r.lba_size != ns.lba_size {
+            return Err(format!(
+                "region says {}-byte blocks, namespace {} has {bs}",
+                r.lba_size, ns.nsid
+            ));
+        }
+        if r.offset % bs != 0 || r.len % bs != 0 || r.len == 0 {
+            return Err(format!(
+                "region {}+{} is not whole {bs}-byte blocks of namespace {}",
+                r.offset, r.len, ns.nsid
+            ));
+        }
+        if r.offset
+            .checked_add(r.len)
+            .is_none_or(|end| end > ns.bytes())
+        {
+            return Err(format!(
+                "region {}+{} runs past the end of namespace {} ({} bytes)",
+                r.offset,
+                r.len,
+                ns.nsid,
+                ns.bytes()
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether two regions on the same namespace share a byte.
     pub fn overlaps(&self, other: &Region) -> bool {
         self.ctrl == other.ctrl

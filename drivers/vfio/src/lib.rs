@@ -16,6 +16,7 @@ mod ioctl;
 mod iova;
 mod mmio;
 mod pci;
+pub mod threads;
 
 pub use container::{IommuMode, Vfio};
 pub use device::PciDevice;

@@ -1,0 +1,245 @@
+//! What `nvcopy copy` and `nvcopy zero` do between parsing and printing: open the engine,
+//! resolve and check every region before any I/O, run the job with a progress display,
+//! and summarise it.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use nvcopy_vfio::PciAddress;
+use serde::Serialize;
+
+use crate::client::{Client, JobHandle};
+use crate::engine::{Engine, EngineOptions};
+use crate::error::{Error, Result};
+use crate::job::{Flags, JobOutcome};
+use crate::platform::PlatformOptions;
+use crate::region::{Region, RegionSpec, MAX_DESTS};
+use crate::report::human_bytes;
+
+/// A copy or zero as the command line asked for it.
+#[derive(Clone, Debug)]
+pub struct JobRequest {
+    /// Source, or None for `zero`.
+    pub from: Option<RegionSpec>,
+    /// Destinations.
+    pub to: Vec<RegionSpec>,
+    /// Job flags.
+    pub flags: Flags,
+    /// Pages the client reserves (0: enough for every chunk in flight).
+    pub num_pages: usize,
+}
+
+/// The summary printed at the end (`--json` prints it as is).
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// "copy" or "zero".
+    pub operation: &'static str,
+    /// The source, for copies.
+    pub source: Option<String>,
+    /// The destinations, in order (bit i of `write_err` is `destinations[i]`).
+    pub destinations: Vec<String>,
+    /// Bytes the job covers.
+    pub bytes_total: u64,
+    /// From submission to the callback, seconds.
+    pub elapsed: f64,
+    /// bytes_total / elapsed, in MB/s (10^6).
+    pub rate_mb_s: f64,
+    /// Reactors used.
+    pub reactors: usize,
+    /// Destinations that had a failed write.
+    pub failed_destinations: Vec<String>,
+    /// What the callback got, and the counts.
+    #[serde(flatten)]
+    pub outcome: JobOutcome,
+}
+
+impl Summary {
+    /// Whether every byte reached every destination.
+    pub fn ok(&self) -> bool {
+        !self.outcome.read_err && !self.outcome.write_err.any() && self.outcome.failed_chunks == 0
+    }
+
+    /// The human-readable form.
+    pub fn to_text(&self) -> String {
+        let mut t = format!(
+            "{} {} to {} destination(s) in {:.2} s, {:.0} MB/s ({} reactor(s))\n",
+            if self.operation == "copy" {
+                "copied"
+            } else {
+                "zeroed"
+            },
+            human_bytes(self.outcome.bytes_ok),
+            self.destinations.len(),
+            self.elapsed,
+            self.rate_mb_s,
+            self.reactors
+        );
+        if self.outcome.read_err {
+            t += "read errors on the source: the chunks that could not be read were not written\n";
+        }
+        for f in &self.failed_destinations {
+            t += &format!("write errors on destination {f}\n");
+        }
+        if let Some(e) = &self.outcome.first_error {
+            t += &format!("first error: {e}\n");
+        }
+        t += if self.ok() {
+            "result: ok\n"
+        } else {
+            "result: FAILED\n"
+        };
+        t
+    }
+}
+
+/// Refuses requests that are wrong whatever the devices say.
+pub fn precheck(req: &JobRequest) -> Result<()> {
+    if req.to.is_empty() {
+        return Err(Error::Usage(
+            "give at least one destination with --to".into(),
+        ));
+    }
+    if req.to.len() > MAX_DESTS {
+        return Err(Error::Usage(format!(
+            "{} destinations given; a job takes at most {MAX_DESTS}",
+            req.to.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Resolves every region, refusing bad ones, before the job is submitted.
+pub fn resolve(engine: &Engine, req: &JobRequest) -> Result<(Option<Region>, Vec<Region>)> {
+    let from = req
+        .from
+        .as_ref()
+        .map(|s| engine.region(s, None))
+        .transpose()?;
+    let default_len = from.map(|f| f.len);
+    let mut to = Vec::with_capacity(req.to.len());
+    for spec in &req.to {
+        let d = engine.region(spec, default_len)?;
+        if let (Some(f), Some(src)) = (&from, &req.from) {
+            if d.len != f.len {
+                return Err(Error::Usage(format!(
+                    "destination {spec} is {} bytes but the source {src} is {}: give them the same length",
+                    d.len, f.len
+                )));
+            }
+            if d.overlaps(f) {
+                return Err(Error::Usage(format!("destination {spec} overlaps the source {src}: nvcopy never writes over the data it reads")));
+            }
+        } else if let Some(first) = to.first().map(|r: &Region| r.len) {
+            if d.len != first {
+                return Err(Error::Usage(format!("destination {spec} is {} bytes but the first is {first}: give them the same length", d.len)));
+            }
+        }
+        if let Some(j) = to.iter().position(|o: &Region| o.overlaps(&d)) {
+            return Err(Error::Usage(format!(
+                "destinations {} and {spec} overlap",
+                req.to[j]
+            )));
+        }
+        to.push(d);
+    }
+    Ok((from, to))
+}
+
+/// Pool bytes for an engine: the client's pages plus each reactor's chunk descriptors,
+/// zero page and queue memory (rings and one PRP list page per queue entry).
+pub fn pool_bytes(num_pages: usize, eo: &EngineOptions, controllers: usize) -> usize {
+    let per_queue = eo.queue_entries as usize * (64 + 16 + 4096);
+    num_pages * 4096 + eo.reactors * ((eo.qd + 1) * 4096 + controllers * per_queue) + (4 << 20)
+}
+
+/// Runs a copy or zero job end to end.
+pub fn run(
+    req: &JobRequest,
+    platform: &PlatformOptions,
+    eo: &EngineOptions,
+    show_progress: bool,
+) -> Result<Summary> {
+    precheck(req)?;
+    let mut addrs: Vec<PciAddress> = req
+        .from
+        .iter()
+        .chain(req.to.iter())
+        .map(|r| r.addr)
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    let num_pages = if req.num_pages > 0 {
+        req.num_pages
+    } else {
+        eo.qd * eo.reactors * (eo.chunk / 4096).max(1)
+    };
+    let mut po = platform.clone();
+    po.pool_bytes = pool_bytes(num_pages, eo, addrs.len());
+    let engine = Engine::open(&addrs, &po, eo.clone())?;
+    let (from, to) = resolve(&engine, req)?;
+    let client = Client::new(&engine, num_pages)?;
+    let start = Instant::now();
+    let handle = match &from {
+        Some(f) => client.copy(f, &to, req.flags, |_, _| {})?,
+        None => client.zero(&to, req.flags, |_, _| {})?,
+    };
+    let outcome = watch(&handle, show_progress);
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(Summary {
+        operation: if from.is_some() { "copy" } else { "zero" },
+        source: req.from.map(|s| s.to_string()),
+        destinations: req.to.iter().map(|r| r.to_string()).collect(),
+        bytes_total: handle.len(),
+        elapsed,
+        rate_mb_s: handle.len() as f64 / elapsed.max(1e-9) / 1e6,
+        reactors: engine.options().reactors,
+        failed_destinations: req
+            .to
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| outcome.write_err.contains(*i))
+            .map(|(_, r)| r.to_string())
+            .collect(),
+        outcome,
+    })
+}
+
+/// Waits for the job: a progress bar on a terminal, a plain line every few seconds
+/// otherwise, nothing when not asked.
+fn watch(handle: &JobHandle, show_progress: bool) -> JobOutcome {
+    if !show_progress {
+        return handle.wait();
+    }
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(handle.len());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        loop {
+            if let Some(o) = handle.wait_timeout(Duration::from_millis(100)) {
+                bar.finish_and_clear();
+                return o;
+            }
+            bar.set_position(handle.bytes_done());
+        }
+    }
+    let start = Instant::now();
+    loop {
+        if let Some(o) = handle.wait_timeout(Duration::from_secs(2)) {
+            return o;
+        }
+        let done = handle.bytes_done();
+        let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        let eta = (handle.len() - done) as f64 / rate.max(1.0);
+        eprintln!(
+            "nvcopy: {} of {} ({:.0}%), {:.0} MB/s, eta {eta:.0} s",
+            human_bytes(done),
+            human_bytes(handle.len()),
+            done as f64 * 100.0 / handle.len() as f64,
+            rate / 1e6
+        );
+    }
+}

@@ -1,0 +1,285 @@
+//! kcopyd's client: `kcopyd_client_create(num_pages)` becomes [`Client::new`], and
+//! `kcopyd_copy` / `kcopyd_zero` become [`Client::copy`] and [`Client::zero`]. A client owns
+//! a reservation of DMA pages that its jobs' chunks use; a chunk that finds too few free
+//! pages waits for them, it is never failed for lack of memory. Dropping a client waits
+//! for its jobs, as `kcopyd_client_destroy` does.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
+
+use nvcopy_vfio::PAGE_SIZE;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::job::{Callback, DestMask, Flags, Job, JobKind, JobOutcome, JobPlan};
+use crate::pages::PageReserve;
+use crate::region::{Region, MAX_DESTS};
+
+/// What a client's jobs share with the reactors.
+pub(crate) struct ClientShared {
+    pub pages: PageReserve,
+    outstanding: AtomicUsize,
+    lock: Mutex<()>,
+    changed: Condvar,
+}
+
+impl ClientShared {
+    pub(crate) fn job_finished(&self) {
+        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.changed.notify_all();
+    }
+
+    fn wait_for(&self, mut done: impl FnMut() -> bool) {
+        let mut guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        while !done() {
+            // The timeout covers a notification that raced with the check.
+            guard = self
+                .changed
+                .wait_timeout(guard, Duration::from_millis(50))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// A handle on a submitted job: progress, and a way to wait for it.
+#[derive(Clone)]
+pub struct JobHandle {
+    job: Arc<Job>,
+    client: Arc<ClientShared>,
+}
+
+impl JobHandle {
+    /// Bytes of the job whose chunks have ended.
+    pub fn bytes_done(&self) -> u64 {
+        self.job.bytes_done()
+    }
+    /// Total bytes of the job.
+    pub fn len(&self) -> u64 {
+        self.job.len()
+    }
+    /// Never true: empty jobs are refused.
+    pub fn is_empty(&self) -> bool {
+        self.job.is_empty()
+    }
+    /// Whether the callback has run.
+    pub fn is_finished(&self) -> bool {
+        self.job.is_finished()
+    }
+    /// Waits for the job and returns its outcome.
+    pub fn wait(&self) -> JobOutcome {
+        self.client.wait_for(|| self.job.is_finished());
+        self.job.outcome().unwrap_or_default()
+    }
+    /// Waits at most `timeout`; the outcome if the job ended.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<JobOutcome> {
+        let deadline = std::time::Instant::now() + timeout;
+        self.client
+            .wait_for(|| self.job.is_finished() || std::time::Instant::now() >= deadline);
+        self.job.outcome()
+    }
+}
+
+/// A kcopyd client.
+pub struct Client {
+    engine: Arc<crate::engine::EngineShared>,
+    shared: Arc<ClientShared>,
+}
+
+impl Client {
+    /// Reserves `num_pages` 4 KiB pages of the engine's DMA pool for this client's jobs.
+    pub fn new(engine: &Engine, num_pages: usize) -> Result<Client> {
+        let shared = engine.shared();
+        let pages = PageReserve::new(&shared.pool, num_pages)?;
+        Ok(Client {
+            engine: shared.clone(),
+            shared: Arc::new(ClientShared {
+                pages,
+                outstanding: AtomicUsize::new(0),
+                lock: Mutex::new(()),
+                changed: Condvar::new(),
+            }),
+        })
+    }
+
+    /// Pages reserved.
+    pub fn num_pages(&self) -> usize {
+        self.shared.pages.capacity()
+    }
+
+    /// Reserved pages not held by a chunk now.
+    pub fn free_pages(&self) -> usize {
+        self.shared.pages.available()
+    }
+
+    /// Jobs submitted and not finished.
+    pub fn outstanding(&self) -> usize {
+        self.shared.outstanding.load(Ordering::Acquire)
+    }
+
+    /// Copies `from` to every region of `to` (1 to 64, each as long as `from`). Each chunk
+    /// is read once and written to all destinations. `callback(read_err, write_err)` runs
+    /// exactly once, on a reactor thread. Bad input is refused here, before any I/O.
+    pub fn copy(
+        &self,
+        from: &Region,
+        to: &[Region],
+        flags: Flags,
+        callback: impl FnOnce(bool, DestMask) + Send + 'static,
+    ) -> Result<JobHandle> {
+        let plan = self.plan(Some(from), to, flags)?;
+        Ok(self.submit(plan, Box::new(callback)))
+    }
+
+    /// Writes zeroes to every region of `to` (kcopyd_zero). Uses Write Zeroes where the
+    /// controller supports it, writes from a shared zeroed page where it does not.
+    pub fn zero(
+        &self,
+        to: &[Region],
+        flags: Flags,
+        callback: impl FnOnce(bool, DestMask) + Send + 'static,
+    ) -> Result<JobHandle> {
+        let plan = self.plan(None, to, flags)?;
+        Ok(self.submit(plan, Box::new(callback)))
+    }
+
+    /// [`Client::copy`] and wait for it.
+    pub fn copy_blocking(&self, from: &Region, to: &[Region], flags: Flags) -> Result<JobOutcome> {
+        Ok(self.copy(from, to, flags, |_, _| {})?.wait())
+    }
+
+    /// [`Client::zero`] and wait for it.
+    pub fn zero_blocking(&self, to: &[Region], flags: Flags) -> Result<JobOutcome> {
+        Ok(self.zero(to, flags, |_, _| {})?.wait())
+    }
+
+    fn submit(&self, plan: JobPlan, callback: Callback) -> JobHandle {
+        self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
+        let job = Arc::new(Job::new(plan, self.shared.clone(), callback));
+        self.engine.dispatch(&job);
+        JobHandle {
+            job,
+            client: self.shared.clone(),
+        }
+    }
+
+    /// Checks the regions and decides chunk size and offloads.
+    fn plan(&self, from: Option<&Region>, to: &[Region], flags: Flags) -> Result<JobPlan> {
+        let e = &self.engine;
+        if to.is_empty() || to.len() > MAX_DESTS {
+            return Err(Error::Usage(format!(
+                "a job takes 1 to {MAX_DESTS} destinations, not {}",
+                to.len()
+            )));
+        }
+        let ns_of = |r: &Region| -> Result<nvcopy_nvme::Namespace> {
+            let c = e
+                .controllers
+                .get(r.ctrl)
+                .ok_or_else(|| Error::Usage(format!("no controller {} in this engine", r.ctrl)))?;
+            let ns = c.namespace(r.nsid)?.clone();
+            Region::check_against(r, &ns)
+                .map_err(|msg| Error::Usage(format!("{}: {msg}", c.name())))?;
+            Ok(ns)
+        };
+        let len = from.map_or(to[0].len, |f| f.len);
+        let src_ns = from.map(ns_of).transpose()?;
+        let dst_ns = to.iter().map(ns_of).collect::<Result<Vec<_>>>()?;
+        for (i, d) in to.iter().enumerate() {
+            if d.len != len {
+                return Err(Error::Usage(format!("destination {i} is {} bytes, but the job is {len}: give every region the same length", d.len)));
+            }
+            if let Some(f) = from {
+                if d.overlaps(f) {
+                    return Err(Error::Usage(format!("destination {i} overlaps the source: nvcopy never writes over the data it reads")));
+                }
+            }
+            if let Some(j) = to[..i].iter().position(|o| o.overlaps(d)) {
+                return Err(Error::Usage(format!("destinations {j} and {i} overlap")));
+            }
+        }
+        let block = from
+            .into_iter()
+            .chain(to.iter())
+            .map(|r| r.lba_size as usize)
+            .max()
+            .unwrap_or(512);
+        let max_of = |r: &Region| e.controllers[r.ctrl].max_transfer();
+        let mut offloaded = DestMask::default();
+        let mut write_zeroes = DestMask::default();
+        let sequential = flags.contains(Flags::WRITE_SEQUENTIAL);
+        // Data moves through client pages: chunks must fit the reservation, every
+        // controller's MDTS and whole pages and blocks.
+        let mut chunk = e
+            .opts
+            .chunk
+            .min(self.num_pages() * PAGE_SIZE)
+            .min(nvcopy_nvme::prp::MAX_TRANSFER);
+        match from {
+            Some(f) => {
+                chunk = chunk.min(max_of(f));
+                let trial = (chunk / block * block).max(block);
+                for (i, d) in to.iter().enumerate() {
+                    let c = &e.controllers[d.ctrl];
+                    let same_ns = d.ctrl == f.ctrl && d.nsid == f.nsid;
+                    let blocks = (trial / d.lba_size as usize) as u64;
+                    let fits = {
+                        let ns = &dst_ns[i];
+                        let range_max = (ns.mssrl.max(1) as u64).min(nvcopy_nvme::MAX_NLB as u64);
+                        blocks <= ns.mcl.max(1) as u64
+                            && blocks.div_ceil(range_max) <= (ns.msrc.max(1) as u64).min(128)
+                    };
+                    if same_ns && !sequential && e.opts.offload && c.info().supports_copy() && fits
+                    {
+                        offloaded.set(i);
+                    } else {
+                        chunk = chunk.min(c.max_transfer());
+                    }
+                }
+            }
+            None => {
+                for (i, d) in to.iter().enumerate() {
+                    let c = &e.controllers[d.ctrl];
+                    if e.opts.offload && c.info().supports_write_zeroes() {
+                        write_zeroes.set(i);
+                    } else {
+                        chunk = chunk.min(c.max_transfer());
+                    }
+                }
+            }
+        }
+        let unit = block.max(PAGE_SIZE);
+        let chunk = (chunk / unit * unit).max(unit);
+        if from.is_some() && chunk / PAGE_SIZE > self.num_pages() {
+            return Err(Error::Usage(format!(
+                "the client reserved {} pages but one chunk needs {}; reserve more (--num-pages)",
+                self.num_pages(),
+                chunk / PAGE_SIZE
+            )));
+        }
+        Ok(JobPlan {
+            kind: match from {
+                Some(f) => JobKind::Copy { from: *f },
+                None => JobKind::Zero,
+            },
+            to: to.to_vec(),
+            flags,
+            chunk,
+            len,
+            offloaded,
+            write_zeroes,
+            src_ns,
+            dst_ns,
+        })
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // kcopyd_client_destroy: jobs hold the client's pages, so wait for them to end.
+        let shared = self.shared.clone();
+        shared.wait_for(|| shared.outstanding.load(Ordering::Acquire) == 0);
+    }
+}

@@ -1,0 +1,231 @@
+//! The engine: controllers, the DMA pool, and one pinned polling reactor per chosen core.
+//! Each reactor owns one I/O queue pair per controller, so no queue is shared or locked;
+//! jobs reach reactors through bounded lock-free inboxes. A controller that granted fewer
+//! queue pairs than there are reactors is served by the reactors that got one.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::{JoinHandle, Thread};
+
+use crossbeam_queue::ArrayQueue;
+use nvcopy_nvme::Controller;
+use nvcopy_vfio::{DmaPool, PciAddress};
+
+use crate::error::{Error, Result};
+use crate::job::{Flags, Job, JobKind};
+use crate::platform::{Platform, PlatformOptions};
+use crate::reactor::Reactor;
+use crate::region::{Region, RegionSpec};
+
+/// Jobs waiting in one reactor's inbox at most.
+const INBOX: usize = 1024;
+
+/// Runs a hook on each reactor thread as it starts (its index is passed), before any I/O.
+pub type ReactorInit = Arc<dyn Fn(usize) + Send + Sync>;
+
+/// How the engine runs.
+#[derive(Clone)]
+pub struct EngineOptions {
+    /// Reactor threads.
+    pub reactors: usize,
+    /// Pin reactor i to CPU i (modulo the CPUs available).
+    pub pin: bool,
+    /// Chunks in flight per reactor.
+    pub qd: usize,
+    /// Largest chunk, bytes (also capped by MDTS and the client's pages).
+    pub chunk: usize,
+    /// Entries per I/O queue.
+    pub queue_entries: u16,
+    /// Retries of a command that failed without Do Not Retry.
+    pub retries: u8,
+    /// Use the Copy and Write Zeroes commands where the controllers support them.
+    pub offload: bool,
+    /// Hook run on each reactor before it starts polling.
+    pub reactor_init: Option<ReactorInit>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            reactors: 1,
+            pin: true,
+            qd: 32,
+            chunk: 128 << 10,
+            queue_entries: 1024,
+            retries: 3,
+            offload: true,
+            reactor_init: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for EngineOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineOptions")
+            .field("reactors", &self.reactors)
+            .field("qd", &self.qd)
+            .field("chunk", &self.chunk)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What reactors and clients share.
+pub(crate) struct EngineShared {
+    pub controllers: Vec<Arc<Controller>>,
+    pub pool: DmaPool,
+    pub opts: EngineOptions,
+    pub inboxes: Vec<ArrayQueue<Arc<Job>>>,
+    /// has_queue[r][c]: reactor r owns a queue pair on controller c.
+    pub has_queue: Vec<Vec<bool>>,
+    pub threads: OnceLock<Vec<Thread>>,
+    pub stop: AtomicBool,
+}
+
+impl EngineShared {
+    /// Hands a job to every reactor that can reach all its controllers (one reactor for
+    /// WRITE_SEQUENTIAL jobs, whose writes must leave in order).
+    pub(crate) fn dispatch(&self, job: &Arc<Job>) {
+        let mut ctrls: Vec<usize> = job.to.iter().map(|r| r.ctrl).collect();
+        if let JobKind::Copy { from } = &job.kind {
+            ctrls.push(from.ctrl);
+        }
+        let eligible =
+            (0..self.inboxes.len()).filter(|&r| ctrls.iter().all(|&c| self.has_queue[r][c]));
+        let take = if job.flags.contains(Flags::WRITE_SEQUENTIAL) {
+            1
+        } else {
+            usize::MAX
+        };
+        for r in eligible.take(take) {
+            let mut item = job.clone();
+            while let Err(back) = self.inboxes[r].push(item) {
+                item = back;
+                std::thread::yield_now();
+            }
+            if let Some(t) = self.threads.get().and_then(|t| t.get(r)) {
+                t.unpark();
+            }
+        }
+    }
+}
+
+/// The copy engine.
+pub struct Engine {
+    shared: Arc<EngineShared>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Starts reactors over initialised controllers sharing `pool`.
+    pub fn new(
+        controllers: Vec<Arc<Controller>>,
+        pool: DmaPool,
+        opts: EngineOptions,
+    ) -> Result<Engine> {
+        if controllers.is_empty() {
+            return Err(Error::Usage(
+                "an engine needs at least one controller".into(),
+            ));
+        }
+        let n = opts.reactors.max(1);
+        let mut has_queue = vec![vec![false; controllers.len()]; n];
+        let mut reactor_queues = Vec::with_capacity(n);
+        for (r, row) in has_queue.iter_mut().enumerate() {
+            let mut queues = Vec::with_capacity(controllers.len());
+            for (c, ctrl) in controllers.iter().enumerate() {
+                if r < ctrl.io_queues() {
+                    queues.push(Some(ctrl.create_io_qpair(opts.queue_entries)?));
+                    row[c] = true;
+                } else {
+                    queues.push(None);
+                }
+            }
+            reactor_queues.push(queues);
+        }
+        let shared = Arc::new(EngineShared {
+            controllers,
+            pool,
+            opts,
+            inboxes: (0..n).map(|_| ArrayQueue::new(INBOX)).collect(),
+            has_queue,
+            threads: OnceLock::new(),
+            stop: AtomicBool::new(false),
+        });
+        let mut handles = Vec::with_capacity(n);
+        for (id, queues) in reactor_queues.into_iter().enumerate() {
+            let reactor = Reactor::new(id, shared.clone(), queues)?;
+            let h = std::thread::Builder::new()
+                .name(format!("nvcopy-reactor-{id}"))
+                .spawn(move || reactor.run())
+                .map_err(|e| {
+                    Error::Output(std::io::Error::other(format!("starting reactor {id}: {e}")))
+                })?;
+            handles.push(h);
+        }
+        let _ = shared
+            .threads
+            .set(handles.iter().map(|h| h.thread().clone()).collect());
+        for t in shared.threads.get().into_iter().flatten() {
+            t.unpark();
+        }
+        Ok(Engine { shared, handles })
+    }
+
+    /// Opens the controllers at `addrs` through VFIO and starts the engine on them.
+    pub fn open(
+        addrs: &[PciAddress],
+        platform: &PlatformOptions,
+        opts: EngineOptions,
+    ) -> Result<Engine> {
+        let p = Platform::open(addrs, platform)?;
+        let mut unique: Vec<Arc<Controller>> = Vec::new();
+        for c in p.controllers {
+            if !unique.iter().any(|u| Arc::ptr_eq(u, &c)) {
+                unique.push(c);
+            }
+        }
+        Engine::new(unique, p.pool, opts)
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<EngineShared> {
+        &self.shared
+    }
+
+    /// The controllers, in the order regions name them.
+    pub fn controllers(&self) -> &[Arc<Controller>] {
+        &self.shared.controllers
+    }
+
+    /// The options the engine runs with.
+    pub fn options(&self) -> &EngineOptions {
+        &self.shared.opts
+    }
+
+    /// Resolves a region written by a user against this engine's controllers, checking
+    /// bounds and alignment. `default_len` is used when the spec gives no length.
+    pub fn region(&self, spec: &RegionSpec, default_len: Option<u64>) -> Result<Region> {
+        let name = spec.addr.to_string();
+        let i = self
+            .shared
+            .controllers
+            .iter()
+            .position(|c| c.name() == name)
+            .ok_or_else(|| {
+                Error::Usage(format!("{name} is not one of the engine's controllers"))
+            })?;
+        let ns = self.shared.controllers[i].namespace(spec.nsid)?;
+        Region::check(spec, i, ns.lba_size, ns.blocks, default_len)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        for t in self.shared.threads.get().into_iter().flatten() {
+            t.unpark();
+        }
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
