@@ -1,0 +1,94 @@
+//! The driver brought up against the software controller, for the benches: one
+//! controller with a sparse 512-byte-LBA namespace, one I/O queue pair and a 4 KiB DMA
+//! buffer per slot.
+
+use std::sync::Arc;
+
+use nvcopy_nvme::sim::{NamespaceConfig, SimConfig, SimController};
+use nvcopy_nvme::{Bar, Controller, ControllerOptions, DataPtr, IoQpair, Namespace};
+use nvcopy_vfio::{DmaBuf, DmaPool};
+
+/// Bytes per I/O.
+pub const IO_BYTES: usize = 4096;
+
+pub struct Rig {
+    // Kept alive for the queue pair; the benches never touch it directly.
+    _sim: Arc<SimController>,
+    pub ns: Namespace,
+    pub q: IoQpair,
+    pub bufs: Vec<DmaBuf>,
+    lbas: u64,
+    next: u64,
+}
+
+impl Rig {
+    /// A controller whose queue pair holds `depth` commands in flight.
+    pub fn new(depth: usize) -> Rig {
+        let pool = DmaPool::unmapped(32 << 20).expect("DMA pool");
+        // 64 MiB namespace: reads of never-written LBAs return zeroes without a copy of
+        // a backing store, so the controller's own work per read stays small and steady.
+        let sim = SimController::new(
+            SimConfig::new().namespace(NamespaceConfig::new(512, 1 << 17)),
+            pool.clone(),
+        );
+        let ctrl = Controller::new(
+            "bench",
+            sim.clone() as Arc<dyn Bar>,
+            pool.clone(),
+            ControllerOptions::default(),
+        )
+        .expect("controller comes up");
+        let ns = ctrl.namespace(1).expect("namespace 1").clone();
+        let q = ctrl
+            .create_io_qpair((depth + 1) as u16)
+            .expect("I/O queue pair");
+        let bufs = (0..depth)
+            .map(|_| pool.alloc_zeroed(IO_BYTES).expect("DMA buffer"))
+            .collect();
+        let lbas = ns.blocks;
+        Rig {
+            _sim: sim,
+            ns,
+            q,
+            bufs,
+            lbas,
+            next: 0,
+        }
+    }
+
+    /// Posts a 4 KiB read into buffer `slot`, at the next LBA (sequential, wrapping).
+    #[inline(always)]
+    pub fn submit(&mut self, slot: usize) {
+        let step = (IO_BYTES / 512) as u64;
+        let lba = self.next;
+        self.next = if lba + 2 * step > self.lbas {
+            0
+        } else {
+            lba + step
+        };
+        let data = DataPtr::Contig {
+            iova: self.bufs[slot].iova(),
+            len: IO_BYTES,
+        };
+        self.q
+            .submit_read(&self.ns, lba, data, slot as u64)
+            .expect("submit_read");
+    }
+
+    /// Reaps completions until `n` have come back; returns the last token.
+    #[inline(always)]
+    pub fn reap(&mut self, n: usize) -> u64 {
+        let mut got = 0;
+        let mut token = 0;
+        while got < n {
+            got += self
+                .q
+                .poll(n - got, |c| {
+                    debug_assert!(c.status.is_success());
+                    token = c.token;
+                })
+                .expect("poll");
+        }
+        token
+    }
+}
