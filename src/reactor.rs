@@ -218,7 +218,10 @@ impl Reactor {
             if slot.retry_at.is_some_and(|at| at <= now) {
                 slot.retry_at = None;
                 self.waiting -= 1;
-                while let Some(op) = self.slots[si].retry_ops.pop() {
+                // A retry that fails again (a queue still full) goes back on the list for a
+                // later pass, so take only the ops that were waiting when the pass began.
+                for _ in 0..self.slots[si].retry_ops.len() {
+                    let op = self.slots[si].retry_ops.remove(0);
                     self.issue_or_settle(si, op);
                 }
                 progressed = true;

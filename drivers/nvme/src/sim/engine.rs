@@ -26,6 +26,8 @@ pub struct State {
     pub counters: Counters,
     /// Staging buffer for data between host memory and namespaces.
     pub buf: Vec<u8>,
+    /// (nsid, starting LBA) of every Write in the order the device ran them, when on.
+    pub write_log: Option<Vec<(u32, u64)>>,
 }
 
 impl State {
@@ -37,6 +39,7 @@ impl State {
             faults: FaultState::default(),
             counters: Counters::new(p.io_queues as usize + 1),
             buf: Vec::new(),
+            write_log: None,
         }
     }
 

@@ -27,6 +27,11 @@ const DSM_AD: u32 = 1 << 2;
 
 /// Runs one I/O command.
 pub fn execute(p: &Params, pool: &DmaPool, st: &mut State, sqe: &Sqe) -> Done {
+    if sqe.opcode() == io::WRITE {
+        if let Some(log) = st.write_log.as_mut() {
+            log.push((sqe.nsid, sqe.slba()));
+        }
+    }
     let mut cx = Io {
         p,
         pool,

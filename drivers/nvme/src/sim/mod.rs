@@ -42,6 +42,7 @@ mod regs;
 mod status;
 #[cfg(test)]
 mod tests;
+mod threaded;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -50,6 +51,7 @@ use nvcopy_vfio::DmaPool;
 pub use config::{NamespaceConfig, SimConfig, SIM_VID};
 pub use counters::Counters;
 pub use faults::{CommandFilter, FaultId, Faults, MediaError};
+pub use threaded::ThreadedSim;
 
 use config::Params;
 use engine::State;
@@ -130,6 +132,16 @@ impl SimController {
     /// A snapshot of the counters.
     pub fn counters(&self) -> Counters {
         self.lock().counters.clone()
+    }
+
+    /// Starts (or stops) recording the order in which Writes run, clearing the record.
+    pub fn record_writes(&self, on: bool) {
+        self.lock().write_log = on.then(Vec::new);
+    }
+
+    /// (nsid, starting LBA) of each Write run since [`SimController::record_writes`].
+    pub fn write_log(&self) -> Vec<(u32, u64)> {
+        self.lock().write_log.clone().unwrap_or_default()
     }
 
     /// Zeroes the counters.

@@ -1,0 +1,116 @@
+//! The software controller on a thread of its own, the way hardware runs beside the host.
+//!
+//! [`SimController`] does a command's work inside the doorbell store, on the caller's
+//! thread. That is simple and deterministic, but it puts the device model's allocations,
+//! locks and file I/O on the driver's thread. [`ThreadedSim`] instead records doorbell
+//! stores in atomics and lets a device thread act on them, so a test can confine the
+//! driver's thread (seccomp, allocation counts) and measure only the driver.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::SimController;
+use crate::regs::Bar;
+use crate::spec::reg::DOORBELL_BASE;
+
+struct Doorbells {
+    values: Vec<AtomicU32>,
+    pending: AtomicBool,
+    stop: AtomicBool,
+}
+
+/// A [`SimController`] whose doorbells are served by a device thread.
+pub struct ThreadedSim {
+    sim: Arc<SimController>,
+    doorbells: Arc<Doorbells>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ThreadedSim {
+    /// Starts the device thread for `sim`.
+    pub fn start(sim: Arc<SimController>) -> Arc<ThreadedSim> {
+        let count = sim.len().saturating_sub(DOORBELL_BASE) / 4;
+        let doorbells = Arc::new(Doorbells {
+            values: (0..count).map(|_| AtomicU32::new(0)).collect(),
+            pending: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let (dev, bells) = (sim.clone(), doorbells.clone());
+        let thread = std::thread::Builder::new()
+            .name("nvme-sim-device".into())
+            .spawn(move || device_loop(&dev, &bells))
+            .ok();
+        Arc::new(ThreadedSim {
+            sim,
+            doorbells,
+            thread: Mutex::new(thread),
+        })
+    }
+
+    /// The device model, for fault injection, counters and backdoor access.
+    pub fn sim(&self) -> &Arc<SimController> {
+        &self.sim
+    }
+}
+
+fn device_loop(sim: &SimController, bells: &Doorbells) {
+    let mut last = vec![0u32; bells.values.len()];
+    let mut idle = 0u32;
+    while !bells.stop.load(Ordering::Acquire) {
+        if !bells.pending.swap(false, Ordering::AcqRel) {
+            idle = idle.saturating_add(1);
+            if idle > 2000 {
+                std::thread::sleep(Duration::from_micros(50));
+            } else {
+                std::thread::yield_now();
+            }
+            continue;
+        }
+        idle = 0;
+        for (i, v) in bells.values.iter().enumerate() {
+            // Acquire pairs with the driver's store, so the entries it wrote before
+            // ringing are visible to the model.
+            let now = v.load(Ordering::Acquire);
+            if now != last[i] {
+                last[i] = now;
+                sim.write32(DOORBELL_BASE + i * 4, now);
+            }
+        }
+    }
+}
+
+impl Bar for ThreadedSim {
+    fn read32(&self, offset: usize) -> u32 {
+        self.sim.read32(offset)
+    }
+
+    fn write32(&self, offset: usize, value: u32) {
+        match offset.checked_sub(DOORBELL_BASE).map(|o| o / 4) {
+            Some(i) if i < self.doorbells.values.len() && offset % 4 == 0 => {
+                self.doorbells.values[i].store(value, Ordering::Release);
+                self.doorbells.pending.store(true, Ordering::Release);
+            }
+            _ => self.sim.write32(offset, value),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.sim.len()
+    }
+}
+
+impl Drop for ThreadedSim {
+    fn drop(&mut self) {
+        self.doorbells.stop.store(true, Ordering::Release);
+        if let Some(t) = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = t.join();
+        }
+    }
+}
