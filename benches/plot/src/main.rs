@@ -66,7 +66,7 @@ fn draw(series: &Series, subtitle: &str, out: &str) -> Result<()> {
     let rates = || series.values().flatten().map(|&(_, r)| r.max(0.1));
     let max_rate = rates().fold(1.0f64, f64::max);
     let min_rate = rates().fold(max_rate, f64::min);
-    let y_lo = 10f64.powf((min_rate / 1.5).log10().floor());
+    let y_lo = min_rate / 1.5;
 
     let root = BitMapBackend::new(out, (1000, 620)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -115,7 +115,7 @@ fn draw(series: &Series, subtitle: &str, out: &str) -> Result<()> {
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::LowerRight)
         .label_font(("sans-serif", 15))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
