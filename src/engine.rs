@@ -178,13 +178,16 @@ impl Engine {
         opts: EngineOptions,
     ) -> Result<Engine> {
         let p = Platform::open(addrs, platform)?;
+        let mut trace = crate::platform::StartupTrace::new();
         let mut unique: Vec<Arc<Controller>> = Vec::new();
         for c in p.controllers {
             if !unique.iter().any(|u| Arc::ptr_eq(u, &c)) {
                 unique.push(c);
             }
         }
-        Engine::new(unique, p.pool, opts)
+        let engine = Engine::new(unique, p.pool, opts);
+        trace.step("engine: I/O queues created, reactors started");
+        engine
     }
 
     pub(crate) fn shared(&self) -> &Arc<EngineShared> {

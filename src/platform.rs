@@ -34,6 +34,37 @@ impl Default for PlatformOptions {
     }
 }
 
+/// Prints how long each bring-up step took when NVCOPY_TRACE=1: start-up is most of a
+/// short copy's wall time, and this says which step to blame.
+pub(crate) struct StartupTrace {
+    on: bool,
+    start: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl StartupTrace {
+    pub(crate) fn new() -> Self {
+        let now = std::time::Instant::now();
+        StartupTrace {
+            on: std::env::var_os("NVCOPY_TRACE").is_some_and(|v| v == "1"),
+            start: now,
+            last: now,
+        }
+    }
+
+    pub(crate) fn step(&mut self, what: impl std::fmt::Display) {
+        if self.on {
+            let now = std::time::Instant::now();
+            eprintln!(
+                "nvcopy: trace: {:>8.2} ms  (+{:.2} ms) {what}",
+                (now - self.start).as_secs_f64() * 1e3,
+                (now - self.last).as_secs_f64() * 1e3
+            );
+            self.last = now;
+        }
+    }
+}
+
 /// Controllers ready for I/O and the memory they share.
 pub struct Platform {
     /// The VFIO container.
@@ -49,22 +80,50 @@ impl Platform {
     pub fn open(addrs: &[PciAddress], opts: &PlatformOptions) -> Result<Platform> {
         // Sysfs first: "no such device" and "not bound to vfio-pci" are the likelier
         // mistakes, and they say more than a missing /dev/vfio would.
+        let mut trace = StartupTrace::new();
         let sysfs = nvcopy_vfio::Sysfs::default();
         for &a in addrs {
             sysfs.vfio_group_of(a)?;
         }
+        trace.step("sysfs checks");
         let vfio = Vfio::new(opts.mode)?;
+        trace.step("VFIO container");
         let mut unique: Vec<PciAddress> = Vec::new();
         for a in addrs {
             if !unique.contains(a) {
                 unique.push(*a);
             }
         }
-        let devices = unique
-            .iter()
-            .map(|&a| vfio.open(a))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+        // Opening a device waits for the kernel's function reset (100 ms or more): open
+        // them all at once so that the waits overlap.
+        let results: Vec<_> = std::thread::scope(|s| {
+            let vfio = &vfio;
+            let handles: Vec<_> = unique
+                .iter()
+                .map(|&a| s.spawn(move || vfio.open(a)))
+                .collect();
+            handles.into_iter().map(|h| h.join()).collect()
+        });
+        let mut devices = Vec::with_capacity(unique.len());
+        for (a, r) in unique.iter().zip(results) {
+            match r {
+                Ok(dev) => devices.push(dev?),
+                Err(_) => {
+                    return Err(crate::Error::Usage(format!(
+                        "{a}: opening the device panicked"
+                    )))
+                }
+            }
+        }
+        trace.step(format_args!(
+            "{} VFIO device(s) opened (reset by vfio-pci), BAR0 mapped",
+            devices.len()
+        ));
         let pool = DmaPool::new(&vfio, opts.pool_bytes, opts.page_kind)?;
+        trace.step(format_args!(
+            "DMA pool of {} MiB mapped",
+            opts.pool_bytes >> 20
+        ));
         let mut opened = Vec::with_capacity(devices.len());
         for dev in devices {
             let name = dev.addr().to_string();
@@ -75,6 +134,7 @@ impl Platform {
                 pool.clone(),
                 opts.controller.clone(),
             )?);
+            trace.step(format_args!("{name}: controller enabled and identified"));
         }
         let controllers = addrs
             .iter()

@@ -35,6 +35,7 @@ pub struct PciDevice {
     bar0: Mmio,
     file: File,
     config_offset: u64,
+    can_reset: bool,
     // Dropped last: closing it returns the device to the group.
     _handle: DeviceHandle,
 }
@@ -46,10 +47,11 @@ impl PciDevice {
         handle: DeviceHandle,
         file: File,
     ) -> Result<PciDevice> {
-        // Start from a clean controller when VFIO can reset the function; a reset also
-        // clears the command register, so it comes before enabling bus mastering.
-        ioctl::reset_device(&file)
-            .map_err(|e| Error::io(format!("{addr}: resetting the device"), e))?;
+        // vfio-pci resets the function as it opens the device fd (when the function has a
+        // reset method), so the controller starts clean without a second reset here: each
+        // PCIe function-level reset costs at least 100 ms of waiting.
+        let can_reset = ioctl::reset_supported(&file)
+            .map_err(|e| Error::io(format!("{addr}: reading device info"), e))?;
         let config = ioctl::region_info(&file, ioctl::VFIO_PCI_CONFIG_REGION_INDEX)
             .map_err(|e| Error::io(format!("{addr}: reading config-space region info"), e))?;
         let bar = ioctl::region_info(&file, ioctl::VFIO_PCI_BAR0_REGION_INDEX)
@@ -81,6 +83,7 @@ impl PciDevice {
             bar0: Mmio::new(region),
             file,
             config_offset: config.offset,
+            can_reset,
             _handle: handle,
         };
         let cmd = dev.config_read_u16(PCI_COMMAND)?;
@@ -104,6 +107,29 @@ impl PciDevice {
     /// BAR0, where NVMe keeps its registers and doorbells.
     pub fn bar0(&self) -> &Mmio {
         &self.bar0
+    }
+
+    /// Whether the function can be reset; if so, vfio-pci reset it when it was opened.
+    pub fn can_reset(&self) -> bool {
+        self.can_reset
+    }
+
+    /// Resets the function again (for recovery after a fatal device error), then turns
+    /// memory decoding and bus mastering back on.
+    pub fn reset(&self) -> Result<()> {
+        let what = || format!("{}: resetting the device", self.addr);
+        if !self.can_reset {
+            return Err(Error::io(
+                what(),
+                std::io::Error::from(std::io::ErrorKind::Unsupported),
+            ));
+        }
+        ioctl::reset_device(&self.file).map_err(|e| Error::io(what(), e))?;
+        let cmd = self.config_read_u16(PCI_COMMAND)?;
+        self.config_write_u16(
+            PCI_COMMAND,
+            cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_INTX_DISABLE,
+        )
     }
 
     /// Reads a 16-bit config-space register.

@@ -171,21 +171,23 @@ pub fn region_info(device: &File, index: u32) -> io::Result<RegionInfo> {
     Ok(info)
 }
 
-/// Resets the device (function-level reset or equivalent) when VFIO says it can.
-/// Returns whether a reset was done.
-pub fn reset_device(device: &File) -> io::Result<bool> {
+/// Whether VFIO can reset the device (`VFIO_DEVICE_FLAGS_RESET`). vfio-pci sets it when
+/// the function reset it tried while opening the device worked.
+pub fn reset_supported(device: &File) -> io::Result<bool> {
     let mut info = DeviceInfo {
         argsz: size_of::<DeviceInfo>() as u32,
         ..Default::default()
     };
     // SAFETY: `info` is a live, correctly sized vfio_device_info that the kernel fills.
     check(unsafe { libc::ioctl(device.as_raw_fd(), VFIO_DEVICE_GET_INFO as _, &mut info) })?;
-    if info.flags & VFIO_DEVICE_FLAGS_RESET == 0 {
-        return Ok(false);
-    }
+    Ok(info.flags & VFIO_DEVICE_FLAGS_RESET != 0)
+}
+
+/// Resets the device (function-level reset or equivalent).
+pub fn reset_device(device: &File) -> io::Result<()> {
     // SAFETY: VFIO_DEVICE_RESET takes no argument.
     check(unsafe { libc::ioctl(device.as_raw_fd(), VFIO_DEVICE_RESET as _) })?;
-    Ok(true)
+    Ok(())
 }
 
 /// Whether a container supports an IOMMU type.
