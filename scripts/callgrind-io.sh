@@ -74,7 +74,7 @@ SIM='<nvcopy_nvme::sim::SimController as nvcopy_nvme::regs::Bar>::write32*'
 run() { # run NAME EXTRA-ARGS...: one callgrind run, prints the output file
     local name=$1 f=$OUT/$1.callgrind
     shift
-    rm -f "$f"
+    rm -f "$f" "$f.annotate" # a stale annotation would report an earlier run
     NVCOPY_IO_COUNT=$N valgrind --tool=callgrind --collect-atstart=no \
         --toggle-collect="$SUBMIT" --toggle-collect="$RING" --toggle-collect="$COMPLETE" "$@" \
         --callgrind-out-file="$f" "$BIN" >"$OUT/$name.stdout" 2>"$OUT/$name.stderr" ||

@@ -25,11 +25,17 @@ pub const MAX_NLB: u32 = 1 << 16;
 pub struct IoQpair {
     ctrl: Arc<Controller>,
     qp: QueuePair,
+    /// The controller's maximum transfer, read once: it is checked on every command.
+    max_transfer: usize,
 }
 
 impl IoQpair {
     pub(crate) fn new(ctrl: Arc<Controller>, qp: QueuePair) -> Self {
-        IoQpair { ctrl, qp }
+        IoQpair {
+            max_transfer: ctrl.max_transfer(),
+            ctrl,
+            qp,
+        }
     }
 
     /// The controller.
@@ -69,21 +75,25 @@ impl IoQpair {
         token: u64,
     ) -> Result<u16> {
         let len = data.len();
-        let bs = ns.lba_size as usize;
-        if len == 0 || len % bs != 0 || len / bs > MAX_NLB as usize {
+        // Block sizes are powers of two (Controller::namespace refuses others): shifts,
+        // not divisions, on this per-command path.
+        let shift = ns.lba_size.trailing_zeros();
+        let blocks = len >> shift;
+        if len == 0 || len & (ns.lba_size as usize - 1) != 0 || blocks > MAX_NLB as usize {
+            let bs = ns.lba_size;
             return Err(self.bad_buffer(format!(
                 "{len} bytes is not 1 to {MAX_NLB} blocks of {bs} bytes"
             )));
         }
-        if len > self.ctrl.max_transfer() {
+        if len > self.max_transfer {
             return Err(self.bad_buffer(format!(
                 "{len} bytes exceeds the controller's maximum transfer of {}",
-                self.ctrl.max_transfer()
+                self.max_transfer
             )));
         }
         let mut s = Sqe::new(opcode, ns.nsid);
         s.set_slba(lba);
-        s.cdw12 = (len / bs - 1) as u32;
+        s.cdw12 = (blocks - 1) as u32;
         self.qp.post(s, Some(data), token)
     }
 

@@ -90,11 +90,22 @@ impl std::fmt::Display for PrpError {
 
 /// Builds the PRPs for `data`, writing list entries into `list` (which the caller then
 /// copies to the command's list page at `list_iova`).
+#[inline]
 pub fn build(
     data: DataPtr<'_>,
     list: &mut [u64; LIST_ENTRIES],
     list_iova: Iova,
 ) -> Result<Prps, PrpError> {
+    // The common small case first: one dword-aligned piece inside one page needs PRP1 only.
+    if let DataPtr::Contig { iova, len } = data {
+        if len != 0 && iova.0 % 4 == 0 && (iova.0 as usize % PAGE_SIZE) + len <= PAGE_SIZE {
+            return Ok(Prps {
+                prp1: iova.0,
+                prp2: 0,
+                list_len: 0,
+            });
+        }
+    }
     let len = data.len();
     if len == 0 {
         return Err(PrpError::Empty);

@@ -357,6 +357,16 @@ impl DmaBuf {
         self.len == 0
     }
 
+    /// The buffer's first byte, for drivers that do their own volatile access in a hot
+    /// path (queue rings). Valid for `len()` bytes while this buffer lives; the device may
+    /// write it at any time, so only volatile or atomic access through it is sound, and
+    /// no reference may be made from it.
+    #[inline]
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        // wrapping_add: no unsafe needed to form the address; `offset` lies inside the region.
+        self.pool.region.as_ptr().wrapping_add(self.offset)
+    }
+
     /// Volatile access to the whole buffer.
     #[inline]
     pub fn slice(&self) -> VolatileSlice<'_> {
