@@ -230,5 +230,15 @@ impl Drop for Engine {
         for h in self.handles.drain(..) {
             let _ = h.join();
         }
+        // Closing a device makes vfio-pci reset it (100 ms or more each): when nothing else
+        // holds the controllers, shut them down and close them all at once.
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            let controllers = std::mem::take(&mut shared.controllers);
+            std::thread::scope(|s| {
+                for c in controllers {
+                    s.spawn(move || drop(c));
+                }
+            });
+        }
     }
 }
