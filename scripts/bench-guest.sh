@@ -49,18 +49,8 @@ sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 # A JSON number field from nvcopy's pretty-printed --json output (one field per line).
 jfield() { sed -n "s/^ *\"$1\": *\([-0-9.eE+]*\),\{0,1\}$/\1/p" "$2" | head -n 1; }
 
-# The kernel's block device for a controller's namespace 1, once the nvme driver has it.
-blockdev() {
-    i=0
-    while [ $i -lt 200 ]; do
-        for d in /sys/bus/pci/devices/$1/nvme/nvme*/nvme*n1; do
-            [ -e "$d" ] && [ -b "/dev/${d##*/}" ] && { echo "/dev/${d##*/}"; return 0; }
-        done
-        sleep 0.1
-        i=$((i + 1))
-    done
-    return 1
-}
+# The kernel's block device of a controller's namespace 1 (setup.sh waits for it).
+blockdev() { setup.sh blockdev "$1"; }
 
 to_kernel() {
     # shellcheck disable=SC2086

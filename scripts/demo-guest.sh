@@ -13,18 +13,8 @@ DST2=0000:00:12.0
 
 fail() { echo "demo: $*"; echo "demo: FAIL"; exit 1; }
 
-# The kernel's block device for a controller's namespace 1, once the nvme driver has it.
-blockdev() {
-    i=0
-    while [ $i -lt 100 ]; do
-        for d in /sys/bus/pci/devices/$1/nvme/nvme*/nvme*n1; do
-            [ -e "$d" ] && [ -b "/dev/${d##*/}" ] && { echo "/dev/${d##*/}"; return 0; }
-        done
-        sleep 0.1
-        i=$((i + 1))
-    done
-    return 1
-}
+# The kernel's block device of a controller's namespace 1 (setup.sh waits for it).
+blockdev() { setup.sh blockdev "$1"; }
 
 # dd with O_DIRECT where this busybox supports it, so the page cache does not answer.
 DIRECT_IN="iflag=direct"

@@ -40,6 +40,9 @@ Commands:
   hugepages              Reserve HUGEMEM MiB of 2 MiB hugepages and mount hugetlbfs
                          at $HUGEMNT (without HUGEMEM: show the current state).
   list                   Print the NVMe function addresses, one per line.
+  blockdev BDF           Wait (up to 20 s) for the kernel nvme driver to create the
+                         block device of the function's namespace 1 and print its
+                         path, e.g. /dev/nvme0n1 (after 'reset', names change).
   help                   Show this text.
 
 BDF is a PCI address, 0000:00:10.0 or the short form 00:10.0.
@@ -421,6 +424,24 @@ cmd_reset() {
     [ "$rs_fail" = 0 ] || exit 1
 }
 
+# The kernel's block device for namespace 1 of one function, once the nvme driver has
+# created it: after a rebind the names (nvme0n1, nvme1n1...) follow probe order.
+cmd_blockdev() {
+    [ $# -eq 1 ] || die "blockdev takes exactly one BDF"
+    bd_bdf=$(normalize_bdf "$1") || exit 2
+    bd_try=0
+    while [ $bd_try -lt 200 ]; do
+        for bd_name in $(nvme_blockdevs "$bd_bdf"); do
+            case $bd_name in
+                *n1) [ -b "/dev/$bd_name" ] && { printf '/dev/%s\n' "$bd_name"; return 0; } ;;
+            esac
+        done
+        sleep 0.1
+        bd_try=$((bd_try + 1))
+    done
+    die "$bd_bdf: no block device appeared; is it on the kernel nvme driver? (setup.sh reset $bd_bdf)"
+}
+
 # --- main --------------------------------------------------------------------
 
 force=0
@@ -449,6 +470,7 @@ case $cmd in
     bind) cmd_bind "$@" ;;
     reset) cmd_reset "$@" ;;
     hugepages) hugepages ;;
+    blockdev) cmd_blockdev "$@" ;;
     help|-h|--help) usage ;;
     *) printf '%s: unknown command %s\n' "$PROG" "$cmd" >&2; usage >&2; exit 2 ;;
 esac
