@@ -73,6 +73,28 @@ impl JobHandle {
         self.client.wait_for(|| self.job.is_finished());
         self.job.outcome().unwrap_or_default()
     }
+    /// Stops dispatching new chunks: those in flight finish, every destination is flushed,
+    /// then the callback runs, with [`JobOutcome::cancelled`] set (an interrupted copy).
+    pub fn cancel(&self) {
+        self.job.cancel();
+    }
+    /// The job's chunk grid: bytes per cell.
+    pub fn chunk(&self) -> usize {
+        self.job.chunk()
+    }
+    /// The job's chunk grid: cells.
+    pub fn cells(&self) -> u64 {
+        self.job.cells()
+    }
+    /// Where cell `i` stands, when the job was asked to keep cell states
+    /// ([`JobOptions::track_cells`]).
+    pub fn cell_state(&self, i: u64) -> Option<crate::job::CellState> {
+        self.job.cell_state(i)
+    }
+    /// Bytes this job set out to copy (less than its length when it resumes a map).
+    pub fn bytes_todo(&self) -> u64 {
+        self.job.bytes_todo()
+    }
     /// Waits at most `timeout`; the outcome if the job ended.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<JobOutcome> {
         let deadline = std::time::Instant::now() + timeout;
@@ -80,6 +102,17 @@ impl JobHandle {
             .wait_for(|| self.job.is_finished() || std::time::Instant::now() >= deadline);
         self.job.outcome()
     }
+}
+
+/// Per-job options beyond kcopyd's flags.
+#[derive(Clone, Debug, Default)]
+pub struct JobOptions {
+    /// Keep a state per cell of the chunk grid, for a progress map
+    /// ([`JobHandle::cell_state`]).
+    pub track_cells: bool,
+    /// Copy only the cells that meet one of these byte ranges of the job (a resumed
+    /// copy); None: everything.
+    pub only: Option<Vec<std::ops::Range<u64>>>,
 }
 
 /// A kcopyd client.
@@ -129,7 +162,33 @@ impl Client {
         flags: Flags,
         callback: impl FnOnce(bool, DestMask) + Send + 'static,
     ) -> Result<JobHandle> {
+        self.copy_with(from, to, flags, &JobOptions::default(), callback)
+    }
+
+    /// [`Client::copy`] with [`JobOptions`].
+    pub fn copy_with(
+        &self,
+        from: &Region,
+        to: &[Region],
+        flags: Flags,
+        options: &JobOptions,
+        callback: impl FnOnce(bool, DestMask) + Send + 'static,
+    ) -> Result<JobHandle> {
         let plan = self.plan(Some(from), to, flags)?;
+        Ok(self.submit(with_options(plan, options), Box::new(callback)))
+    }
+
+    /// Sends a Flush to every region's namespace and calls back when all have completed:
+    /// whatever was written there before the call is then durable. A failed Flush sets
+    /// its destination's bit.
+    pub fn flush(
+        &self,
+        to: &[Region],
+        callback: impl FnOnce(bool, DestMask) + Send + 'static,
+    ) -> Result<JobHandle> {
+        let mut plan = self.plan(None, to, Flags::IGNORE_ERRORS)?;
+        plan.kind = JobKind::Flush;
+        plan.len = 0;
         Ok(self.submit(plan, Box::new(callback)))
     }
 
@@ -225,14 +284,7 @@ impl Client {
                     let c = &e.controllers[d.ctrl];
                     let same_ns = d.ctrl == f.ctrl && d.nsid == f.nsid;
                     let blocks = (trial / d.lba_size as usize) as u64;
-                    let fits = {
-                        let ns = &dst_ns[i];
-                        let range_max = (ns.mssrl.max(1) as u64).min(nvcopy_nvme::MAX_NLB as u64);
-                        blocks <= ns.mcl.max(1) as u64
-                            && blocks.div_ceil(range_max) <= (ns.msrc.max(1) as u64).min(128)
-                    };
-                    if same_ns && !sequential && e.opts.offload && c.info().supports_copy() && fits
-                    {
+                    if same_ns && !sequential && e.opts.offload && c.copy_fits(&dst_ns[i], blocks) {
                         offloaded.set(i);
                     } else {
                         chunk = chunk.min(c.max_transfer());
@@ -259,7 +311,11 @@ impl Client {
                 chunk / PAGE_SIZE
             )));
         }
+        let base_gen = e.controllers.iter().map(|c| c.generation()).collect();
         Ok(JobPlan {
+            todo: None,
+            track_cells: false,
+            base_gen,
             kind: match from {
                 Some(f) => JobKind::Copy { from: *f },
                 None => JobKind::Zero,
@@ -274,6 +330,31 @@ impl Client {
             dst_ns,
         })
     }
+}
+
+/// Applies per-job options to a plan: the set of cells to copy.
+fn with_options(mut plan: JobPlan, options: &JobOptions) -> JobPlan {
+    plan.track_cells = options.track_cells;
+    if let Some(only) = &options.only {
+        let chunk = plan.chunk.max(1) as u64;
+        let cells = plan.len.div_ceil(chunk);
+        let mut todo = vec![false; cells as usize];
+        for r in only {
+            let end = r.end.min(plan.len);
+            if r.start >= end {
+                continue;
+            }
+            for cell in todo
+                .iter_mut()
+                .take(end.div_ceil(chunk) as usize)
+                .skip((r.start / chunk) as usize)
+            {
+                *cell = true;
+            }
+        }
+        plan.todo = Some(todo);
+    }
+    plan
 }
 
 impl Drop for Client {

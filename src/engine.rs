@@ -38,6 +38,9 @@ pub struct EngineOptions {
     pub queue_entries: u16,
     /// Retries of a command that failed without Do Not Retry.
     pub retries: u8,
+    /// Controller resets one job tolerates per controller before that controller's
+    /// commands of the job fail.
+    pub max_resets: u32,
     /// Use the Copy and Write Zeroes commands where the controllers support them.
     pub offload: bool,
     /// Hook run on each reactor before it starts polling.
@@ -53,6 +56,7 @@ impl Default for EngineOptions {
             chunk: 128 << 10,
             queue_entries: 1024,
             retries: 3,
+            max_resets: 2,
             offload: true,
             reactor_init: None,
         }

@@ -1,10 +1,13 @@
 //! A job, as kcopyd has them: one source region (or none, for `zero`) copied to up to 64
-//! destinations, cut into chunks that reactors pull from a shared cursor. The job ends when
-//! the cursor is spent (or an error stopped it) and no chunk is in flight; then its callback
-//! runs once, on the reactor that finished the last chunk, with `read_err` and a
-//! `write_err` bit per destination (dm-kcopyd's `fn(read_err, write_err, context)`).
+//! destinations, cut into chunks that reactors pull from a shared cursor (kcopyd's pull
+//! model). The chunk grid is fixed: cell `i` covers bytes `[i * chunk, (i + 1) * chunk)` of
+//! the job, and a job may be limited to a set of cells (a resumed copy). When the cursor is
+//! spent (or an error or a cancel stopped it) and no chunk is in flight, one reactor sends
+//! a Flush to every destination; when every Flush has completed the callback runs once,
+//! on that reactor, with `read_err` and a `write_err` bit per destination (dm-kcopyd's
+//! `fn(read_err, write_err, context)`). A destination whose Flush failed has its bit set.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
@@ -34,6 +37,14 @@ impl DestMask {
     /// Destinations marked.
     pub fn count(self) -> u32 {
         self.0.count_ones()
+    }
+    /// The first `n` destinations.
+    pub fn first(n: usize) -> DestMask {
+        DestMask(if n >= 64 { u64::MAX } else { (1u64 << n) - 1 })
+    }
+    /// Destinations in `self` but not in `other`.
+    pub fn without(self, other: DestMask) -> DestMask {
+        DestMask(self.0 & !other.0)
     }
 }
 
@@ -69,14 +80,20 @@ impl std::ops::BitOr for Flags {
 pub struct JobOutcome {
     /// Some chunk could not be read from the source.
     pub read_err: bool,
-    /// Destinations where some write failed.
+    /// Destinations where some write, or the final Flush, failed.
     pub write_err: DestMask,
-    /// Bytes of the job whose chunks ended without any error.
+    /// Bytes of the job whose chunks ended without any error (in this run).
     pub bytes_ok: u64,
     /// Chunks that had an error.
     pub failed_chunks: u64,
     /// The first error, in words.
     pub first_error: Option<String>,
+    /// The job was cancelled ([`crate::JobHandle::cancel`]) before every chunk was
+    /// dispatched; the flushes still ran.
+    pub cancelled: bool,
+    /// Controller resets during the job, as `(engine controller index, resets)`, for the
+    /// controllers that needed any.
+    pub resets: Vec<(usize, u64)>,
 }
 
 /// The completion callback: `(read_err, write_err)`.
@@ -92,7 +109,25 @@ pub enum JobKind {
     },
     /// Write zeroes to every destination.
     Zero,
+    /// No data: only the Flush of every destination (a checkpoint: what completed before
+    /// it was submitted is durable when it ends).
+    Flush,
 }
+
+/// Where one cell of the grid stands, for the progress map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CellState {
+    /// Not tried in this job (not dispatched yet, not in the job's set, or in flight).
+    Untried,
+    /// Copied to every destination.
+    Done,
+    /// Some command of it failed.
+    Failed,
+}
+
+const CELL_UNTRIED: u8 = 0;
+const CELL_DONE: u8 = 1;
+const CELL_FAILED: u8 = 2;
 
 /// Everything decided about a job before it starts.
 #[derive(Debug)]
@@ -106,6 +141,22 @@ pub(crate) struct JobPlan {
     pub write_zeroes: DestMask,
     pub src_ns: Option<Namespace>,
     pub dst_ns: Vec<Namespace>,
+    /// Only these cells (None: all).
+    pub todo: Option<Vec<bool>>,
+    /// Keep a state per cell, for a progress map.
+    pub track_cells: bool,
+    /// Each controller's reset generation when the job was planned, by engine index.
+    pub base_gen: Vec<u64>,
+}
+
+/// How a claim went.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// A chunk: its cell, byte offset within the job, and length.
+    Chunk { cell: u64, offset: u64, len: usize },
+    /// Nothing left to claim. `flush`: this caller is the one that must now flush the
+    /// destinations and finish the job.
+    Spent { flush: bool },
 }
 
 /// A job in flight. Shared by the client and every reactor working on it.
@@ -123,16 +174,21 @@ pub struct Job {
     /// Destinations zeroed with Write Zeroes rather than writes from the zero page.
     pub(crate) write_zeroes: DestMask,
     pub(crate) client: Arc<ClientShared>,
-    /// Next byte to hand out.
+    pub(crate) base_gen: Vec<u64>,
+    cells: u64,
+    todo: Option<Vec<bool>>,
+    cell_states: Option<Vec<AtomicU8>>,
+    /// Next cell to consider.
     cursor: AtomicU64,
     /// Chunks claimed and not finished. Raised before the cursor moves, so that "cursor
     /// spent and nothing in flight" can only be seen once the last chunk really ended.
     in_flight: AtomicUsize,
-    /// Set when an error ends dispatch (no IGNORE_ERRORS).
+    /// Set when an error ends dispatch (no IGNORE_ERRORS), or on cancel.
     stopped: AtomicBool,
+    cancelled: AtomicBool,
+    /// Set by the one caller that starts the flushes.
+    flushing: AtomicBool,
     finished: AtomicBool,
-    /// For WRITE_SEQUENTIAL: the offset whose chunk may write next.
-    pub(crate) next_write: AtomicU64,
     read_err: AtomicBool,
     write_err: AtomicU64,
     bytes_ok: AtomicU64,
@@ -155,6 +211,7 @@ impl std::fmt::Debug for Job {
 
 impl Job {
     pub(crate) fn new(plan: JobPlan, client: Arc<ClientShared>, callback: Callback) -> Job {
+        let cells = plan.len.div_ceil(plan.chunk.max(1) as u64);
         Job {
             kind: plan.kind,
             src_ns: plan.src_ns,
@@ -166,11 +223,18 @@ impl Job {
             offloaded: plan.offloaded,
             write_zeroes: plan.write_zeroes,
             client,
+            base_gen: plan.base_gen,
+            cells,
+            todo: plan.todo,
+            cell_states: plan
+                .track_cells
+                .then(|| (0..cells).map(|_| AtomicU8::new(CELL_UNTRIED)).collect()),
             cursor: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             stopped: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
+            flushing: AtomicBool::new(false),
             finished: AtomicBool::new(false),
-            next_write: AtomicU64::new(0),
             read_err: AtomicBool::new(false),
             write_err: AtomicU64::new(0),
             bytes_ok: AtomicU64::new(0),
@@ -186,13 +250,23 @@ impl Job {
     pub fn len(&self) -> u64 {
         self.len
     }
-    /// Whether the job is empty (never: empty jobs are refused).
+    /// Whether the job moves no data (a Flush job).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
     /// Bytes whose chunks have ended, with or without error: the job's progress.
     pub fn bytes_done(&self) -> u64 {
         self.bytes_done.load(Ordering::Relaxed)
+    }
+    /// Bytes of this job's set of cells (all of them, unless it resumes a map).
+    pub fn bytes_todo(&self) -> u64 {
+        match &self.todo {
+            None => self.len,
+            Some(t) => (0..self.cells)
+                .filter(|&c| t[c as usize])
+                .map(|c| self.cell_len(c) as u64)
+                .sum(),
+        }
     }
     /// Whether the callback has run.
     pub fn is_finished(&self) -> bool {
@@ -205,27 +279,101 @@ impl Job {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+    /// Bytes per cell of the grid.
+    pub fn chunk(&self) -> usize {
+        self.chunk
+    }
+    /// Cells in the grid.
+    pub fn cells(&self) -> u64 {
+        self.cells
+    }
+    /// Where cell `i` stands, if the job keeps cell states.
+    pub fn cell_state(&self, i: u64) -> Option<CellState> {
+        let v = self
+            .cell_states
+            .as_ref()?
+            .get(i as usize)?
+            .load(Ordering::Acquire);
+        Some(match v {
+            CELL_DONE => CellState::Done,
+            CELL_FAILED => CellState::Failed,
+            _ => CellState::Untried,
+        })
+    }
+
+    /// Stops dispatching new chunks; those in flight finish, the destinations are flushed,
+    /// and the callback runs with [`JobOutcome::cancelled`] set.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    /// Fails the job because its client can no longer hold one chunk: pages were
+    /// quarantined after a controller could not be proven quiet.
+    pub(crate) fn fail_for_pages(&self, want: usize, usable: usize) {
+        for d in 0..self.to.len() {
+            self.note_error(false, Some(d), || {
+                format!(
+                    "a chunk needs {want} pages but only {usable} of the client's pages can still be used: the rest are quarantined because a controller could not be proven to have stopped writing them; restart nvcopy (a new process gets new memory)"
+                )
+            });
+        }
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    fn cell_len(&self, cell: u64) -> usize {
+        let off = cell * self.chunk as u64;
+        self.chunk.min((self.len - off) as usize)
+    }
 
     /// Whether a chunk may still be claimed.
     pub(crate) fn has_more(&self) -> bool {
-        !self.stopped.load(Ordering::Relaxed) && self.cursor.load(Ordering::Relaxed) < self.len
+        !self.stopped.load(Ordering::Relaxed) && self.cursor.load(Ordering::Relaxed) < self.cells
     }
 
-    /// Claims the next chunk: `(offset, len)` within the job, or None when none is left.
-    /// A None may finish the job, so the caller passes it on to `chunk_ended` semantics
-    /// through [`Job::maybe_finish`].
-    pub(crate) fn claim(&self) -> Option<(u64, usize)> {
-        if self.stopped.load(Ordering::Relaxed) {
-            return None;
+    fn next_todo(&self, from: u64) -> Option<u64> {
+        match &self.todo {
+            None => (from < self.cells).then_some(from),
+            Some(t) => (from..self.cells).find(|&c| t[c as usize]),
         }
+    }
+
+    /// Claims the next chunk, or says that none is left (and whether this caller is to
+    /// flush and finish the job).
+    pub(crate) fn claim(&self) -> Claim {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let off = self.cursor.fetch_add(self.chunk as u64, Ordering::AcqRel);
-        if off >= self.len || self.stopped.load(Ordering::Relaxed) {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            self.maybe_finish();
-            return None;
+        let mut cur = self.cursor.load(Ordering::Acquire);
+        let claimed = loop {
+            if self.stopped.load(Ordering::Acquire) {
+                break None;
+            }
+            let Some(cell) = self.next_todo(cur) else {
+                self.cursor.fetch_max(self.cells, Ordering::AcqRel);
+                break None;
+            };
+            match self.cursor.compare_exchange_weak(
+                cur,
+                cell + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break Some(cell),
+                Err(now) => cur = now,
+            }
+        };
+        match claimed {
+            Some(cell) => Claim::Chunk {
+                cell,
+                offset: cell * self.chunk as u64,
+                len: self.cell_len(cell),
+            },
+            None => {
+                self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                Claim::Spent {
+                    flush: self.begin_flush(),
+                }
+            }
         }
-        Some((off, self.chunk.min((self.len - off) as usize)))
     }
 
     /// Records an error on a chunk; stops dispatch unless IGNORE_ERRORS.
@@ -254,28 +402,36 @@ impl Job {
         }
     }
 
-    /// A chunk of `len` bytes has ended; `ok` when it had no error. Returns true when this
-    /// ended the job (the callback has then run).
-    pub(crate) fn chunk_ended(&self, len: usize, ok: bool) -> bool {
+    /// The chunk of `cell` has ended; `ok` when it had no error. Returns true when the
+    /// caller must now flush the destinations and then [`Job::finish`].
+    pub(crate) fn chunk_ended(&self, cell: u64, len: usize, ok: bool) -> bool {
         if ok {
             self.bytes_ok.fetch_add(len as u64, Ordering::Relaxed);
         } else {
             self.failed_chunks.fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(c) = self.cell_states.as_ref().and_then(|s| s.get(cell as usize)) {
+            c.store(if ok { CELL_DONE } else { CELL_FAILED }, Ordering::Release);
+        }
         self.bytes_done.fetch_add(len as u64, Ordering::Relaxed);
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.maybe_finish()
+        self.begin_flush()
     }
 
-    /// Runs the callback if the job is over; true if this call did it.
-    pub(crate) fn maybe_finish(&self) -> bool {
-        let spent =
-            self.stopped.load(Ordering::Acquire) || self.cursor.load(Ordering::Acquire) >= self.len;
-        if !spent || self.in_flight.load(Ordering::Acquire) != 0 {
-            return false;
-        }
-        if self.finished.swap(true, Ordering::AcqRel) {
-            return false;
+    /// True for exactly one caller, once nothing is left to claim and nothing is in
+    /// flight.
+    fn begin_flush(&self) -> bool {
+        let spent = self.stopped.load(Ordering::Acquire)
+            || self.cursor.load(Ordering::Acquire) >= self.cells;
+        spent
+            && self.in_flight.load(Ordering::Acquire) == 0
+            && !self.flushing.swap(true, Ordering::AcqRel)
+    }
+
+    /// After the flushes: records the outcome and runs the callback, once.
+    pub(crate) fn finish(&self, resets: Vec<(usize, u64)>) {
+        if self.finished.load(Ordering::Acquire) {
+            return;
         }
         let outcome = JobOutcome {
             read_err: self.read_err.load(Ordering::Acquire),
@@ -287,6 +443,8 @@ impl Job {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
+            cancelled: self.cancelled.load(Ordering::Acquire),
+            resets,
         };
         let (read_err, write_err) = (outcome.read_err, outcome.write_err);
         *self.outcome.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
@@ -298,7 +456,8 @@ impl Job {
         if let Some(cb) = cb {
             cb(read_err, write_err);
         }
+        // After the callback, so that a waiter sees everything the callback did.
+        self.finished.store(true, Ordering::Release);
         self.client.job_finished();
-        true
     }
 }

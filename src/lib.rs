@@ -31,6 +31,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod chunk;
 pub mod cli;
 pub mod client;
 pub mod engine;
@@ -43,8 +44,8 @@ pub mod readbench;
 pub mod region;
 pub mod report;
 
-pub use client::{Client, JobHandle};
+pub use client::{Client, JobHandle, JobOptions};
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, Result};
-pub use job::{DestMask, Flags, JobOutcome};
+pub use job::{CellState, DestMask, Flags, JobOutcome};
 pub use region::{Region, RegionSpec};

@@ -3,6 +3,8 @@
 //! and handed out page by page. The free list is lock-free, so reactors take and return
 //! pages without a syscall or a lock.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crossbeam_queue::ArrayQueue;
 use nvcopy_vfio::{DmaBuf, DmaPool, Iova, PAGE_SIZE};
 
@@ -14,6 +16,9 @@ pub(crate) struct PageReserve {
     _runs: Vec<DmaBuf>,
     iovas: Vec<Iova>,
     free: ArrayQueue<u32>,
+    /// Pages a device may still write (its controller could not be proven quiet): never
+    /// handed out again.
+    quarantined: AtomicUsize,
 }
 
 impl PageReserve {
@@ -38,6 +43,7 @@ impl PageReserve {
             _runs: runs,
             iovas,
             free,
+            quarantined: AtomicUsize::new(0),
         })
     }
 
@@ -49,6 +55,17 @@ impl PageReserve {
     /// Pages free now.
     pub fn available(&self) -> usize {
         self.free.len()
+    }
+
+    /// Pages that can ever be handed out again: all but the quarantined ones.
+    pub fn usable(&self) -> usize {
+        self.capacity() - self.quarantined.load(Ordering::Acquire)
+    }
+
+    /// Takes `pages` out of circulation for good (a device may still write them).
+    pub fn quarantine(&self, pages: &mut Vec<u32>) {
+        self.quarantined.fetch_add(pages.len(), Ordering::AcqRel);
+        pages.clear();
     }
 
     /// Takes `n` pages into `out` (cleared first) with their IOVAs in `iovas`, or none at

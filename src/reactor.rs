@@ -1,67 +1,129 @@
 //! A reactor: one polling loop on one core, with one queue pair per controller.
 //!
-//! Each pass follows kcopyd's order: completions first (they free pages and chunk
-//! slots), then chunks that were waiting (a retry whose delay has passed, or a
-//! WRITE_SEQUENTIAL chunk whose turn has come), then new chunks pulled from the jobs'
-//! cursors, then one doorbell per queue. Everything the loop touches is allocated before
-//! it starts, and it makes no syscalls while it has work; it sleeps only when idle.
+//! Each pass follows kcopyd's order (dm-kcopyd's `do_work`: complete jobs, then jobs
+//! waiting for pages, then new I/O):
+//! 1. read the clock once (the vDSO: no syscall);
+//! 2. take new jobs from the inbox;
+//! 3. reap completions from every queue, and settle their commands (this frees pages and
+//!    slots);
+//! 4. issue the retries whose time has come (a time-ordered heap);
+//! 5. pull new chunks from the jobs' cursors into free slots, round robin over the jobs;
+//! 6. ring one doorbell per queue that has new entries;
+//! 7. every millisecond of reactor time, whatever else is going on: look for commands
+//!    past their deadline, for reset controllers, and (less often) for CSTS.CFS, and
+//!    recover (reset the controller, fail every outstanding command through the normal
+//!    completion path, reissue within the job's reset budget).
+//!
+//! A chunk's state is a [`Chunk`]; its transitions live in `chunk.rs`. A job's Flush
+//! commands, after its last chunk, are a [`Chunk`] too, held by the job's entry in the
+//! reactor's job table. Everything the loop touches is allocated before it starts, and it
+//! makes no syscalls while it has work; it sleeps only when idle.
 
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvcopy_nvme::{Completion, DataPtr, Error as NvmeError, IoQpair};
+use nvcopy_nvme::{Completion, DataPtr, Error as NvmeError, IoQpair, Recovery};
 use nvcopy_vfio::{DmaBuf, Iova, PAGE_SIZE};
 
+use crate::chunk::{bits, Chunk, Cmd, Completed, Effects, Op, Outcome, Plan, RetryPolicy, Token};
 use crate::engine::EngineShared;
 use crate::error::Result;
-use crate::job::{Flags, Job, JobKind};
+use crate::job::{Claim, DestMask, Flags, Job, JobKind};
 
-/// The read of a chunk; write ops are the destination's index.
-const OP_READ: u8 = 64;
 /// Completions reaped per queue per pass.
 const CQ_BATCH: usize = 64;
-/// Idle passes with commands in flight between looks at their deadlines.
-const TIMEOUT_CHECK_PASSES: u32 = 1 << 14;
+/// How often deadlines and reset controllers are looked for.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(1);
+/// How often CSTS is read for a fatal status while commands are outstanding (an MMIO
+/// read, which traps under emulation).
+const FATAL_INTERVAL: Duration = Duration::from_millis(50);
+/// Jobs one reactor works on at once.
+const JOBS: usize = 1024;
 
+/// Who a command belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner {
+    /// The chunk in this slot.
+    Slot(u16),
+    /// The flushes of the job at this index of the job table.
+    Job(u16),
+}
+
+impl Owner {
+    fn token(self, op: Op) -> u64 {
+        match (self, op) {
+            (Owner::Job(job), op) => Token::Flush {
+                job,
+                dest: op.dest().unwrap_or(0) as u8,
+            },
+            (Owner::Slot(slot), op) => Token::Chunk { slot, op },
+        }
+        .encode()
+    }
+
+    fn of(token: u64) -> Option<(Owner, Op)> {
+        match Token::decode(token)? {
+            Token::Chunk { slot, op } => Some((Owner::Slot(slot), op)),
+            Token::Flush { job, dest } => Some((Owner::Job(job), Op::Flush(dest))),
+        }
+    }
+}
+
+/// A chunk slot: the chunk's state, where it lies, and its pages.
 struct Slot {
-    job: Option<Arc<Job>>,
+    chunk: Chunk,
+    job: u16,
+    cell: u64,
     offset: u64,
     len: usize,
     pages: Vec<u32>,
     iovas: Vec<Iova>,
     /// Copy-command source ranges; the same for every offloaded destination of the chunk.
     descs: DmaBuf,
-    reading: bool,
-    /// Destinations whose write is in flight or waiting for a retry.
-    pending: u64,
-    ok: bool,
-    awaiting_turn: bool,
-    retry_at: Option<Instant>,
-    retry_ops: Vec<u8>,
-    tries: [u8; 65],
+    /// A command of this chunk was outstanding on a controller that could not be proven
+    /// quiet: its pages must never be reused.
+    quarantine: bool,
 }
 
-/// How one command of a chunk ended.
-enum OpEnd {
-    Ok,
-    Retry(Duration),
-    Failed(String),
+/// A job this reactor works on.
+struct ActiveJob {
+    job: Arc<Job>,
+    /// Slots holding chunks of the job.
+    live: u32,
+    /// WRITE_SEQUENTIAL: the job's slots in offset order; the first has the turn.
+    order: VecDeque<u16>,
+    /// Chunks may still be claimed.
+    claimable: bool,
+    /// This reactor flushes the job's destinations and then finishes it.
+    flush: Option<Chunk>,
 }
 
 pub(crate) struct Reactor {
     id: usize,
     shared: Arc<EngineShared>,
     queues: Vec<Option<IoQpair>>,
-    jobs: Vec<Arc<Job>>,
+    jobs: Vec<Option<ActiveJob>>,
+    free_jobs: Vec<u16>,
+    /// Job table indexes with chunks left to claim, for round robin.
+    claimable: Vec<u16>,
     slots: Vec<Slot>,
-    free: Vec<usize>,
+    free: Vec<u16>,
+    retries: BinaryHeap<Reverse<(Instant, u64)>>,
     events: Vec<(usize, Completion)>,
+    aborted: Vec<Completion>,
     zero_iovas: Vec<Iova>,
     // Keeps the shared zero page alive for `zero_iovas`.
     _zero_page: DmaBuf,
-    /// Slots with a retry or a write turn outstanding.
-    waiting: usize,
+    /// Per controller: how long a command may take, retries included.
+    deadlines: Vec<Duration>,
+    /// Per controller: what last made this reactor reset it, for error messages.
+    faults: Vec<String>,
+    now: Instant,
+    next_health: Instant,
+    next_fatal: Instant,
     rr: usize,
 }
 
@@ -71,39 +133,49 @@ impl Reactor {
         shared: Arc<EngineShared>,
         queues: Vec<Option<IoQpair>>,
     ) -> Result<Reactor> {
-        let qd = shared.opts.qd.max(1);
+        let qd = shared.opts.qd.clamp(1, u16::MAX as usize);
         let max_pages = nvcopy_nvme::prp::MAX_TRANSFER / PAGE_SIZE;
         let zero_page = shared.pool.alloc_zeroed(PAGE_SIZE)?;
         let slots = (0..qd)
             .map(|_| {
                 Ok(Slot {
-                    job: None,
+                    chunk: Chunk::default(),
+                    job: 0,
+                    cell: 0,
                     offset: 0,
                     len: 0,
                     pages: Vec::with_capacity(max_pages),
                     iovas: Vec::with_capacity(max_pages),
                     descs: shared.pool.alloc(PAGE_SIZE)?,
-                    reading: false,
-                    pending: 0,
-                    ok: true,
-                    awaiting_turn: false,
-                    retry_at: None,
-                    retry_ops: Vec::with_capacity(65),
-                    tries: [0; 65],
+                    quarantine: false,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let deadlines = shared
+            .controllers
+            .iter()
+            .map(|c| c.options().io_timeout)
+            .collect();
+        let now = Instant::now();
         Ok(Reactor {
             id,
             queues,
-            jobs: Vec::with_capacity(1024),
-            free: (0..qd).rev().collect(),
+            jobs: (0..JOBS).map(|_| None).collect(),
+            free_jobs: (0..JOBS as u16).rev().collect(),
+            claimable: Vec::with_capacity(JOBS),
+            free: (0..qd as u16).rev().collect(),
+            retries: BinaryHeap::with_capacity(qd * 66 + JOBS),
             events: Vec::with_capacity(CQ_BATCH * shared.controllers.len()),
+            aborted: Vec::with_capacity(u16::MAX as usize),
             zero_iovas: vec![zero_page.iova(); max_pages],
             _zero_page: zero_page,
+            deadlines,
+            faults: vec![String::new(); shared.controllers.len()],
             slots,
             shared,
-            waiting: 0,
+            now,
+            next_health: now,
+            next_fatal: now,
             rr: 0,
         })
     }
@@ -117,28 +189,26 @@ impl Reactor {
         if let Some(init) = self.shared.opts.reactor_init.clone() {
             init(self.id);
         }
-        let mut idle_passes: u32 = 0;
         loop {
-            while let Some(job) = self.shared.inboxes[self.id].pop() {
-                self.jobs.push(job);
-            }
-            let progressed = self.reap() | self.resume_waiting() | self.dispatch();
+            self.now = Instant::now();
+            self.take_inbox();
+            let progressed = self.reap() | self.resume_retries() | self.dispatch();
             for q in self.queues.iter_mut().flatten() {
                 q.ring();
             }
-            let busy = self.free.len() < self.slots.len();
+            if self.now >= self.next_health {
+                self.next_health = self.now + HEALTH_INTERVAL;
+                self.check_health();
+            }
             if progressed {
-                idle_passes = 0;
                 continue;
             }
+            let busy = self.free.len() < self.slots.len() || !self.retries.is_empty();
+            let jobs = self.free_jobs.len() < self.jobs.len();
             if busy {
-                idle_passes = idle_passes.wrapping_add(1);
-                if idle_passes % TIMEOUT_CHECK_PASSES == 0 {
-                    self.check_timeouts();
-                }
                 std::hint::spin_loop();
-            } else if !self.jobs.is_empty() {
-                // Jobs waiting for pages that other reactors hold: let them run.
+            } else if jobs {
+                // Jobs waiting for pages that other reactors hold, or for their flushes.
                 std::thread::yield_now();
             } else if self.shared.stop.load(Ordering::Acquire)
                 && self.shared.inboxes[self.id].is_empty()
@@ -147,6 +217,30 @@ impl Reactor {
             } else {
                 std::thread::park_timeout(Duration::from_millis(5));
             }
+        }
+    }
+
+    fn take_inbox(&mut self) {
+        while !self.free_jobs.is_empty() {
+            let Some(job) = self.shared.inboxes[self.id].pop() else {
+                return;
+            };
+            let Some(ji) = self.free_jobs.pop() else {
+                return;
+            };
+            let order = if job.flags.contains(Flags::WRITE_SEQUENTIAL) {
+                VecDeque::with_capacity(self.slots.len())
+            } else {
+                VecDeque::new()
+            };
+            self.jobs[ji as usize] = Some(ActiveJob {
+                job,
+                live: 0,
+                order,
+                claimable: true,
+                flush: None,
+            });
+            self.claimable.push(ji);
         }
     }
 
@@ -166,65 +260,49 @@ impl Reactor {
         }
         for i in 0..self.events.len() {
             let (ci, c) = self.events[i];
-            let si = (c.token >> 8) as usize;
-            let op = c.token as u8;
-            if self.slots.get(si).is_none_or(|s| s.job.is_none()) {
+            let Some((owner, op)) = Owner::of(c.token) else {
                 continue;
-            }
-            let end = if c.status.is_success() {
-                OpEnd::Ok
+            };
+            let how = if c.status.is_success() {
+                Completed::Ok
             } else {
-                let slot = &mut self.slots[si];
-                let tries = &mut slot.tries[op as usize];
-                if !c.status.dnr() && *tries < self.shared.opts.retries {
-                    *tries += 1;
-                    OpEnd::Retry(
-                        self.shared.controllers[ci]
-                            .info()
-                            .retry_delay(c.status.crd()),
-                    )
-                } else {
-                    match self.queues[ci].as_ref().map(|q| q.check(&c)) {
-                        Some(Err(e)) => OpEnd::Failed(e.to_string()),
-                        _ => OpEnd::Failed(format!("command failed: {}", c.status)),
-                    }
+                match self.queues[ci].as_ref().and_then(|q| q.retry_after(&c)) {
+                    Some(wait) => Completed::Retryable(wait),
+                    None => Completed::Failed,
                 }
             };
-            self.settle(si, op, end);
+            let msg = match self.queues[ci].as_ref().map(|q| q.check(&c)) {
+                Some(Err(e)) if how != Completed::Ok => Some(e),
+                _ => None,
+            };
+            self.settle(owner, op, ci, how, || match msg {
+                Some(e) => e.to_string(),
+                None => format!("command failed: {}", c.status),
+            });
         }
         !self.events.is_empty()
     }
 
-    /// Starts retries whose delay has passed and sequential writes whose turn has come.
-    fn resume_waiting(&mut self) -> bool {
-        if self.waiting == 0 {
-            return false;
-        }
-        let now = Instant::now();
+    /// Issues the retries whose time has come. A retry that fails again (a queue still
+    /// full) goes back on the heap for a later pass: only the entries there when the pass
+    /// began are looked at.
+    fn resume_retries(&mut self) -> bool {
         let mut progressed = false;
-        for si in 0..self.slots.len() {
-            let slot = &mut self.slots[si];
-            let Some(job) = slot.job.clone() else {
+        let mut budget = self.retries.len();
+        while let Some(&Reverse((at, token))) = self.retries.peek() {
+            if at > self.now || budget == 0 {
+                break;
+            }
+            budget -= 1;
+            self.retries.pop();
+            let Some((owner, op)) = Owner::of(token) else {
                 continue;
             };
-            if slot.awaiting_turn && job.next_write.load(Ordering::Acquire) == slot.offset {
-                slot.awaiting_turn = false;
-                self.waiting -= 1;
-                self.start_writes(si);
-                progressed = true;
-                continue;
-            }
-            let slot = &mut self.slots[si];
-            if slot.retry_at.is_some_and(|at| at <= now) {
-                slot.retry_at = None;
-                self.waiting -= 1;
-                // A retry that fails again (a queue still full) goes back on the list for a
-                // later pass, so take only the ops that were waiting when the pass began.
-                for _ in 0..self.slots[si].retry_ops.len() {
-                    let op = self.slots[si].retry_ops.remove(0);
-                    self.issue_or_settle(si, op);
-                }
-                progressed = true;
+            let now = self.now;
+            if let Some(chunk) = self.chunk_mut(owner) {
+                let fx = chunk.retry_due(op, now);
+                progressed |= fx.read || fx.dests.any();
+                self.apply(owner, None, fx);
             }
         }
         progressed
@@ -233,279 +311,497 @@ impl Reactor {
     /// Pulls new chunks from the jobs into free slots, round robin over the jobs.
     fn dispatch(&mut self) -> bool {
         let mut started = false;
-        let n = self.jobs.len();
-        for k in 0..n {
-            let job = self.jobs[(self.rr + k) % n].clone();
-            let needs_pages = match job.kind {
-                JobKind::Copy { .. } => job.offloaded.count() < job.to.len() as u32,
-                JobKind::Zero => false,
-            };
-            while let Some(&si) = self.free.last() {
-                if !job.has_more() {
-                    break;
-                }
-                let slot = &mut self.slots[si];
-                if needs_pages
-                    && !job.client.pages.take(
-                        job.chunk.div_ceil(PAGE_SIZE),
-                        &mut slot.pages,
-                        &mut slot.iovas,
-                    )
-                {
-                    break; // the job waits for pages; it is never failed for lack of them
-                }
-                let Some((offset, len)) = job.claim() else {
-                    job.client.pages.give(&mut slot.pages);
-                    break;
-                };
-                self.free.pop();
-                slot.job = Some(job.clone());
-                slot.offset = offset;
-                slot.len = len;
-                slot.ok = true;
-                slot.tries = [0; 65];
-                self.start_chunk(si);
-                started = true;
-            }
+        let n = self.claimable.len();
+        let mut k = 0;
+        while k < n && !self.free.is_empty() && !self.claimable.is_empty() {
+            let pos = (self.rr + k) % self.claimable.len();
+            let ji = self.claimable[pos];
+            k += 1;
+            started |= self.fill_from(ji);
         }
         self.rr = self.rr.wrapping_add(1);
-        self.jobs.retain(|j| j.has_more());
         started
     }
 
-    fn start_chunk(&mut self, si: usize) {
-        let Some(job) = self.slots[si].job.clone() else {
-            return;
+    /// Claims chunks of job `ji` into free slots until either runs out.
+    fn fill_from(&mut self, ji: u16) -> bool {
+        let Some(entry) = self.jobs[ji as usize].as_ref() else {
+            return false;
         };
-        match job.kind {
-            JobKind::Copy { .. } => {
-                let slot = &mut self.slots[si];
-                slot.pending = job.offloaded.0;
-                slot.reading = job.offloaded.count() < job.to.len() as u32;
-                let reading = slot.reading;
-                for d in 0..job.to.len() {
-                    if job.offloaded.contains(d) {
-                        self.issue_or_settle(si, d as u8);
+        let job = entry.job.clone();
+        let needs_pages = match job.kind {
+            JobKind::Copy { .. } => job.offloaded.count() < job.to.len() as u32,
+            JobKind::Zero | JobKind::Flush => false,
+        };
+        let want = job.chunk.div_ceil(PAGE_SIZE);
+        let mut started = false;
+        while let Some(&si) = self.free.last() {
+            let slot = &mut self.slots[si as usize];
+            if job.has_more() && needs_pages {
+                if job.client.pages.usable() < want {
+                    job.fail_for_pages(want, job.client.pages.usable());
+                } else if !job
+                    .client
+                    .pages
+                    .take(want, &mut slot.pages, &mut slot.iovas)
+                {
+                    // The job waits for pages; it is never failed for lack of them.
+                    break;
+                }
+            }
+            match job.claim() {
+                Claim::Chunk { cell, offset, len } => {
+                    self.free.pop();
+                    self.start_chunk(si, ji, cell, offset, len);
+                    started = true;
+                }
+                Claim::Spent { flush } => {
+                    job.client.pages.give(&mut self.slots[si as usize].pages);
+                    self.not_claimable(ji);
+                    if flush {
+                        self.start_flush(ji);
                     }
-                }
-                if reading {
-                    self.issue_or_settle(si, OP_READ);
+                    self.maybe_release(ji);
+                    break;
                 }
             }
-            JobKind::Zero => self.start_writes(si),
         }
+        started
     }
 
-    /// Issues the data-moving writes of a chunk whose data is ready.
-    fn start_writes(&mut self, si: usize) {
-        let Some(job) = self.slots[si].job.clone() else {
+    fn start_chunk(&mut self, si: u16, ji: u16, cell: u64, offset: u64, len: usize) {
+        let Some(entry) = self.jobs[ji as usize].as_mut() else {
             return;
         };
-        let moved = !job.offloaded.0 & low_bits(job.to.len());
-        self.slots[si].pending |= moved;
-        for d in 0..job.to.len() {
-            if moved >> d & 1 == 1 {
-                self.issue_or_settle(si, d as u8);
+        let job = &entry.job;
+        let all = DestMask::first(job.to.len());
+        let sequential = job.flags.contains(Flags::WRITE_SEQUENTIAL);
+        let plan = match job.kind {
+            JobKind::Copy { .. } => Plan {
+                read: job.offloaded != all,
+                now: job.offloaded,
+                after: all.without(job.offloaded),
+                sequential,
+            },
+            JobKind::Zero | JobKind::Flush => Plan {
+                read: false,
+                now: DestMask::default(),
+                after: all,
+                sequential,
+            },
+        };
+        entry.live += 1;
+        let turn = if sequential {
+            entry.order.push_back(si);
+            entry.order.len() == 1
+        } else {
+            true
+        };
+        let slot = &mut self.slots[si as usize];
+        slot.job = ji;
+        slot.cell = cell;
+        slot.offset = offset;
+        slot.len = len;
+        slot.quarantine = false;
+        let fx = slot.chunk.begin(plan, turn, self.now);
+        self.apply(Owner::Slot(si), None, fx);
+    }
+
+    fn start_flush(&mut self, ji: u16) {
+        let Some(entry) = self.jobs[ji as usize].as_mut() else {
+            return;
+        };
+        let plan = Plan {
+            read: false,
+            now: DestMask::default(),
+            after: DestMask::first(entry.job.to.len()),
+            sequential: false,
+        };
+        let mut chunk = Chunk::default();
+        let fx = chunk.begin(plan, true, self.now);
+        entry.flush = Some(chunk);
+        self.apply(Owner::Job(ji), None, fx);
+    }
+
+    fn not_claimable(&mut self, ji: u16) {
+        if let Some(e) = self.jobs[ji as usize].as_mut() {
+            e.claimable = false;
+        }
+        if let Some(pos) = self.claimable.iter().position(|&j| j == ji) {
+            self.claimable.swap_remove(pos);
+        }
+    }
+
+    /// Drops the job from the table once this reactor has nothing more to do for it.
+    fn maybe_release(&mut self, ji: u16) {
+        let done = self.jobs[ji as usize]
+            .as_ref()
+            .is_some_and(|e| !e.claimable && e.live == 0 && e.flush.is_none());
+        if done {
+            self.jobs[ji as usize] = None;
+            self.free_jobs.push(ji);
+        }
+    }
+
+    fn chunk_mut(&mut self, owner: Owner) -> Option<&mut Chunk> {
+        match owner {
+            Owner::Slot(si) => self
+                .slots
+                .get_mut(si as usize)
+                .map(|s| &mut s.chunk)
+                .filter(|c| c.phase() != crate::chunk::Phase::Free),
+            Owner::Job(ji) => self.jobs.get_mut(ji as usize)?.as_mut()?.flush.as_mut(),
+        }
+    }
+
+    fn job_of(&self, owner: Owner) -> Option<&Arc<Job>> {
+        let ji = match owner {
+            Owner::Slot(si) => self.slots.get(si as usize)?.job,
+            Owner::Job(ji) => ji,
+        };
+        Some(&self.jobs.get(ji as usize)?.as_ref()?.job)
+    }
+
+    /// The controller a command of `job` goes to.
+    fn ctrl_of(job: &Job, op: Op) -> Option<usize> {
+        match (op.dest(), &job.kind) {
+            (Some(d), _) => job.to.get(d).map(|r| r.ctrl),
+            (None, JobKind::Copy { from }) => Some(from.ctrl),
+            (None, _) => None,
+        }
+    }
+
+    /// Records how one command ended and moves its chunk on.
+    fn settle(
+        &mut self,
+        owner: Owner,
+        op: Op,
+        ci: usize,
+        how: Completed,
+        msg: impl FnOnce() -> String,
+    ) {
+        let policy = RetryPolicy {
+            max_tries: self.shared.opts.retries,
+            deadline: self.deadlines.get(ci).copied().unwrap_or(Duration::ZERO),
+        };
+        let now = self.now;
+        let Some(chunk) = self.chunk_mut(owner) else {
+            return;
+        };
+        let before = chunk.cmd(op.dest());
+        let fx = chunk.completed(op, how, policy, now);
+        let after = chunk.cmd(op.dest());
+        if after == Cmd::Done(Outcome::Failed) && before != after {
+            if let Some(job) = self.job_of(owner) {
+                job.note_error(op == Op::Read, op.dest(), msg);
             }
         }
+        self.apply(owner, Some(op), fx);
     }
 
-    fn issue_or_settle(&mut self, si: usize, op: u8) {
-        match self.issue(si, op) {
-            Ok(()) => {}
-            Err(NvmeError::QueueFull { .. }) => self.settle(si, op, OpEnd::Retry(Duration::ZERO)),
-            Err(e) => self.settle(si, op, OpEnd::Failed(e.to_string())),
+    /// Carries out what a transition asked for. `op` is the command the transition was
+    /// about, for a retry it scheduled.
+    fn apply(&mut self, owner: Owner, op: Option<Op>, fx: Effects) {
+        if let (Some(at), Some(op)) = (fx.retry_at, op) {
+            self.retries.push(Reverse((at, owner.token(op))));
+        }
+        if fx.read {
+            self.issue(owner, Op::Read);
+        }
+        for d in bits(fx.dests) {
+            if let Some(op) = self.dest_op(owner, d) {
+                self.issue(owner, op);
+            }
+        }
+        if fx.finished {
+            self.finished(owner);
         }
     }
 
-    /// Posts one command of a chunk (the doorbell rings at the end of the pass).
-    fn issue(&mut self, si: usize, op: u8) -> std::result::Result<(), NvmeError> {
-        let slot = &self.slots[si];
-        let Some(job) = slot.job.as_deref() else {
-            return Ok(());
+    fn dest_op(&self, owner: Owner, d: usize) -> Option<Op> {
+        let d8 = d as u8;
+        Some(match owner {
+            Owner::Job(_) => Op::Flush(d8),
+            Owner::Slot(_) => match self.job_of(owner)?.kind {
+                JobKind::Copy { .. } if self.job_of(owner)?.offloaded.contains(d) => Op::Copy(d8),
+                JobKind::Copy { .. } => Op::Write(d8),
+                JobKind::Zero | JobKind::Flush => Op::Zero(d8),
+            },
+        })
+    }
+
+    /// Posts one command (the doorbell rings at the end of the pass); a command that could
+    /// not be posted is settled at once.
+    fn issue(&mut self, owner: Owner, op: Op) {
+        let Some(job) = self.job_of(owner).cloned() else {
+            return;
         };
-        let token = (si as u64) << 8 | op as u64;
-        let pages = slot.len.div_ceil(PAGE_SIZE);
-        let no_queue = |ctrl: usize| NvmeError::Unsupported {
-            ctrl: ctrl.to_string(),
-            reason: "this reactor has no queue pair on the controller".into(),
+        let Some(ci) = Self::ctrl_of(&job, op) else {
+            return;
         };
-        match (&job.kind, op) {
-            (JobKind::Copy { from }, OP_READ) => {
-                let ns = job.src_ns.as_ref().ok_or_else(|| no_queue(from.ctrl))?;
-                let q = self.queues[from.ctrl]
-                    .as_mut()
-                    .ok_or_else(|| no_queue(from.ctrl))?;
-                let data = DataPtr::Pages {
-                    pages: &slot.iovas[..pages],
-                    len: slot.len,
-                };
-                q.submit_read(
-                    ns,
-                    (from.offset + slot.offset) / from.lba_size as u64,
+        let used = self.shared.controllers[ci].generation() - job.base_gen[ci];
+        let r = if used > self.shared.opts.max_resets as u64 {
+            Err(IssueError::Failed(format!(
+                "{}: given up for this job after {used} resets (--max-resets {}); last fault: {}",
+                self.shared.controllers[ci].name(),
+                self.shared.opts.max_resets,
+                self.faults[ci]
+            )))
+        } else {
+            self.post(owner, op, &job, ci)
+        };
+        match r {
+            Ok(()) => {}
+            Err(IssueError::Full) => self.settle(owner, op, ci, Completed::QueueFull, String::new),
+            Err(IssueError::Failed(m)) => self.settle(owner, op, ci, Completed::Failed, || m),
+            Err(IssueError::NoNamespace) => self.settle(owner, op, ci, Completed::Failed, || {
+                format!("{op:?} does not fit this job (a planning bug)")
+            }),
+        }
+    }
+
+    fn post(
+        &mut self,
+        owner: Owner,
+        op: Op,
+        job: &Job,
+        ci: usize,
+    ) -> std::result::Result<(), IssueError> {
+        let token = owner.token(op);
+        let Some(q) = self.queues[ci].as_mut() else {
+            return Err(IssueError::Failed(format!(
+                "{}: this reactor has no queue pair on the controller",
+                self.shared.controllers[ci].name()
+            )));
+        };
+        let (offset, len, iovas) = match owner {
+            Owner::Slot(si) => {
+                let s = &self.slots[si as usize];
+                (
+                    s.offset,
+                    s.len,
+                    &s.iovas[..s.len.div_ceil(PAGE_SIZE).min(s.iovas.len())],
+                )
+            }
+            Owner::Job(_) => (0, 0, &[][..]),
+        };
+        let lba = |r: &crate::Region| (r.offset + offset) / r.lba_size as u64;
+        let r = match (op, &job.kind) {
+            (Op::Read, JobKind::Copy { from }) => {
+                let ns = job.src_ns.as_ref().ok_or(IssueError::NoNamespace)?;
+                let data = DataPtr::Pages { pages: iovas, len };
+                q.submit_read(ns, lba(from), data, token)
+            }
+            (Op::Write(d), _) => {
+                let data = DataPtr::Pages { pages: iovas, len };
+                q.submit_write(
+                    &job.dst_ns[d as usize],
+                    lba(&job.to[d as usize]),
                     data,
                     token,
-                )?;
+                )
             }
-            (JobKind::Copy { from }, d) => {
-                let d = d as usize;
-                let to = &job.to[d];
-                let q = self.queues[to.ctrl]
-                    .as_mut()
-                    .ok_or_else(|| no_queue(to.ctrl))?;
-                let lba = (to.offset + slot.offset) / to.lba_size as u64;
-                if job.offloaded.contains(d) {
-                    let src = (from.offset + slot.offset) / from.lba_size as u64;
-                    let blocks = slot.len as u64 / to.lba_size as u64;
-                    q.submit_copy(&job.dst_ns[d], src, blocks, lba, &slot.descs, token)?;
+            (Op::Copy(d), JobKind::Copy { from }) => {
+                let (to, ns) = (&job.to[d as usize], &job.dst_ns[d as usize]);
+                let Owner::Slot(si) = owner else {
+                    return Err(IssueError::NoNamespace);
+                };
+                let blocks = len as u64 / to.lba_size as u64;
+                let descs = &self.slots[si as usize].descs;
+                q.submit_copy(ns, lba(from), blocks, lba(to), descs, token)
+            }
+            (Op::Zero(d), _) => {
+                let (to, ns) = (&job.to[d as usize], &job.dst_ns[d as usize]);
+                if job.write_zeroes.contains(d as usize) {
+                    let blocks = (len / to.lba_size as usize) as u32;
+                    q.submit_write_zeroes(ns, lba(to), blocks, token)
                 } else {
-                    let data = DataPtr::Pages {
-                        pages: &slot.iovas[..pages],
-                        len: slot.len,
-                    };
-                    q.submit_write(&job.dst_ns[d], lba, data, token)?;
+                    let pages = &self.zero_iovas[..len.div_ceil(PAGE_SIZE)];
+                    q.submit_write(ns, lba(to), DataPtr::Pages { pages, len }, token)
                 }
             }
-            (JobKind::Zero, d) => {
-                let d = d as usize;
-                let to = &job.to[d];
-                let q = self.queues[to.ctrl]
-                    .as_mut()
-                    .ok_or_else(|| no_queue(to.ctrl))?;
-                let lba = (to.offset + slot.offset) / to.lba_size as u64;
-                if job.write_zeroes.contains(d) {
-                    q.submit_write_zeroes(
-                        &job.dst_ns[d],
-                        lba,
-                        (slot.len / to.lba_size as usize) as u32,
-                        token,
-                    )?;
-                } else {
-                    let data = DataPtr::Pages {
-                        pages: &self.zero_iovas[..pages],
-                        len: slot.len,
-                    };
-                    q.submit_write(&job.dst_ns[d], lba, data, token)?;
-                }
-            }
+            (Op::Flush(d), _) => q.submit_flush(&job.dst_ns[d as usize], token),
+            (Op::Read | Op::Copy(_), _) => return Err(IssueError::NoNamespace),
+        };
+        match r {
+            Ok(_) => Ok(()),
+            Err(NvmeError::QueueFull { .. }) => Err(IssueError::Full),
+            Err(e) => Err(IssueError::Failed(e.to_string())),
         }
-        Ok(())
     }
 
-    /// Records how one command of a chunk ended and moves the chunk on.
-    fn settle(&mut self, si: usize, op: u8, end: OpEnd) {
-        let Some(job) = self.slots[si].job.clone() else {
+    /// A chunk, or a job's flushes, ended.
+    fn finished(&mut self, owner: Owner) {
+        match owner {
+            Owner::Slot(si) => self.chunk_finished(si),
+            Owner::Job(ji) => {
+                let Some(entry) = self.jobs[ji as usize].as_mut() else {
+                    return;
+                };
+                entry.flush = None;
+                let job = entry.job.clone();
+                job.finish(self.resets_of(&job));
+                self.maybe_release(ji);
+            }
+        }
+    }
+
+    fn chunk_finished(&mut self, si: u16) {
+        let slot = &mut self.slots[si as usize];
+        let ji = slot.job;
+        let Some(entry) = self.jobs[ji as usize].as_mut() else {
             return;
         };
-        let slot = &mut self.slots[si];
-        match end {
-            OpEnd::Retry(delay) => {
-                if slot.retry_at.is_none() {
-                    self.waiting += 1;
-                }
-                let at = Instant::now() + delay;
-                slot.retry_at = Some(slot.retry_at.map_or(at, |t| t.max(at)));
-                slot.retry_ops.push(op);
-                return;
-            }
-            OpEnd::Failed(msg) => {
-                slot.ok = false;
-                if op == OP_READ {
-                    job.note_error(true, None, || msg);
-                } else {
-                    job.note_error(false, Some(op as usize), || msg);
-                }
-            }
-            OpEnd::Ok => {}
-        }
-        let slot = &mut self.slots[si];
-        if op == OP_READ {
-            slot.reading = false;
-            if !slot.ok {
-                // A chunk that could not be read is not written anywhere.
-                slot.pending &= job.offloaded.0;
-            } else if job.flags.contains(Flags::WRITE_SEQUENTIAL)
-                && job.next_write.load(Ordering::Acquire) != slot.offset
-            {
-                slot.awaiting_turn = true;
-                self.waiting += 1;
-                return;
-            } else {
-                self.start_writes(si);
-                return;
-            }
+        let job = entry.job.clone();
+        if slot.quarantine {
+            job.client.pages.quarantine(&mut slot.pages);
         } else {
-            slot.pending &= !(1u64 << op);
+            job.client.pages.give(&mut slot.pages);
         }
-        let slot = &self.slots[si];
-        if !slot.reading && slot.pending == 0 && !slot.awaiting_turn {
-            self.finish_chunk(si);
+        let ok = !slot.chunk.read_failed() && !slot.chunk.failed().any();
+        let (cell, len) = (slot.cell, slot.len);
+        entry.live -= 1;
+        let mut next = None;
+        if entry.order.front() == Some(&si) {
+            entry.order.pop_front();
+            next = entry.order.front().copied();
         }
-    }
-
-    fn finish_chunk(&mut self, si: usize) {
-        let slot = &mut self.slots[si];
-        let Some(job) = slot.job.take() else { return };
-        if slot.retry_at.take().is_some() {
-            self.waiting -= 1;
-        }
-        slot.retry_ops.clear();
-        if job.flags.contains(Flags::WRITE_SEQUENTIAL) {
-            // The next chunk's turn comes even when this one failed.
-            job.next_write
-                .store(slot.offset + slot.len as u64, Ordering::Release);
-        }
-        job.client.pages.give(&mut slot.pages);
-        let (len, ok) = (slot.len, slot.ok);
         self.free.push(si);
-        job.chunk_ended(len, ok);
+        if let Some(n) = next {
+            let fx = self.slots[n as usize].chunk.turn(self.now);
+            self.apply(Owner::Slot(n), None, fx);
+        }
+        if job.chunk_ended(cell, len, ok) {
+            self.start_flush(ji);
+        }
+        self.maybe_release(ji);
     }
 
-    /// Gives up on queues with a command past its timeout: the controller is disabled (so
-    /// no buffer of ours is written after this), and every command of ours on it fails.
-    fn check_timeouts(&mut self) {
+    fn resets_of(&self, job: &Job) -> Vec<(usize, u64)> {
+        let mut ctrls: Vec<usize> = job.to.iter().map(|r| r.ctrl).collect();
+        if let JobKind::Copy { from } = &job.kind {
+            ctrls.push(from.ctrl);
+        }
+        ctrls.sort_unstable();
+        ctrls.dedup();
+        ctrls
+            .into_iter()
+            .filter_map(|c| {
+                let n = self.shared.controllers[c].generation() - job.base_gen[c];
+                (n > 0).then_some((c, n))
+            })
+            .collect()
+    }
+
+    /// Every millisecond: recover queues of controllers another reactor reset, and reset
+    /// controllers with a command past its deadline or a fatal status.
+    fn check_health(&mut self) {
+        let fatal_due = self.now >= self.next_fatal;
+        if fatal_due {
+            self.next_fatal = self.now + FATAL_INTERVAL;
+        }
         for ci in 0..self.queues.len() {
-            let expired = self.queues[ci]
-                .as_ref()
-                .is_some_and(|q| q.expired().is_some());
-            if !expired {
+            let Some(q) = self.queues[ci].as_ref() else {
+                continue;
+            };
+            if q.is_stale() {
+                self.recover(ci);
                 continue;
             }
-            let msg = match self.queues[ci].as_mut().map(|q| q.abandon()) {
-                Some(Err(e)) => e.to_string(),
-                _ => format!(
-                    "{}: a command timed out",
-                    self.shared.controllers[ci].name()
+            if !q.is_usable() || q.outstanding() == 0 {
+                continue;
+            }
+            let ctrl = &self.shared.controllers[ci];
+            let fault = if let Some(late) = q.expired(self.now) {
+                Some(format!(
+                    "{} on namespace {} at LBA {} did not complete within {:?}",
+                    nvcopy_nvme::spec::opcode_name(false, late.opcode),
+                    late.nsid,
+                    late.slba,
+                    late.waited
+                ))
+            } else if fatal_due && ctrl.fatal_status() {
+                Some("controller fatal status (CSTS.CFS)".to_string())
+            } else {
+                None
+            };
+            if let Some(f) = fault {
+                let gen = q.generation();
+                self.faults[ci] = f;
+                ctrl.reset(gen);
+                self.recover(ci);
+            }
+        }
+    }
+
+    /// Fails every outstanding command of the queue on controller `ci` through the normal
+    /// completion path, after the controller was reset, then reissues them within each
+    /// job's reset budget, or fails them for good.
+    fn recover(&mut self, ci: usize) {
+        let mut aborted = std::mem::take(&mut self.aborted);
+        aborted.clear();
+        let Some(q) = self.queues[ci].as_mut() else {
+            return;
+        };
+        let outcome = q.recover(|c| aborted.push(c));
+        let name = self.shared.controllers[ci].name().to_string();
+        for c in &aborted {
+            let Some((owner, op)) = Owner::of(c.token) else {
+                continue;
+            };
+            let Some(job) = self.job_of(owner).cloned() else {
+                continue;
+            };
+            let used = self.shared.controllers[ci].generation() - job.base_gen[ci];
+            let max = self.shared.opts.max_resets as u64;
+            let why = match outcome {
+                Recovery::Reissue if used <= max => None,
+                Recovery::Reissue => Some(format!(
+                    "reset {used} times during this job, more than --max-resets {max}"
+                )),
+                Recovery::Failed { quiet: true } => Some("could not be reset".to_string()),
+                Recovery::Failed { quiet: false } => Some(
+                    "could not be reset or proven quiet: the memory of its commands is quarantined for the engine's life"
+                        .to_string(),
                 ),
             };
-            for si in 0..self.slots.len() {
-                let Some(job) = self.slots[si].job.clone() else {
-                    continue;
-                };
-                let waiting_ops = &self.slots[si].retry_ops;
-                let read_here = matches!(job.kind, JobKind::Copy { from } if from.ctrl == ci);
-                if self.slots[si].reading && read_here && !waiting_ops.contains(&OP_READ) {
-                    self.settle(si, OP_READ, OpEnd::Failed(msg.clone()));
-                }
-                for d in 0..job.to.len() {
-                    let slot = &self.slots[si];
-                    if slot.job.is_some()
-                        && slot.pending >> d & 1 == 1
-                        && job.to[d].ctrl == ci
-                        && !slot.retry_ops.contains(&(d as u8))
-                    {
-                        self.settle(si, d as u8, OpEnd::Failed(msg.clone()));
+            let now = self.now;
+            match why {
+                None => {
+                    if let Some(chunk) = self.chunk_mut(owner) {
+                        let fx = chunk.reissue(op, now);
+                        self.apply(owner, None, fx);
                     }
+                }
+                Some(why) => {
+                    if let (Recovery::Failed { quiet: false }, Owner::Slot(si)) = (outcome, owner) {
+                        self.slots[si as usize].quarantine = true;
+                    }
+                    let fault = &self.faults[ci];
+                    let msg = || format!("{name}: {fault}; the controller {why}");
+                    let msg = msg();
+                    let Some(chunk) = self.chunk_mut(owner) else {
+                        continue;
+                    };
+                    let before = chunk.cmd(op.dest());
+                    let fx = chunk.abort(op, now);
+                    if chunk.cmd(op.dest()) != before {
+                        job.note_error(op == Op::Read, op.dest(), || msg);
+                    }
+                    self.apply(owner, None, fx);
                 }
             }
         }
+        self.aborted = aborted;
     }
 }
 
-fn low_bits(n: usize) -> u64 {
-    if n >= 64 {
-        u64::MAX
-    } else {
-        (1u64 << n) - 1
-    }
+/// Why a command could not be posted.
+enum IssueError {
+    /// The queue is full: try again later.
+    Full,
+    /// For good, with the reason.
+    Failed(String),
+    /// The job has no namespace for the op (a bug in planning; fails the command).
+    NoNamespace,
 }

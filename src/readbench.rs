@@ -72,8 +72,21 @@ pub fn read(p: &Platform, region: &Region, chunk: usize, qd: usize) -> Result<Re
                 first_err = Some(c);
             }
         })?;
-        if n == 0 && q.expired().is_some() {
-            q.abandon()?;
+        if n == 0 {
+            if let Some(late) = q.expired(std::time::Instant::now()) {
+                // Reset the controller so that no buffer of this loop is written after it
+                // returns, then report the timeout.
+                q.controller().reset(q.generation());
+                q.recover(|_| {});
+                return Err(nvcopy_nvme::Error::CommandTimeout {
+                    ctrl: q.controller().name().to_string(),
+                    cmd: nvcopy_nvme::spec::opcode_name(false, late.opcode),
+                    nsid: late.nsid,
+                    lba: late.slba,
+                    waited: late.waited,
+                }
+                .into());
+            }
         }
     }
     if let Some(c) = first_err {

@@ -6,7 +6,7 @@
 //! Every register wait is bounded by CAP.TO. Dropping the controller requests a normal
 //! shutdown (CC.SHN, 3.6.1) and waits for CSTS.SHST to report it complete.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,41 @@ impl Default for ControllerOptions {
     }
 }
 
+/// What a controller can still do, as far as the host knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Enabled and ready for commands.
+    Ready,
+    /// Given up on. `quiet` says whether it was proven to do no more DMA (CC.EN = 0 seen
+    /// with CSTS.RDY = 0, or bus mastering cleared): only then may the memory of commands
+    /// that never completed be reused.
+    Failed {
+        /// Proven to do no more DMA.
+        quiet: bool,
+    },
+}
+
+const HEALTH_READY: u8 = 0;
+const HEALTH_FAILED_QUIET: u8 = 1;
+const HEALTH_FAILED_LOUD: u8 = 2;
+
+impl Health {
+    fn encode(self) -> u8 {
+        match self {
+            Health::Ready => HEALTH_READY,
+            Health::Failed { quiet: true } => HEALTH_FAILED_QUIET,
+            Health::Failed { quiet: false } => HEALTH_FAILED_LOUD,
+        }
+    }
+    fn decode(v: u8) -> Health {
+        match v {
+            HEALTH_READY => Health::Ready,
+            HEALTH_FAILED_QUIET => Health::Failed { quiet: true },
+            _ => Health::Failed { quiet: false },
+        }
+    }
+}
+
 /// An initialised NVMe controller.
 pub struct Controller {
     name: String,
@@ -56,7 +91,11 @@ pub struct Controller {
     namespaces: Vec<Namespace>,
     /// I/O queue ids in use, index qid - 1.
     qids: Mutex<Vec<bool>>,
-    failed: AtomicBool,
+    /// A [`Health`], encoded.
+    health: AtomicU8,
+    /// Bumped at the end of every reset: queue pairs made under an older generation no
+    /// longer exist on the controller and must be recovered.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Controller {
@@ -112,6 +151,36 @@ fn disable(name: &str, bar: &dyn Bar, cap: Cap) -> Result<()> {
         bar.write32(reg::CC, cfg & !cc::EN);
     }
     wait_ready(name, bar, cap, false, "CSTS.RDY = 0 after clearing CC.EN")
+}
+
+/// Programs the admin queue and sets CC.EN, then waits for CSTS.RDY = 1 within CAP.TO
+/// (base spec 3.5.1 steps 3 to 5). The controller must be disabled.
+fn enable(name: &str, bar: &dyn Bar, cap: Cap, aq: &QueuePair) -> Result<()> {
+    let n = aq.entries() as u32 - 1;
+    bar.write32(reg::AQA, n | n << 16);
+    bar.write64(reg::ASQ, aq.sq_iova().0);
+    bar.write64(reg::ACQ, aq.cq_iova().0);
+    // nvcopy polls: mask the pin/MSI interrupt vector the admin CQ would use.
+    bar.write32(reg::INTMS, u32::MAX);
+    bar.write32(reg::CC, cc::EN | cc::IOSQES_64 | cc::IOCQES_16);
+    wait_ready(name, bar, cap, true, "CSTS.RDY = 1 after setting CC.EN")
+}
+
+/// Set Features, Number of Queues (base spec 5.27.1.5): asks for `want` I/O queue pairs
+/// and returns how many the controller granted.
+fn negotiate_queues(
+    name: &str,
+    bar: &dyn Bar,
+    cap: Cap,
+    aq: &mut QueuePair,
+    want: u16,
+) -> Result<usize> {
+    let mut sf = Sqe::new(admin::SET_FEATURES, 0);
+    sf.cdw10 = admin::FEAT_NUM_QUEUES;
+    let want = want.max(1) as u32 - 1;
+    sf.cdw11 = want | want << 16;
+    let granted = admin_sync(name, bar, cap, aq, sf, None)?;
+    Ok(((granted & 0xffff).min(granted >> 16) + 1).min(want + 1) as usize)
 }
 
 /// Polls `qp` until at most `target` commands are outstanding, passing each completion to
@@ -246,20 +315,7 @@ impl Controller {
         disable(&name, bar.as_ref(), cap)?;
         let admin_entries = opts.admin_entries.clamp(2, cap.mqes().min(4096) as u16);
         let mut aq = QueuePair::new(&name, 0, admin_entries, stride, &pool, opts.admin_timeout)?;
-        let n = admin_entries as u32 - 1;
-        bar.write32(reg::AQA, n | n << 16);
-        bar.write64(reg::ASQ, aq.sq_iova().0);
-        bar.write64(reg::ACQ, aq.cq_iova().0);
-        // nvcopy polls: mask the pin/MSI interrupt vector the admin CQ would use.
-        bar.write32(reg::INTMS, u32::MAX);
-        bar.write32(reg::CC, cc::EN | cc::IOSQES_64 | cc::IOCQES_16);
-        wait_ready(
-            &name,
-            bar.as_ref(),
-            cap,
-            true,
-            "CSTS.RDY = 1 after setting CC.EN",
-        )?;
+        enable(&name, bar.as_ref(), cap, &aq)?;
 
         let b = bar.as_ref();
         let idbuf = pool.alloc(PAGE_SIZE)?;
@@ -275,12 +331,7 @@ impl Controller {
         idbuf.read_at(0, &mut page);
         let info = ControllerInfo::parse(&page);
 
-        let mut sf = Sqe::new(admin::SET_FEATURES, 0);
-        sf.cdw10 = admin::FEAT_NUM_QUEUES;
-        let want = opts.io_queues.max(1) as u32 - 1;
-        sf.cdw11 = want | want << 16;
-        let granted = admin_sync(&name, b, cap, &mut aq, sf, None)?;
-        let io_queues = ((granted & 0xffff).min(granted >> 16) + 1).min(want + 1) as usize;
+        let io_queues = negotiate_queues(&name, b, cap, &mut aq, opts.io_queues)?;
 
         let mut nsids = Vec::new();
         let mut after = 0u32;
@@ -323,7 +374,8 @@ impl Controller {
             info,
             namespaces,
             qids: Mutex::new(vec![false; io_queues]),
-            failed: AtomicBool::new(false),
+            health: AtomicU8::new(HEALTH_READY),
+            generation: AtomicU64::new(0),
         }))
     }
 
@@ -363,6 +415,18 @@ impl Controller {
             .unwrap_or(MAX_TRANSFER)
             .min(MAX_TRANSFER)
     }
+    /// Whether one Copy command (descriptor format 0) of `blocks` blocks fits the
+    /// namespace's limits: MSSRL blocks per range, MSRC ranges, MCL blocks in all (NVM
+    /// command set spec 3.2.2), and the descriptors in one page.
+    pub fn copy_fits(&self, ns: &Namespace, blocks: u64) -> bool {
+        let range_max = (ns.mssrl.max(1) as u64).min(crate::io::MAX_NLB as u64);
+        let ranges = blocks.div_ceil(range_max);
+        self.info.supports_copy()
+            && blocks <= ns.mcl.max(1) as u64
+            && ranges <= ns.msrc.max(1) as u64
+            && ranges as usize * 32 <= PAGE_SIZE
+    }
+
     /// The options it was brought up with.
     pub fn options(&self) -> &ControllerOptions {
         &self.opts
@@ -403,17 +467,23 @@ impl Controller {
 
     /// Runs an admin command to completion and returns its DW0.
     pub fn admin(&self, sqe: Sqe, data: Option<DataPtr<'_>>) -> Result<u32> {
-        self.check_alive()?;
         let mut aq = lock(&self.admin);
-        let r = admin_sync(&self.name, self.bar(), self.cap, &mut aq, sqe, data);
+        self.admin_locked(&mut aq, sqe, data)
+    }
+
+    fn admin_locked(&self, aq: &mut QueuePair, sqe: Sqe, data: Option<DataPtr<'_>>) -> Result<u32> {
+        self.check_alive()?;
+        let r = admin_sync(&self.name, self.bar(), self.cap, aq, sqe, data);
         if aq.is_disabled() {
-            self.failed.store(true, Ordering::Release);
+            // wait_until disabled the controller after a timeout or fatal status, but
+            // did not prove it quiet.
+            self.mark_failed(false);
         }
         r
     }
 
     pub(crate) fn check_alive(&self) -> Result<()> {
-        if self.failed.load(Ordering::Acquire) {
+        if self.health() != Health::Ready {
             return Err(Error::QueueDisabled {
                 ctrl: self.name.clone(),
                 qid: 0,
@@ -422,9 +492,109 @@ impl Controller {
         Ok(())
     }
 
-    /// Marks the controller unusable after an I/O queue gave up on it.
-    pub(crate) fn mark_failed(&self) {
-        self.failed.store(true, Ordering::Release);
+    /// Marks the controller unusable; `quiet` when it was proven to do no more DMA.
+    pub(crate) fn mark_failed(&self, quiet: bool) {
+        let h = Health::Failed { quiet }.encode();
+        // Never upgrade a loud failure to a quiet one.
+        self.health.fetch_max(h, Ordering::AcqRel);
+    }
+
+    /// What the controller can still do.
+    pub fn health(&self) -> Health {
+        Health::decode(self.health.load(Ordering::Acquire))
+    }
+
+    /// How many resets have completed (successfully or not). Queue pairs created under an
+    /// older generation are gone from the controller.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether CSTS says the controller hit a fatal error (CFS), or its registers read as
+    /// all ones (the device is gone). One MMIO load.
+    pub fn fatal_status(&self) -> bool {
+        let s = self.bar.read32(reg::CSTS);
+        s == u32::MAX || s & csts::CFS != 0
+    }
+
+    /// Resets the controller after a command timed out or it reported a fatal status
+    /// (base spec 3.7.2, Controller Level Reset through CC.EN): clear CC.EN and wait for
+    /// CSTS.RDY = 0 within CAP.TO, which proves it quiet; then bring the admin queue up
+    /// again and renegotiate the queue count, so that I/O queue pairs can be re-created
+    /// ([`IoQpair::recover`]). If RDY never clears, bus mastering is cleared instead
+    /// ([`Bar::quiesce`]), and the controller is failed, quiet only if that was confirmed.
+    ///
+    /// `seen` is the generation under which the caller saw the fault: if another thread
+    /// reset the controller since, nothing is done again. Returns the resulting health.
+    pub fn reset(&self, seen: u64) -> Health {
+        let mut aq = lock(&self.admin);
+        if self.generation() != seen || self.health() != Health::Ready {
+            return self.health();
+        }
+        let b = self.bar.as_ref();
+        let health = if disable(&self.name, b, self.cap).is_err() {
+            Health::Failed { quiet: b.quiesce() }
+        } else {
+            // The controller is quiet: no command of the old queues runs any more.
+            aq.abort_all(|_| {});
+            aq.reinit();
+            let want = lock(&self.qids).len() as u16;
+            let up = enable(&self.name, b, self.cap, &aq).and_then(|()| {
+                negotiate_queues(&self.name, b, self.cap, &mut aq, want).and_then(|granted| {
+                    if granted < want as usize {
+                        Err(Error::Unsupported {
+                            ctrl: self.name.clone(),
+                            reason: format!(
+                                "granted {granted} I/O queue pairs after a reset, {want} before"
+                            ),
+                        })
+                    } else {
+                        Ok(())
+                    }
+                })
+            });
+            match up {
+                Ok(()) => Health::Ready,
+                Err(_) => Health::Failed {
+                    quiet: disable(&self.name, b, self.cap).is_ok() || b.quiesce(),
+                },
+            }
+        };
+        if let Health::Failed { quiet } = health {
+            self.mark_failed(quiet);
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.health()
+    }
+
+    /// Creates the CQ and then the SQ of an I/O queue pair on the controller (base spec
+    /// 5.4, 5.5), polled, interrupts off, under the generation `gen`. Fails with
+    /// [`Error::QueueDisabled`] when the controller was reset since, or failed.
+    pub(crate) fn create_queues(&self, qp: &QueuePair, gen: u64) -> Result<()> {
+        let mut aq = lock(&self.admin);
+        if self.generation() != gen {
+            return Err(Error::QueueDisabled {
+                ctrl: self.name.clone(),
+                qid: qp.qid(),
+            });
+        }
+        let (qid, size) = (qp.qid(), (qp.entries() as u32 - 1) << 16);
+        let mut cq = Sqe::new(admin::CREATE_CQ, 0);
+        cq.prp1 = qp.cq_iova().0;
+        cq.cdw10 = qid as u32 | size;
+        cq.cdw11 = 1; // physically contiguous, interrupts off
+        self.admin_locked(&mut aq, cq, None)?;
+        let mut sq = Sqe::new(admin::CREATE_SQ, 0);
+        sq.prp1 = qp.sq_iova().0;
+        sq.cdw10 = qid as u32 | size;
+        sq.cdw11 = 1 | (qid as u32) << 16; // contiguous, bound to the CQ of the same id
+        if let Err(e) = self.admin_locked(&mut aq, sq, None) {
+            let mut d = Sqe::new(admin::DELETE_CQ, 0);
+            d.cdw10 = qid as u32;
+            let _ = self.admin_locked(&mut aq, d, None);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Creates an I/O queue pair with up to `entries` slots: the CQ first, then the SQ bound
@@ -462,24 +632,12 @@ impl Controller {
                 &self.pool,
                 self.opts.io_timeout,
             )?;
-            let size = (entries as u32 - 1) << 16;
-            let mut cq = Sqe::new(admin::CREATE_CQ, 0);
-            cq.prp1 = qp.cq_iova().0;
-            cq.cdw10 = qid as u32 | size;
-            cq.cdw11 = 1; // physically contiguous, interrupts off
-            self.admin(cq, None)?;
-            let mut sq = Sqe::new(admin::CREATE_SQ, 0);
-            sq.prp1 = qp.sq_iova().0;
-            sq.cdw10 = qid as u32 | size;
-            sq.cdw11 = 1 | (qid as u32) << 16; // contiguous, bound to the CQ of the same id
-            if let Err(e) = self.admin(sq, None) {
-                let _ = self.delete_queue(admin::DELETE_CQ, qid);
-                return Err(e);
-            }
-            Ok(qp)
+            let gen = self.generation();
+            self.create_queues(&qp, gen)?;
+            Ok((qp, gen))
         })();
         match made {
-            Ok(qp) => Ok(IoQpair::new(self.clone(), qp)),
+            Ok((qp, gen)) => Ok(IoQpair::new(self.clone(), qp, gen)),
             Err(e) => {
                 self.release_qid(qid);
                 Err(e)
@@ -509,7 +667,7 @@ impl Controller {
     ) -> Result<()> {
         let r = wait_until(&self.name, self.bar(), self.cap, qp, target, each);
         if qp.is_disabled() {
-            self.mark_failed();
+            self.mark_failed(false);
         }
         r
     }
@@ -517,7 +675,7 @@ impl Controller {
 
 impl Drop for Controller {
     fn drop(&mut self) {
-        if self.failed.load(Ordering::Acquire) {
+        if self.health() != Health::Ready {
             return;
         }
         // Normal shutdown lets the device flush its caches before the host lets go of it.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use nvcopy_vfio::{DmaBuf, Iova, PAGE_SIZE};
 
-use crate::controller::{check, Controller};
+use crate::controller::{check, Controller, Health};
 use crate::error::{Error, Result};
 use crate::identify::Namespace;
 use crate::prp::DataPtr;
@@ -20,6 +20,25 @@ use crate::spec::{admin, io, Sqe};
 /// Most blocks one Read/Write/Write Zeroes carries: NLB is a 16-bit, 0-based field.
 pub const MAX_NLB: u32 = 1 << 16;
 
+/// The longest a device may make the host wait before a retry. CRDT is in units of
+/// 100 ms up to 6553.5 s (base spec 5.15.2.1, Identify Controller CRDT1-3); a copier
+/// that honoured that would look hung.
+pub const MAX_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How a queue pair came out of [`IoQpair::recover`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// The controller was reset and the queue pair exists on it again: the aborted
+    /// commands may be issued again.
+    Reissue,
+    /// The controller is failed. `quiet`: it was proven to do no more DMA, so the memory
+    /// of the aborted commands may be reused; otherwise it must never be.
+    Failed {
+        /// Proven to do no more DMA.
+        quiet: bool,
+    },
+}
+
 /// An I/O queue pair, owned by one thread. Dropping it deletes the queues.
 #[derive(Debug)]
 pub struct IoQpair {
@@ -27,15 +46,88 @@ pub struct IoQpair {
     qp: QueuePair,
     /// The controller's maximum transfer, read once: it is checked on every command.
     max_transfer: usize,
+    /// The controller generation the queues were created under (see
+    /// [`Controller::generation`]).
+    generation: u64,
 }
 
 impl IoQpair {
-    pub(crate) fn new(ctrl: Arc<Controller>, qp: QueuePair) -> Self {
+    pub(crate) fn new(ctrl: Arc<Controller>, qp: QueuePair, generation: u64) -> Self {
         IoQpair {
             max_transfer: ctrl.max_transfer(),
             ctrl,
             qp,
+            generation,
         }
+    }
+
+    /// The controller generation this queue pair belongs to.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether the controller was reset (or failed) since this queue pair was created, so
+    /// that it no longer exists there: its commands will never complete, and
+    /// [`IoQpair::recover`] must run before it is used again.
+    #[inline]
+    pub fn is_stale(&self) -> bool {
+        self.ctrl.generation() != self.generation
+    }
+
+    /// Whether commands can be posted: not disabled, not stale.
+    pub fn is_usable(&self) -> bool {
+        !self.qp.is_disabled() && !self.is_stale()
+    }
+
+    /// After a reset of the controller (by this thread or another, see
+    /// [`Controller::reset`]): fails every outstanding command through `each` with a
+    /// synthesized abort status (the normal completion path), then re-creates the queue
+    /// pair on the controller if it is ready again. A controller that failed leaves the
+    /// queue disabled, and its memory quarantined unless the controller is quiet.
+    pub fn recover(&mut self, each: impl FnMut(Completion)) -> Recovery {
+        let gen = self.ctrl.generation();
+        let health = self.ctrl.health();
+        self.qp.abort_all(each);
+        match health {
+            Health::Ready => {
+                self.qp.reinit();
+                match self.ctrl.create_queues(&self.qp, gen) {
+                    Ok(()) => {
+                        self.generation = gen;
+                        Recovery::Reissue
+                    }
+                    Err(_) => {
+                        // The controller does not know this queue: nothing of it is
+                        // reachable by the device, but it cannot be used either.
+                        self.qp.disable();
+                        Recovery::Failed { quiet: true }
+                    }
+                }
+            }
+            Health::Failed { quiet } => {
+                if quiet {
+                    self.qp.disable();
+                } else {
+                    self.qp.quarantine();
+                }
+                Recovery::Failed { quiet }
+            }
+        }
+    }
+
+    /// Whether a failed completion may be retried, and after how long: never with Do Not
+    /// Retry set; otherwise after the controller's Command Retry Delay for the CRD index
+    /// in the status (base spec 4.6.1.2, 5.15.2.1), at most [`MAX_RETRY_DELAY`].
+    pub fn retry_after(&self, c: &Completion) -> Option<std::time::Duration> {
+        if c.status.is_success() || c.status.dnr() {
+            return None;
+        }
+        Some(
+            self.ctrl
+                .info()
+                .retry_delay(c.status.crd())
+                .min(MAX_RETRY_DELAY),
+        )
     }
 
     /// The controller.
@@ -153,10 +245,13 @@ impl IoQpair {
         }
     }
 
-    /// Posts the doorbell for everything posted since the last ring.
+    /// Posts the doorbell for everything posted since the last ring. A stale queue pair is
+    /// not rung: its queue no longer exists on the controller.
     #[inline]
     pub fn ring(&mut self) {
-        self.qp.ring(self.ctrl.bar());
+        if !self.is_stale() {
+            self.qp.ring(self.ctrl.bar());
+        }
     }
 
     /// Reaps at most `max` completions.
@@ -165,19 +260,12 @@ impl IoQpair {
         self.qp.poll(self.ctrl.bar(), max, each)
     }
 
-    /// The oldest command past its timeout. A caller that sees one must stop using the
-    /// buffers of every command in flight until [`IoQpair::abandon`] has run.
-    pub fn expired(&self) -> Option<Expired> {
-        self.qp.expired(std::time::Instant::now())
-    }
-
-    /// Gives up on this queue after a timeout: disables the controller so that the device
-    /// stops all DMA, after which in-flight buffers may be reused.
-    pub fn abandon(&mut self) -> Result<()> {
-        let r = self.ctrl.wait_io(&mut self.qp, 0, |_| {});
-        self.qp.disable();
-        self.ctrl.mark_failed();
-        r
+    /// The oldest command past its timeout at `now` (deadlines count from the doorbell
+    /// that handed each command over). A caller that sees one must not reuse the buffers of
+    /// any command in flight until the controller was reset ([`Controller::reset`]) and
+    /// this queue pair recovered ([`IoQpair::recover`]).
+    pub fn expired(&self, now: std::time::Instant) -> Option<Expired> {
+        self.qp.expired(now)
     }
 
     /// The typed error for a failed completion, or Ok.
@@ -345,15 +433,10 @@ impl IoQpair {
         Ok(())
     }
 
-    /// Whether a Copy of `blocks` blocks fits the namespace's limits in one command
-    /// (MSSRL per range, MSRC ranges, MCL in all; NVM command set spec 3.2.2).
+    /// Whether a Copy of `blocks` blocks fits the namespace's limits in one command; see
+    /// [`Controller::copy_fits`].
     pub fn copy_fits(&self, ns: &Namespace, blocks: u64) -> bool {
-        let range_max = (ns.mssrl.max(1) as u64).min(MAX_NLB as u64);
-        let ranges = blocks.div_ceil(range_max);
-        self.ctrl.info().supports_copy()
-            && blocks <= ns.mcl.max(1) as u64
-            && ranges <= ns.msrc.max(1) as u64
-            && ranges as usize * 32 <= PAGE_SIZE
+        self.ctrl.copy_fits(ns, blocks)
     }
 
     /// Posts one Copy (descriptor format 0) of `blocks` blocks from `src` to `dst`, with
@@ -429,7 +512,7 @@ impl IoQpair {
 
 impl Drop for IoQpair {
     fn drop(&mut self) {
-        if !self.qp.is_disabled() && self.ctrl.check_alive().is_ok() {
+        if self.is_usable() && self.ctrl.check_alive().is_ok() {
             // Deleting the SQ aborts whatever is left in it; the CQ goes after its SQ.
             let _ = self.ctrl.wait_io(&mut self.qp, 0, |_| {});
             let _ = self.ctrl.delete_queue(admin::DELETE_SQ, self.qp.qid());

@@ -15,10 +15,10 @@ pub mod sim;
 pub mod spec;
 mod status;
 
-pub use controller::{Controller, ControllerOptions};
+pub use controller::{Controller, ControllerOptions, Health};
 pub use error::{Error, Result};
 pub use identify::{ControllerInfo, Namespace};
-pub use io::{IoQpair, MAX_NLB};
+pub use io::{IoQpair, Recovery, MAX_NLB, MAX_RETRY_DELAY};
 pub use prp::DataPtr;
 pub use queue::{Completion, Expired};
 pub use regs::Bar;

@@ -45,6 +45,8 @@ pub struct Completion {
 struct Tracker {
     busy: bool,
     token: u64,
+    /// When the doorbell that handed this command to the device rang; its deadline counts
+    /// from here, not from when it was written into the ring.
     submitted: Instant,
     opcode: u8,
     nsid: u32,
@@ -77,10 +79,9 @@ pub struct QueuePair {
     /// `sq` and `cq` as raw pointers, taken once: the hot path indexes them by slot.
     sq_base: *mut Sqe,
     cq_base: *mut Cqe,
-    /// When the doorbell last rang: the submission time recorded for timeouts. Reading the
-    /// clock once per batch instead of once per command keeps it off the per-I/O cost; a
-    /// command's age is over-estimated by at most one batch.
-    clock: Instant,
+    /// The command id written into each SQ slot, so that a doorbell can stamp the
+    /// commands it hands over with the time it rang (one clock read per batch).
+    slot_cid: Vec<u16>,
     sq_tail: u16,
     sq_rung: u16,
     cq_head: u16,
@@ -117,6 +118,7 @@ impl QueuePair {
         let cq = pool.alloc_zeroed(entries as usize * CQE_SIZE)?;
         let slots = entries - 1;
         let now = Instant::now();
+        let slot_cid = vec![0; entries as usize];
         let trackers = (0..slots)
             .map(|_| Tracker {
                 busy: false,
@@ -134,7 +136,7 @@ impl QueuePair {
             entries,
             sq_base: sq.as_mut_ptr().cast(),
             cq_base: cq.as_mut_ptr().cast(),
-            clock: now,
+            slot_cid,
             sq,
             cq,
             sq_tail: 0,
@@ -230,7 +232,6 @@ impl QueuePair {
         self.free.pop();
         tracker.busy = true;
         tracker.token = token;
-        tracker.submitted = self.clock;
         tracker.opcode = sqe.opcode();
         tracker.nsid = sqe.nsid;
         tracker.slba = sqe.slba();
@@ -239,6 +240,7 @@ impl QueuePair {
         // keeps allocated and 64-byte aligned (page aligned); the device only reads the
         // ring, and a volatile store hands the whole entry to memory with no reference.
         unsafe { self.sq_base.add(self.sq_tail as usize).write_volatile(sqe) };
+        self.slot_cid[self.sq_tail as usize] = cid;
         self.sq_tail += 1;
         if self.sq_tail == self.entries {
             self.sq_tail = 0;
@@ -247,15 +249,90 @@ impl QueuePair {
     }
 
     /// Tells the controller about every posted entry: one doorbell store for the batch,
-    /// none when nothing new was posted.
+    /// none when nothing new was posted. The commands handed over are stamped with the
+    /// time of this store, which is when their deadlines start.
     #[inline]
     pub fn ring(&mut self, bar: &dyn Bar) {
         if self.sq_tail != self.sq_rung {
             // The entries must be visible in memory before the device can see the new tail.
             fence(Ordering::Release);
             bar.write32(self.sq_doorbell, self.sq_tail as u32);
+            let now = Instant::now();
+            let mut slot = self.sq_rung;
+            while slot != self.sq_tail {
+                let cid = self.slot_cid[slot as usize];
+                if let Some(t) = self.trackers.get_mut(cid as usize) {
+                    t.submitted = now;
+                }
+                slot += 1;
+                if slot == self.entries {
+                    slot = 0;
+                }
+            }
             self.sq_rung = self.sq_tail;
-            self.clock = Instant::now();
+        }
+    }
+
+    /// Fails every outstanding command with a synthesized "Command Aborted due to SQ
+    /// Deletion" completion, passed to `each` exactly as a device's would be (SPDK's
+    /// `nvme_pcie_qpair_abort_trackers`), so that the caller settles commands one way.
+    ///
+    /// Only for a queue whose controller is known to do no more DMA for it: reset
+    /// (CC.EN = 0 observed with CSTS.RDY = 0, base spec 3.7.2), bus mastering off, or
+    /// about to be [`QueuePair::quarantine`]d. The queue is left empty, its indexes where
+    /// they were; [`QueuePair::reinit`] makes it usable again after a reset.
+    pub fn abort_all(&mut self, mut each: impl FnMut(Completion)) -> usize {
+        let mut n = 0;
+        for cid in 0..self.trackers.len() {
+            let t = &mut self.trackers[cid];
+            if !t.busy {
+                continue;
+            }
+            t.busy = false;
+            n += 1;
+            let (token, opcode, nsid, slba) = (t.token, t.opcode, t.nsid, t.slba);
+            self.free.push(cid as u16);
+            each(Completion {
+                token,
+                cid: cid as u16,
+                status: Status::ABORTED_SQ_DELETED,
+                dw0: 0,
+                opcode,
+                nsid,
+                slba,
+            });
+        }
+        n
+    }
+
+    /// Makes the queue new again after its controller was reset (which deletes every
+    /// queue, base spec 3.7.2): empty rings, indexes at zero, phase 1, every tracker free.
+    /// The caller then creates it on the controller again with the same ids.
+    pub fn reinit(&mut self) {
+        debug_assert_eq!(self.outstanding(), 0, "abort_all before reinit");
+        self.sq.zero();
+        self.cq.zero();
+        self.sq_tail = 0;
+        self.sq_rung = 0;
+        self.cq_head = 0;
+        self.phase = 1;
+        self.free.clear();
+        self.free.extend((0..self.trackers.len() as u16).rev());
+        for t in &mut self.trackers {
+            t.busy = false;
+        }
+        self.disabled = false;
+    }
+
+    /// Gives up the queue's memory for good: its rings and PRP-list pages are never
+    /// returned to the pool, because the controller could not be proven to have stopped
+    /// writing them. The queue is disabled.
+    pub fn quarantine(&mut self) {
+        self.disabled = true;
+        self.sq.quarantine();
+        self.cq.quarantine();
+        for page in self.trackers.iter_mut().filter_map(|t| t.prp_list.as_mut()) {
+            page.quarantine();
         }
     }
 

@@ -16,6 +16,12 @@ pub trait Bar: Send + Sync {
         self.len() == 0
     }
 
+    /// Stops the device's DMA by other means than its registers (PCI bus mastering off),
+    /// for a controller that cannot be disabled through CC.EN. True only when confirmed.
+    fn quiesce(&self) -> bool {
+        false
+    }
+
     /// A 64-bit register as two 32-bit loads, low half first (base spec 3.1: the host may
     /// access 64-bit registers as two 32-bit accesses).
     fn read64(&self, offset: usize) -> u64 {

@@ -64,6 +64,10 @@ pub enum StatusKind {
 }
 
 impl Status {
+    /// Command Aborted due to SQ Deletion (generic, SC 08h): what the driver reports for a
+    /// command it stopped waiting for because its queue was torn down by a reset.
+    pub const ABORTED_SQ_DELETED: Status = Status(0x08);
+
     /// From the raw 16-bit CQE status word (bit 0 is the phase tag).
     pub fn from_cqe_word(word: u16) -> Status {
         Status(word >> 1)

@@ -203,6 +203,7 @@ impl DmaPool {
             pool: self.inner.clone(),
             offset,
             len: pages * PAGE_SIZE,
+            quarantined: false,
         })
     }
 
@@ -337,6 +338,8 @@ pub struct DmaBuf {
     offset: usize,
     len: usize,
     iova: Iova,
+    /// Set by [`DmaBuf::quarantine`]: the pages stay allocated after the buffer drops.
+    quarantined: bool,
 }
 
 impl DmaBuf {
@@ -388,6 +391,13 @@ impl DmaBuf {
         self.sub(offset, out.len()).copy_to(out);
     }
 
+    /// Keeps the buffer's pages out of the pool for the pool's life, even after it drops.
+    /// For memory that a device may still write because it could not be proven quiet: no
+    /// later allocation may ever be handed those pages.
+    pub fn quarantine(&mut self) {
+        self.quarantined = true;
+    }
+
     /// Fills the buffer with zeroes.
     pub fn zero(&self) {
         static ZEROES: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
@@ -409,6 +419,9 @@ impl DmaBuf {
 
 impl Drop for DmaBuf {
     fn drop(&mut self) {
+        if self.quarantined {
+            return;
+        }
         let first = self.offset / PAGE_SIZE;
         let pages = self.len / PAGE_SIZE;
         let mut map = self
