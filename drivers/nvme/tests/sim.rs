@@ -634,6 +634,19 @@ fn io_on_a_timed_out_queue_is_refused_as_disabled() {
 }
 
 #[test]
+fn a_controller_reporting_one_queue_entry_is_refused() {
+    // CAP.MQES = 0 means queues of one entry, below the specification's minimum of 2.
+    let pool = DmaPool::unmapped(4 << 20).expect("pool");
+    let sim = SimController::new(cfg_512().max_queue_entries(1), pool.clone());
+    assert_eq!(sim.read64(reg::CAP) & 0xffff, 0, "CAP.MQES is 0");
+    let err = Controller::new("sim0", sim.clone() as Arc<dyn Bar>, pool, quick()).unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("sim0") && msg.contains("CAP.MQES"), "{msg}");
+    assert!(!sim.is_ready(), "refused before the controller was enabled");
+}
+
+#[test]
 fn controller_fatal_status_fails_bring_up() {
     let pool = DmaPool::unmapped(4 << 20).expect("pool");
     let sim = SimController::new(cfg_512(), pool.clone());

@@ -118,9 +118,10 @@ impl SimConfig {
         self
     }
 
-    /// CAP.MQES as a count of entries (2 to 65536).
+    /// CAP.MQES as a count of entries (1 to 65536). The specification's minimum is 2; 1
+    /// (MQES = 0) exists to test the driver's refusal of such a controller.
     pub fn max_queue_entries(mut self, entries: u32) -> Self {
-        self.max_queue_entries = entries.clamp(2, 1 << 16);
+        self.max_queue_entries = entries.clamp(1, 1 << 16);
         self
     }
 
