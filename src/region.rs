@@ -122,7 +122,12 @@ impl Region {
         blocks: u64,
         default_len: Option<u64>,
     ) -> Result<Region> {
-        let capacity = blocks * lba_size as u64;
+        let capacity = blocks.checked_mul(lba_size as u64).ok_or_else(|| {
+            Error::Usage(format!(
+                "{}/{}: {blocks} blocks of {lba_size} bytes is more than 2^64 bytes; the device's Identify data is not believable",
+                spec.addr, spec.nsid
+            ))
+        })?;
         let len = spec
             .len
             .or(default_len)
@@ -242,5 +247,16 @@ mod tests {
         let b = Region::check(&"00:10.0@12288+4096".parse().unwrap(), 0, 4096, 4, None).unwrap();
         assert!(!b.overlaps(&a));
         assert!(!Region { ctrl: 1, ..a }.overlaps(&a));
+    }
+
+    #[test]
+    fn a_namespace_too_large_for_u64_bytes_is_refused() {
+        let spec: RegionSpec = "00:10.0".parse().unwrap();
+        let e = Region::check(&spec, 0, 4096, u64::MAX, None).unwrap_err();
+        assert!(matches!(e, Error::Usage(_)), "{e}");
+        assert!(e.to_string().contains("00:10.0"), "{e}");
+        // The largest block count whose bytes fit is still usable.
+        let r = Region::check(&spec, 0, 4096, u64::MAX / 4096, None).unwrap();
+        assert_eq!(r.len, u64::MAX / 4096 * 4096);
     }
 }

@@ -406,6 +406,14 @@ impl Controller {
                 lba_size: ns.lba_size as u64,
             });
         }
+        if ns.capacity().is_none() {
+            return Err(Error::NamespaceTooLarge {
+                ctrl: self.name.clone(),
+                nsid,
+                blocks: ns.blocks,
+                lba_size: ns.lba_size,
+            });
+        }
         Ok(ns)
     }
 

@@ -145,9 +145,17 @@ impl Namespace {
         }
     }
 
-    /// Capacity in bytes.
+    /// Capacity in bytes, or None when NSZE times the block size does not fit in a u64.
+    /// No real namespace is that large (16 EiB); [`crate::Controller::namespace`] refuses
+    /// one that claims to be.
+    pub fn capacity(&self) -> Option<u64> {
+        self.blocks.checked_mul(self.lba_size as u64)
+    }
+
+    /// Capacity in bytes, saturated at `u64::MAX` (see [`Namespace::capacity`]): for
+    /// display. Namespaces nvcopy does I/O on never saturate.
     pub fn bytes(&self) -> u64 {
-        self.blocks * self.lba_size as u64
+        self.capacity().unwrap_or(u64::MAX)
     }
 }
 
@@ -220,5 +228,22 @@ mod tests {
             parse_ns_list(&[1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0]),
             vec![1, 2]
         );
+    }
+
+    #[test]
+    fn a_namespace_size_past_u64_bytes_does_not_overflow() {
+        // NSZE is whatever the device says: u64::MAX blocks of 4096 bytes is not 2^76 bytes.
+        let mut b = vec![0u8; 4096];
+        b[0..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        b[128..132].copy_from_slice(&(12u32 << 16).to_le_bytes());
+        let ns = Namespace::parse(1, &b);
+        assert_eq!((ns.blocks, ns.lba_size), (u64::MAX, 4096));
+        assert_eq!(ns.capacity(), None);
+        assert_eq!(ns.bytes(), u64::MAX, "saturates");
+        let fits = Namespace {
+            blocks: u64::MAX / 4096,
+            ..ns
+        };
+        assert_eq!(fits.capacity(), Some(u64::MAX / 4096 * 4096));
     }
 }
