@@ -140,7 +140,7 @@ pub fn resolve(engine: &Engine, req: &JobRequest) -> Result<(Option<Region>, Vec
                     d.len, f.len
                 )));
             }
-            if d.overlaps(f) {
+            if d.overlaps_in(f, engine.controllers()) {
                 return Err(Error::Usage(format!("destination {spec} overlaps the source {src}: nvcopy never writes over the data it reads")));
             }
         } else if let Some(first) = to.first().map(|r: &Region| r.len) {
@@ -148,7 +148,10 @@ pub fn resolve(engine: &Engine, req: &JobRequest) -> Result<(Option<Region>, Vec
                 return Err(Error::Usage(format!("destination {spec} is {} bytes but the first is {first}: give them the same length", d.len)));
             }
         }
-        if let Some(j) = to.iter().position(|o: &Region| o.overlaps(&d)) {
+        if let Some(j) = to
+            .iter()
+            .position(|o: &Region| o.overlaps_in(&d, engine.controllers()))
+        {
             return Err(Error::Usage(format!(
                 "destinations {} and {spec} overlap",
                 req.to[j]

@@ -5,6 +5,9 @@
 use std::fmt;
 use std::str::FromStr;
 
+use std::sync::Arc;
+
+use nvcopy_nvme::Controller;
 use nvcopy_vfio::PciAddress;
 
 use crate::error::{Error, Result};
@@ -192,12 +195,37 @@ impl Region {
         Ok(())
     }
 
-    /// Whether two regions on the same namespace share a byte.
+    /// Whether two regions on the same namespace of the same controller share a byte.
     pub fn overlaps(&self, other: &Region) -> bool {
-        self.ctrl == other.ctrl
-            && self.nsid == other.nsid
-            && self.offset < other.offset + other.len
-            && other.offset < self.offset + self.len
+        self.ctrl == other.ctrl && self.nsid == other.nsid && self.shares_bytes_with(other)
+    }
+
+    /// Whether two regions share a byte of the same media, `controllers` being the list
+    /// their `ctrl` indexes: on one controller and namespace id, or on namespaces that
+    /// [`nvcopy_nvme::Namespace::same_media`] says are one (a namespace reached through
+    /// two controllers).
+    pub fn overlaps_in(&self, other: &Region, controllers: &[Arc<Controller>]) -> bool {
+        if !self.shares_bytes_with(other) {
+            return false;
+        }
+        if self.ctrl == other.ctrl && self.nsid == other.nsid {
+            return true;
+        }
+        let find = |r: &Region| {
+            let c = controllers.get(r.ctrl)?;
+            let ns = c.namespaces().iter().find(|n| n.nsid == r.nsid)?;
+            Some((ns, c.info()))
+        };
+        match (find(self), find(other)) {
+            (Some((a, ai)), Some((b, bi))) => a.same_media(ai, b, bi),
+            _ => false,
+        }
+    }
+
+    /// Whether the byte ranges intersect, whatever namespace they are on.
+    fn shares_bytes_with(&self, other: &Region) -> bool {
+        self.offset < other.offset.saturating_add(other.len)
+            && other.offset < self.offset.saturating_add(self.len)
     }
 }
 
