@@ -92,8 +92,22 @@ impl Summary {
     }
 }
 
+/// Most 4 KiB pages a client may reserve (`--num-pages`): page indices are 32-bit, and
+/// that is already 16 TiB of pinned DMA memory.
+pub const MAX_NUM_PAGES: usize = u32::MAX as usize;
+
+fn check_num_pages(num_pages: usize) -> Result<()> {
+    if num_pages > MAX_NUM_PAGES {
+        return Err(Error::Usage(format!(
+            "--num-pages {num_pages} is too many: a client reserves at most {MAX_NUM_PAGES} 4 KiB pages (16 TiB), and they must fit in memory; give fewer, or leave --num-pages out for enough for every chunk in flight"
+        )));
+    }
+    Ok(())
+}
+
 /// Refuses requests that are wrong whatever the devices say.
 pub fn precheck(req: &JobRequest) -> Result<()> {
+    check_num_pages(req.num_pages)?;
     if req.to.is_empty() {
         return Err(Error::Usage(
             "give at least one destination with --to".into(),
@@ -126,7 +140,7 @@ pub fn resolve(engine: &Engine, req: &JobRequest) -> Result<(Option<Region>, Vec
                     d.len, f.len
                 )));
             }
-            if d.overlaps(f) {
+            if d.overlaps_in(f, engine.controllers()) {
                 return Err(Error::Usage(format!("destination {spec} overlaps the source {src}: nvcopy never writes over the data it reads")));
             }
         } else if let Some(first) = to.first().map(|r: &Region| r.len) {
@@ -134,7 +148,10 @@ pub fn resolve(engine: &Engine, req: &JobRequest) -> Result<(Option<Region>, Vec
                 return Err(Error::Usage(format!("destination {spec} is {} bytes but the first is {first}: give them the same length", d.len)));
             }
         }
-        if let Some(j) = to.iter().position(|o: &Region| o.overlaps(&d)) {
+        if let Some(j) = to
+            .iter()
+            .position(|o: &Region| o.overlaps_in(&d, engine.controllers()))
+        {
             return Err(Error::Usage(format!(
                 "destinations {} and {spec} overlap",
                 req.to[j]
@@ -146,10 +163,28 @@ pub fn resolve(engine: &Engine, req: &JobRequest) -> Result<(Option<Region>, Vec
 }
 
 /// Pool bytes for an engine: the client's pages plus each reactor's chunk descriptors,
-/// zero page and queue memory (rings and one PRP list page per queue entry).
-pub fn pool_bytes(num_pages: usize, eo: &EngineOptions, controllers: usize) -> usize {
-    let per_queue = eo.queue_entries as usize * (64 + 16 + 4096);
-    num_pages * 4096 + eo.reactors * ((eo.qd + 1) * 4096 + controllers * per_queue) + (4 << 20)
+/// zero page and queue memory (rings and one PRP list page per queue entry). Refuses
+/// sizes that do not fit in the address space rather than wrapping.
+pub fn pool_bytes(num_pages: usize, eo: &EngineOptions, controllers: usize) -> Result<usize> {
+    check_num_pages(num_pages)?;
+    let per_queue = (eo.queue_entries as usize).checked_mul(64 + 16 + 4096);
+    let per_reactor = eo
+        .qd
+        .checked_add(1)
+        .and_then(|n| n.checked_mul(4096))
+        .zip(per_queue.and_then(|q| q.checked_mul(controllers)))
+        .and_then(|(descs, queues)| descs.checked_add(queues));
+    num_pages
+        .checked_mul(4096)
+        .zip(per_reactor.and_then(|r| r.checked_mul(eo.reactors)))
+        .and_then(|(pages, reactors)| pages.checked_add(reactors))
+        .and_then(|b| b.checked_add(4 << 20))
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "a DMA pool for {num_pages} pages, {} reactor(s) of queue depth {} and {controllers} controller(s) does not fit in memory: lower --num-pages, --cores or --qd",
+                eo.reactors, eo.qd
+            ))
+        })
 }
 
 /// Runs a copy or zero job end to end.
@@ -174,7 +209,7 @@ pub fn run(
         eo.qd * eo.reactors * (eo.chunk / 4096).max(1)
     };
     let mut po = platform.clone();
-    po.pool_bytes = pool_bytes(num_pages, eo, addrs.len());
+    po.pool_bytes = pool_bytes(num_pages, eo, addrs.len())?;
     let engine = Engine::open(&addrs, &po, eo.clone())?;
     let (from, to) = resolve(&engine, req)?;
     let client = Client::new(&engine, num_pages)?;
@@ -241,5 +276,46 @@ fn watch(handle: &JobHandle, show_progress: bool) -> JobOutcome {
             done as f64 * 100.0 / handle.len() as f64,
             rate / 1e6
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(num_pages: usize) -> JobRequest {
+        JobRequest {
+            from: None,
+            to: vec!["0000:00:10.0".parse().unwrap()],
+            flags: Flags::NONE,
+            num_pages,
+        }
+    }
+
+    #[test]
+    fn num_pages_that_would_overflow_the_pool_size_are_refused() {
+        let eo = EngineOptions::default();
+        let huge = 1usize << 52;
+        for n in [huge, usize::MAX, MAX_NUM_PAGES + 1] {
+            let e = pool_bytes(n, &eo, 2).unwrap_err();
+            assert!(matches!(e, Error::Usage(_)), "{e}");
+            assert!(e.to_string().contains("--num-pages"), "{e}");
+            let e = precheck(&request(n)).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&MAX_NUM_PAGES.to_string()) && msg.contains("give fewer"),
+                "{msg}"
+            );
+        }
+        let most = pool_bytes(MAX_NUM_PAGES, &eo, 2).unwrap();
+        assert!(most > MAX_NUM_PAGES * 4096);
+        assert!(precheck(&request(MAX_NUM_PAGES)).is_ok());
+        assert!(precheck(&request(0)).is_ok());
+        // The rest of the sizing is checked too, whatever the options.
+        let wild = EngineOptions {
+            reactors: usize::MAX,
+            ..EngineOptions::default()
+        };
+        assert!(matches!(pool_bytes(16, &wild, 2), Err(Error::Usage(_))));
     }
 }

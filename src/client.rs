@@ -251,11 +251,14 @@ impl Client {
                 return Err(Error::Usage(format!("destination {i} is {} bytes, but the job is {len}: give every region the same length", d.len)));
             }
             if let Some(f) = from {
-                if d.overlaps(f) {
+                if d.overlaps_in(f, &e.controllers) {
                     return Err(Error::Usage(format!("destination {i} overlaps the source: nvcopy never writes over the data it reads")));
                 }
             }
-            if let Some(j) = to[..i].iter().position(|o| o.overlaps(d)) {
+            if let Some(j) = to[..i]
+                .iter()
+                .position(|o| o.overlaps_in(d, &e.controllers))
+            {
                 return Err(Error::Usage(format!("destinations {j} and {i} overlap")));
             }
         }

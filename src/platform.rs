@@ -78,6 +78,8 @@ pub struct Platform {
 impl Platform {
     /// Opens and initialises the controllers at `addrs` (duplicates are opened once).
     pub fn open(addrs: &[PciAddress], opts: &PlatformOptions) -> Result<Platform> {
+        // Options that can never work are refused before any device is touched.
+        opts.page_kind.check_mode(opts.mode)?;
         // Sysfs first: "no such device" and "not bound to vfio-pci" are the likelier
         // mistakes, and they say more than a missing /dev/vfio would.
         let mut trace = StartupTrace::new();
@@ -150,5 +152,38 @@ impl Platform {
             pool,
             controllers,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn noiommu_with_small_pages_is_refused_before_any_device_is_opened() {
+        let opts = PlatformOptions {
+            mode: IommuMode::NoIommu,
+            page_kind: PageKind::Small,
+            ..Default::default()
+        };
+        // No such function exists: had it looked for the device first, this would be a
+        // "no PCI function" error.
+        let addr: PciAddress = "0000:ff:1f.7".parse().unwrap();
+        let e = match Platform::open(&[addr], &opts) {
+            Ok(_) => panic!("no-IOMMU mode with 4 KiB pages was accepted"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(
+                e,
+                crate::Error::Platform(nvcopy_vfio::Error::NoIommuSmallPages)
+            ),
+            "{e}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("migrate") && msg.contains("hugepages"),
+            "{msg}"
+        );
     }
 }

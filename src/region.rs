@@ -5,6 +5,9 @@
 use std::fmt;
 use std::str::FromStr;
 
+use std::sync::Arc;
+
+use nvcopy_nvme::Controller;
 use nvcopy_vfio::PciAddress;
 
 use crate::error::{Error, Result};
@@ -122,7 +125,12 @@ impl Region {
         blocks: u64,
         default_len: Option<u64>,
     ) -> Result<Region> {
-        let capacity = blocks * lba_size as u64;
+        let capacity = blocks.checked_mul(lba_size as u64).ok_or_else(|| {
+            Error::Usage(format!(
+                "{}/{}: {blocks} blocks of {lba_size} bytes is more than 2^64 bytes; the device's Identify data is not believable",
+                spec.addr, spec.nsid
+            ))
+        })?;
         let len = spec
             .len
             .or(default_len)
@@ -187,12 +195,37 @@ impl Region {
         Ok(())
     }
 
-    /// Whether two regions on the same namespace share a byte.
+    /// Whether two regions on the same namespace of the same controller share a byte.
     pub fn overlaps(&self, other: &Region) -> bool {
-        self.ctrl == other.ctrl
-            && self.nsid == other.nsid
-            && self.offset < other.offset + other.len
-            && other.offset < self.offset + self.len
+        self.ctrl == other.ctrl && self.nsid == other.nsid && self.shares_bytes_with(other)
+    }
+
+    /// Whether two regions share a byte of the same media, `controllers` being the list
+    /// their `ctrl` indexes: on one controller and namespace id, or on namespaces that
+    /// [`nvcopy_nvme::Namespace::same_media`] says are one (a namespace reached through
+    /// two controllers).
+    pub fn overlaps_in(&self, other: &Region, controllers: &[Arc<Controller>]) -> bool {
+        if !self.shares_bytes_with(other) {
+            return false;
+        }
+        if self.ctrl == other.ctrl && self.nsid == other.nsid {
+            return true;
+        }
+        let find = |r: &Region| {
+            let c = controllers.get(r.ctrl)?;
+            let ns = c.namespaces().iter().find(|n| n.nsid == r.nsid)?;
+            Some((ns, c.info()))
+        };
+        match (find(self), find(other)) {
+            (Some((a, ai)), Some((b, bi))) => a.same_media(ai, b, bi),
+            _ => false,
+        }
+    }
+
+    /// Whether the byte ranges intersect, whatever namespace they are on.
+    fn shares_bytes_with(&self, other: &Region) -> bool {
+        self.offset < other.offset.saturating_add(other.len)
+            && other.offset < self.offset.saturating_add(self.len)
     }
 }
 
@@ -242,5 +275,16 @@ mod tests {
         let b = Region::check(&"00:10.0@12288+4096".parse().unwrap(), 0, 4096, 4, None).unwrap();
         assert!(!b.overlaps(&a));
         assert!(!Region { ctrl: 1, ..a }.overlaps(&a));
+    }
+
+    #[test]
+    fn a_namespace_too_large_for_u64_bytes_is_refused() {
+        let spec: RegionSpec = "00:10.0".parse().unwrap();
+        let e = Region::check(&spec, 0, 4096, u64::MAX, None).unwrap_err();
+        assert!(matches!(e, Error::Usage(_)), "{e}");
+        assert!(e.to_string().contains("00:10.0"), "{e}");
+        // The largest block count whose bytes fit is still usable.
+        let r = Region::check(&spec, 0, 4096, u64::MAX / 4096, None).unwrap();
+        assert_eq!(r.len, u64::MAX / 4096 * 4096);
     }
 }

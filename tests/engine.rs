@@ -639,3 +639,71 @@ fn bad_regions_are_refused_before_any_io() {
         "no I/O was issued"
     );
 }
+
+#[test]
+fn one_namespace_through_two_controllers_is_one_media_for_overlaps() {
+    // Both controllers expose the same namespace as nsid 1 (same NGUID); nsid 2 is each
+    // controller's own.
+    let shared = |serial: &str| {
+        SimConfig::new()
+            .serial(serial)
+            .namespace(NamespaceConfig::new(512, 8 * MIB / 512).nguid([0x5a; 16]))
+            .namespace(NamespaceConfig::new(512, 8 * MIB / 512))
+    };
+    let rig = Rig::new(vec![shared("A"), shared("B")], opts());
+    let client = Client::new(&rig.engine, 64).unwrap();
+    let no_io = |rig: &Rig| {
+        (0..2).all(|c| rig.io(c, io::READ) + rig.io(c, io::WRITE) + rig.io(c, io::COPY) == 0)
+    };
+    let src = rig.region(0, 1, 0, MIB);
+    let refused: Vec<(Region, Vec<Region>, &str)> = vec![
+        // Source and destination overlap on the shared media.
+        (
+            src,
+            vec![rig.region(1, 1, MIB / 2, MIB)],
+            "overlaps the source",
+        ),
+        (src, vec![rig.region(1, 1, 0, MIB)], "overlaps the source"),
+        // Two destinations overlap on it, through different controllers.
+        (
+            rig.region(0, 2, 0, MIB),
+            vec![
+                rig.region(0, 1, 4 * MIB, MIB),
+                rig.region(1, 1, 4 * MIB + 4096, MIB),
+            ],
+            "destinations 0 and 1 overlap",
+        ),
+    ];
+    for (from, to, why) in refused {
+        let err = client
+            .copy(&from, &to, Flags::NONE, |_, _| {})
+            .err()
+            .expect(why)
+            .to_string();
+        assert!(err.contains(why), "expected {why:?} in {err:?}");
+    }
+    let twice = [rig.region(1, 1, 0, MIB), rig.region(0, 1, 0, MIB)];
+    let err = client
+        .zero(&twice, Flags::NONE, |_, _| {})
+        .err()
+        .expect("zero");
+    assert!(
+        err.to_string().contains("destinations 0 and 1 overlap"),
+        "{err}"
+    );
+    assert!(no_io(&rig), "nothing was read or written");
+
+    // Disjoint ranges of the shared namespace, and the same range of the unshared nsid 2
+    // on both controllers, are fine.
+    let bytes = data(41, MIB);
+    rig.put(&src, &bytes);
+    let far = rig.region(1, 1, 2 * MIB, MIB);
+    assert!(ok(&client
+        .copy_blocking(&src, &[far], Flags::NONE)
+        .unwrap()));
+    assert!(rig.get(&far) == bytes);
+    let own = [rig.region(0, 2, 0, MIB), rig.region(1, 2, 0, MIB)];
+    assert!(ok(&client
+        .copy_blocking(&own[0], &own[1..], Flags::NONE)
+        .unwrap()));
+}

@@ -304,6 +304,14 @@ impl Controller {
                 cap.mps_min()
             )));
         }
+        if cap.mqes() < 2 {
+            // MQES is 0-based, so 0 means one-entry queues: the spec's minimum is 2, and a
+            // queue of one entry could never hold a command (it is full when empty).
+            return Err(unsupported(format!(
+                "CAP.MQES reports queues of at most {} entry; the NVMe specification requires at least 2. The device is out of spec: update its firmware or use another controller",
+                cap.mqes()
+            )));
+        }
         let stride = cap.doorbell_stride();
         if doorbell_offset(1, true, stride) + 4 > bar.len() {
             return Err(unsupported(format!(
@@ -462,6 +470,14 @@ impl Controller {
                 lba_size: ns.lba_size as u64,
             });
         }
+        if ns.capacity().is_none() {
+            return Err(Error::NamespaceTooLarge {
+                ctrl: self.name.clone(),
+                nsid,
+                blocks: ns.blocks,
+                lba_size: ns.lba_size,
+            });
+        }
         Ok(ns)
     }
 
@@ -616,7 +632,7 @@ impl Controller {
             i as u16 + 1
         };
         let stride = self.cap.doorbell_stride();
-        let entries = entries.clamp(2, self.cap.mqes().min(u16::MAX as u32) as u16);
+        let entries = entries.clamp(2, self.cap.mqes().clamp(2, u16::MAX as u32) as u16);
         let made = (|| {
             if doorbell_offset(qid, true, stride) + 4 > self.bar.len() {
                 return Err(Error::Unsupported {

@@ -112,6 +112,20 @@ pub enum Error {
         lba_size: u64,
     },
 
+    /// A namespace whose size in bytes (NSZE times the block size) does not fit in 64 bits:
+    /// the Identify data cannot be right.
+    #[error("{ctrl}: namespace {nsid} reports {blocks} blocks of {lba_size} bytes, more than 2^64 bytes; its Identify Namespace data is not believable: check the device's firmware, or pick another namespace")]
+    NamespaceTooLarge {
+        /// Controller.
+        ctrl: String,
+        /// Namespace.
+        nsid: u32,
+        /// NSZE as reported.
+        blocks: u64,
+        /// Its LBA size.
+        lba_size: u32,
+    },
+
     /// No such active namespace.
     #[error("{ctrl}: no active namespace {nsid} (active: {active})")]
     NoNamespace {

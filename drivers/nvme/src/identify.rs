@@ -33,6 +33,9 @@ pub struct ControllerInfo {
     pub nn: u32,
     /// Command Retry Delay Times 1-3, in 100 ms units (bytes 134-139).
     pub crdt: [u16; 3],
+    /// NVM Subsystem NVMe Qualified Name (bytes 768-1023), empty when not reported.
+    /// Controllers of one subsystem report the same NQN.
+    pub subnqn: String,
 }
 
 impl ControllerInfo {
@@ -52,6 +55,7 @@ impl ControllerInfo {
             vwc: b[525] & 1 == 1,
             ocfs: le::u16(b, 534),
             crdt: [le::u16(b, 134), le::u16(b, 136), le::u16(b, 138)],
+            subnqn: nul_terminated(&b[768..1024]),
         }
     }
 
@@ -115,6 +119,10 @@ pub struct Namespace {
     pub mcl: u32,
     /// Maximum Source Range Count of Copy, as a count (the field is 0-based).
     pub msrc: u16,
+    /// Namespace Globally Unique Identifier (bytes 104-119); all zeroes when not reported.
+    pub nguid: [u8; 16],
+    /// IEEE Extended Unique Identifier (bytes 120-127); all zeroes when not reported.
+    pub eui64: [u8; 8],
 }
 
 impl Namespace {
@@ -142,13 +150,62 @@ impl Namespace {
             mssrl: le::u16(b, 74),
             mcl: le::u32(b, 76),
             msrc: b[80] as u16 + 1,
+            nguid: array(b, 104),
+            eui64: array(b, 120),
         }
     }
 
-    /// Capacity in bytes.
-    pub fn bytes(&self) -> u64 {
-        self.blocks * self.lba_size as u64
+    /// Whether `self`, reached through a controller that identified as `self_ctrl`, and
+    /// `other`, reached through `other_ctrl`, are one namespace: the same media seen
+    /// through two controllers (of a multi-controller subsystem, or two functions of one
+    /// device). The first identifier both report decides: NGUID, then EUI64. When they
+    /// have none in common, the subsystem NQN and namespace id do, since namespace ids
+    /// are unique within a subsystem. All-zero identifiers and an empty NQN mean "not
+    /// reported"; with nothing to compare the answer is false, so callers must still
+    /// treat one controller and one namespace id as the same media.
+    pub fn same_media(
+        &self,
+        self_ctrl: &ControllerInfo,
+        other: &Namespace,
+        other_ctrl: &ControllerInfo,
+    ) -> bool {
+        let reported = |id: &[u8]| id.iter().any(|&x| x != 0);
+        if reported(&self.nguid) && reported(&other.nguid) {
+            return self.nguid == other.nguid;
+        }
+        if reported(&self.eui64) && reported(&other.eui64) {
+            return self.eui64 == other.eui64;
+        }
+        !self_ctrl.subnqn.is_empty()
+            && self_ctrl.subnqn == other_ctrl.subnqn
+            && self.nsid == other.nsid
     }
+
+    /// Capacity in bytes, or None when NSZE times the block size does not fit in a u64.
+    /// No real namespace is that large (16 EiB); [`crate::Controller::namespace`] refuses
+    /// one that claims to be.
+    pub fn capacity(&self) -> Option<u64> {
+        self.blocks.checked_mul(self.lba_size as u64)
+    }
+
+    /// Capacity in bytes, saturated at `u64::MAX` (see [`Namespace::capacity`]): for
+    /// display. Namespaces nvcopy does I/O on never saturate.
+    pub fn bytes(&self) -> u64 {
+        self.capacity().unwrap_or(u64::MAX)
+    }
+}
+
+/// `N` bytes of `b` from `at`, as they are (identifiers are compared, not interpreted).
+fn array<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(&b[at..at + N]);
+    a
+}
+
+/// A UTF-8 string field padded with NULs (an NQN).
+fn nul_terminated(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).trim().to_string()
 }
 
 /// Parses an Active Namespace ID list: ascending ids, ended by the first zero.
@@ -199,6 +256,59 @@ mod tests {
                 && c.supports_doorbell_buffer()
         );
         assert_eq!(c.nn, 256);
+        assert_eq!(c.subnqn, "");
+        let nqn = b"nqn.2014-08.org.example:subsys-1";
+        b[768..768 + nqn.len()].copy_from_slice(nqn);
+        assert_eq!(
+            ControllerInfo::parse(&b).subnqn,
+            "nqn.2014-08.org.example:subsys-1"
+        );
+    }
+
+    #[test]
+    fn parses_namespace_identifiers() {
+        let mut b = vec![0u8; 4096];
+        b[128..132].copy_from_slice(&(9u32 << 16).to_le_bytes());
+        let none = Namespace::parse(1, &b);
+        assert_eq!((none.nguid, none.eui64), ([0; 16], [0; 8]));
+        let nguid: [u8; 16] = std::array::from_fn(|i| i as u8 + 1);
+        b[104..120].copy_from_slice(&nguid);
+        b[120..128].copy_from_slice(&[0xa0, 1, 2, 3, 4, 5, 6, 7]);
+        let ns = Namespace::parse(1, &b);
+        assert_eq!(ns.nguid, nguid);
+        assert_eq!(ns.eui64, [0xa0, 1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(
+            ns.lba_size, 512,
+            "the LBA formats that follow are unchanged"
+        );
+    }
+
+    #[test]
+    fn same_media_by_nguid_then_eui64_then_subsystem_and_nsid() {
+        let ctrl = |nqn: &str| ControllerInfo {
+            subnqn: nqn.into(),
+            ..Default::default()
+        };
+        let ns = |nsid: u32, nguid: u8, eui64: u8| Namespace {
+            nsid,
+            nguid: [nguid; 16],
+            eui64: [eui64; 8],
+            ..Default::default()
+        };
+        let (a, b, none) = (ctrl("nqn.a"), ctrl("nqn.b"), ctrl(""));
+        // NGUID reported by both decides, whatever the NQNs, nsids and EUI64s say.
+        assert!(ns(1, 7, 0).same_media(&a, &ns(2, 7, 9), &b));
+        assert!(!ns(1, 7, 0).same_media(&a, &ns(1, 8, 0), &a));
+        // NGUID on one side only: EUI64 decides.
+        assert!(ns(1, 7, 3).same_media(&a, &ns(1, 0, 3), &b));
+        assert!(!ns(1, 7, 3).same_media(&a, &ns(1, 0, 4), &a));
+        // No identifier in common: subsystem NQN and nsid.
+        assert!(ns(1, 0, 0).same_media(&a, &ns(1, 0, 0), &a));
+        assert!(ns(1, 7, 0).same_media(&a, &ns(1, 0, 3), &a));
+        assert!(!ns(1, 0, 0).same_media(&a, &ns(2, 0, 0), &a));
+        assert!(!ns(1, 0, 0).same_media(&a, &ns(1, 0, 0), &b));
+        // Nothing reported at all: not known to be the same.
+        assert!(!ns(1, 0, 0).same_media(&none, &ns(1, 0, 0), &none));
     }
 
     #[test]
@@ -220,5 +330,22 @@ mod tests {
             parse_ns_list(&[1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0]),
             vec![1, 2]
         );
+    }
+
+    #[test]
+    fn a_namespace_size_past_u64_bytes_does_not_overflow() {
+        // NSZE is whatever the device says: u64::MAX blocks of 4096 bytes is not 2^76 bytes.
+        let mut b = vec![0u8; 4096];
+        b[0..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        b[128..132].copy_from_slice(&(12u32 << 16).to_le_bytes());
+        let ns = Namespace::parse(1, &b);
+        assert_eq!((ns.blocks, ns.lba_size), (u64::MAX, 4096));
+        assert_eq!(ns.capacity(), None);
+        assert_eq!(ns.bytes(), u64::MAX, "saturates");
+        let fits = Namespace {
+            blocks: u64::MAX / 4096,
+            ..ns
+        };
+        assert_eq!(fits.capacity(), Some(u64::MAX / 4096 * 4096));
     }
 }

@@ -146,6 +146,40 @@ fn init_reads_identify_fields() {
     assert_eq!(c.admin_commands(admin::SET_FEATURES), 1);
 }
 
+#[test]
+fn init_reads_namespace_identifiers_and_the_subsystem_nqn() {
+    let nguid = [0x11; 16];
+    let cfg = |nqn: Option<&str>| {
+        let c = SimConfig::new()
+            .namespace(NamespaceConfig::new(512, 4096).nguid(nguid))
+            .namespace(NamespaceConfig::new(512, 4096).eui64([0x22; 8]))
+            .namespace(NamespaceConfig::new(512, 4096));
+        match nqn {
+            Some(n) => c.subsystem_nqn(n),
+            None => c,
+        }
+    };
+    let a = Rig::new(cfg(Some("nqn.2024-01.dev.nvcopy:shared")));
+    assert_eq!(a.ctrl.info().subnqn, "nqn.2024-01.dev.nvcopy:shared");
+    let ns = a.ctrl.namespaces();
+    assert_eq!((ns[0].nguid, ns[0].eui64), (nguid, [0; 8]));
+    assert_eq!((ns[1].nguid, ns[1].eui64), ([0; 16], [0x22; 8]));
+    assert_eq!((ns[2].nguid, ns[2].eui64), ([0; 16], [0; 8]));
+    // Default NQNs differ between controllers, even with the same serial number.
+    let (b, c) = (Rig::new(cfg(None)), Rig::new(cfg(None)));
+    let (bi, ci) = (b.ctrl.info(), c.ctrl.info());
+    assert!(bi.subnqn.starts_with("nqn.") && bi.subnqn != ci.subnqn);
+    let (b3, c3) = (&b.ctrl.namespaces()[2], &c.ctrl.namespaces()[2]);
+    assert!(!b3.same_media(bi, c3, ci), "separate subsystems");
+    assert!(b.ctrl.namespaces()[0].same_media(bi, &c.ctrl.namespaces()[0], ci));
+    let shared = Rig::new(cfg(Some("nqn.2024-01.dev.nvcopy:shared")));
+    assert!(ns[2].same_media(
+        a.ctrl.info(),
+        &shared.ctrl.namespaces()[2],
+        shared.ctrl.info()
+    ));
+}
+
 /// Writes a pattern at the first and last LBA (and the last four), checks it through the
 /// backdoor, and reads it back through the driver.
 fn first_and_last_lba(lba_size: u32, blocks: u64) {
@@ -631,6 +665,19 @@ fn io_on_a_timed_out_queue_is_refused_as_disabled() {
     );
     let err = q.read_sync(&ns, 0, &buf, 512).unwrap_err();
     assert!(matches!(err, Error::QueueDisabled { qid: 1, .. }), "{err}");
+}
+
+#[test]
+fn a_controller_reporting_one_queue_entry_is_refused() {
+    // CAP.MQES = 0 means queues of one entry, below the specification's minimum of 2.
+    let pool = DmaPool::unmapped(4 << 20).expect("pool");
+    let sim = SimController::new(cfg_512().max_queue_entries(1), pool.clone());
+    assert_eq!(sim.read64(reg::CAP) & 0xffff, 0, "CAP.MQES is 0");
+    let err = Controller::new("sim0", sim.clone() as Arc<dyn Bar>, pool, quick()).unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("sim0") && msg.contains("CAP.MQES"), "{msg}");
+    assert!(!sim.is_ready(), "refused before the controller was enabled");
 }
 
 #[test]

@@ -28,6 +28,18 @@ pub enum PageKind {
     Small,
 }
 
+impl PageKind {
+    /// Refuses a kind of page that cannot back DMA memory in `mode`. No-IOMMU mode hands
+    /// the device physical addresses, so the pages must never move: locked 4 KiB pages
+    /// still may (compaction, NUMA balancing), 2 MiB hugetlb pages do not.
+    pub fn check_mode(self, mode: IommuMode) -> Result<()> {
+        match (mode, self) {
+            (IommuMode::NoIommu, PageKind::Small) => Err(Error::NoIommuSmallPages),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// How a pool offset becomes a device address.
 #[derive(Debug)]
 enum Translation {
@@ -81,6 +93,7 @@ impl DmaPool {
     /// Allocates `bytes` (rounded up to whole pages of `kind`) and maps them for every device
     /// of `vfio`. Open the devices first: the IOMMU's usable ranges are known only then.
     pub fn new(vfio: &Arc<Vfio>, bytes: usize, kind: PageKind) -> Result<DmaPool> {
+        kind.check_mode(vfio.mode())?;
         let unit = match kind {
             PageKind::Huge => HUGEPAGE_SIZE,
             PageKind::Small => PAGE_SIZE,
@@ -437,6 +450,17 @@ impl Drop for DmaBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn noiommu_mode_needs_hugepages() {
+        assert!(matches!(
+            PageKind::Small.check_mode(IommuMode::NoIommu),
+            Err(Error::NoIommuSmallPages)
+        ));
+        assert!(PageKind::Huge.check_mode(IommuMode::NoIommu).is_ok());
+        assert!(PageKind::Small.check_mode(IommuMode::Type1).is_ok());
+        assert!(PageKind::Huge.check_mode(IommuMode::Type1).is_ok());
+    }
 
     #[test]
     fn first_fit_respects_contiguity_units() {

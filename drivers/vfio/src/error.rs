@@ -169,6 +169,16 @@ pub enum Error {
         ranges: String,
     },
 
+    /// No-IOMMU mode with 4 KiB pages: the device would be given physical addresses of
+    /// pages the kernel may move.
+    #[error(
+        "no-IOMMU mode cannot use 4 KiB pages (--small-pages): the device is given the pages' physical \
+         addresses, and the kernel may migrate locked 4 KiB pages (compaction, NUMA balancing), after which \
+         the device would read and write memory that is no longer the pool's. Reserve 2 MiB hugepages \
+         (`scripts/setup.sh hugepages`) and drop --small-pages"
+    )]
+    NoIommuSmallPages,
+
     /// DMA memory was asked for before any device was opened.
     #[error(
         "DMA memory was requested before any VFIO device was opened: open the controllers first"

@@ -88,9 +88,8 @@ fn identify_controller(p: &Params, nn: u32) -> Vec<u8> {
     b[520..522].copy_from_slice(&p.oncs.to_le_bytes()); // ONCS
     b[525] = p.vwc as u8; // VWC
     b[534..536].copy_from_slice(&p.ocfs.to_le_bytes()); // OCFS
-    let nqn = format!("nqn.2024-01.dev.nvcopy:sim:{}", p.serial);
-    let n = nqn.len().min(255);
-    b[768..768 + n].copy_from_slice(&nqn.as_bytes()[..n]); // SUBNQN
+    let n = p.subnqn.len().min(255);
+    b[768..768 + n].copy_from_slice(&p.subnqn.as_bytes()[..n]); // SUBNQN, NUL padded
     b
 }
 

@@ -20,6 +20,8 @@ pub struct NamespaceConfig {
     /// MSRC as the spec encodes it: 0-based.
     pub(super) msrc: u8,
     pub(super) file: Option<PathBuf>,
+    pub(super) nguid: [u8; 16],
+    pub(super) eui64: [u8; 8],
 }
 
 impl NamespaceConfig {
@@ -35,7 +37,23 @@ impl NamespaceConfig {
             mcl: 4096,
             msrc: 127,
             file: None,
+            nguid: [0; 16],
+            eui64: [0; 8],
         }
+    }
+
+    /// The NGUID Identify Namespace reports (all zeroes, the default, reports none). Two
+    /// controllers reporting the same NGUID expose one namespace, as far as the driver
+    /// can tell; their data stays separate here.
+    pub fn nguid(mut self, nguid: [u8; 16]) -> Self {
+        self.nguid = nguid;
+        self
+    }
+
+    /// The EUI64 Identify Namespace reports (all zeroes, the default, reports none).
+    pub fn eui64(mut self, eui64: [u8; 8]) -> Self {
+        self.eui64 = eui64;
+        self
     }
 
     /// Backs the namespace with a (sparse) file at `path`, created or extended to the
@@ -77,6 +95,7 @@ pub struct SimConfig {
     pub(super) serial: String,
     pub(super) model: String,
     pub(super) firmware: String,
+    pub(super) subnqn: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -94,6 +113,7 @@ impl Default for SimConfig {
             serial: "SIM0001".into(),
             model: "nvcopy software NVMe controller".into(),
             firmware: "1.0".into(),
+            subnqn: None,
         }
     }
 }
@@ -118,9 +138,10 @@ impl SimConfig {
         self
     }
 
-    /// CAP.MQES as a count of entries (2 to 65536).
+    /// CAP.MQES as a count of entries (1 to 65536). The specification's minimum is 2; 1
+    /// (MQES = 0) exists to test the driver's refusal of such a controller.
     pub fn max_queue_entries(mut self, entries: u32) -> Self {
-        self.max_queue_entries = entries.clamp(2, 1 << 16);
+        self.max_queue_entries = entries.clamp(1, 1 << 16);
         self
     }
 
@@ -190,6 +211,14 @@ impl SimConfig {
         self.model = mn.into();
         self
     }
+
+    /// Subsystem NQN (Identify SUBNQN, up to 255 bytes). Controllers given the same NQN
+    /// claim to be one subsystem, so equal namespace ids name one namespace. By default
+    /// each controller built is a subsystem of its own, with an NQN no other one has.
+    pub fn subsystem_nqn(mut self, nqn: &str) -> Self {
+        self.subnqn = Some(nqn.into());
+        self
+    }
 }
 
 fn flag(bits: u16, bit: u16, on: bool) -> u16 {
@@ -215,7 +244,11 @@ pub(super) struct Params {
     pub serial: String,
     pub model: String,
     pub firmware: String,
+    pub subnqn: String,
 }
+
+/// Tells apart the default subsystem NQNs of controllers built in one process.
+static SUBSYSTEMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// CAP.MPSMAX the controller reports: 64 KiB pages.
 const MPSMAX: u64 = 4;
@@ -243,6 +276,10 @@ impl Params {
             serial: c.serial.clone(),
             model: c.model.clone(),
             firmware: c.firmware.clone(),
+            subnqn: c.subnqn.clone().unwrap_or_else(|| {
+                let n = SUBSYSTEMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                format!("nqn.2024-01.dev.nvcopy:sim:{}:{n}", c.serial)
+            }),
         }
     }
 

@@ -95,6 +95,8 @@ pub struct SimNamespace {
     pub mcl: u32,
     /// 0-based, as in Identify.
     pub msrc: u8,
+    pub nguid: [u8; 16],
+    pub eui64: [u8; 8],
     store: Store,
 }
 
@@ -139,6 +141,8 @@ impl SimNamespace {
             mssrl: cfg.mssrl,
             mcl: cfg.mcl,
             msrc: cfg.msrc,
+            nguid: cfg.nguid,
+            eui64: cfg.eui64,
             store,
         })
     }
@@ -245,6 +249,8 @@ impl SimNamespace {
         b[74..76].copy_from_slice(&self.mssrl.to_le_bytes()); // MSSRL
         b[76..80].copy_from_slice(&self.mcl.to_le_bytes()); // MCL
         b[80] = self.msrc; // MSRC, 0-based
+        b[104..120].copy_from_slice(&self.nguid); // NGUID
+        b[120..128].copy_from_slice(&self.eui64); // EUI64
         for (i, &(size, ms)) in formats.iter().enumerate() {
             let lbaf = ms as u32 | size.trailing_zeros() << 16;
             b[128 + 4 * i..132 + 4 * i].copy_from_slice(&lbaf.to_le_bytes());
