@@ -28,6 +28,9 @@ pub struct State {
     pub buf: Vec<u8>,
     /// (nsid, starting LBA) of every Write in the order the device ran them, when on.
     pub write_log: Option<Vec<(u32, u64)>>,
+    /// PCI Bus Master Enable as the device sees it: while false the controller reaches
+    /// host memory in no way at all (see [`quiesce`]).
+    pub bus_master: bool,
 }
 
 impl State {
@@ -40,12 +43,13 @@ impl State {
             counters: Counters::new(p.io_queues as usize + 1),
             buf: Vec::new(),
             write_log: None,
+            bus_master: true,
         }
     }
 
     /// Whether commands on `qid` may be fetched now.
     fn fetching(&self, qid: u16) -> bool {
-        if !self.regs.rdy || self.regs.cfs || self.faults.fatal {
+        if !self.regs.rdy || self.regs.cfs || self.faults.fatal || !self.bus_master {
             return false;
         }
         qid == 0 || !self.faults.io_paused
@@ -70,6 +74,11 @@ fn write_cc(p: &Params, pool: &DmaPool, st: &mut State, value: u32) {
     if was && !now {
         reset(st);
     } else if !was && now {
+        // The sim has no PCI configuration space: the host re-initialising the function
+        // after a quiesce (a function reset turns bus mastering back on, as
+        // `PciDevice::reset` does, before the controller is enabled again) is modelled
+        // as this enable.
+        st.bus_master = true;
         enable(p, pool, st);
     }
     if value & cc::SHN_MASK != 0 {
@@ -132,7 +141,12 @@ fn doorbell(p: &Params, pool: &DmaPool, st: &mut State, rel: usize, value: u32) 
         return;
     }
     if completion {
-        match st.queues.cq_mut(qid).map(|cq| cq.set_head(pool, value)) {
+        let drain = st.bus_master;
+        match st
+            .queues
+            .cq_mut(qid)
+            .map(|cq| cq.set_head(pool, value, drain))
+        {
             Some(Ok(true)) => {}
             Some(Err(_)) => st.regs.cfs = true,
             Some(Ok(false)) | None => st.counters.note_invalid_doorbell(),
@@ -206,8 +220,24 @@ pub fn completion(done: Done, sq_head: u32, qid: u16, cid: u16) -> Cqe {
     }
 }
 
-/// Posts a completion to CQ `cqid` (or holds it while the CQ is full).
+/// Bus mastering off (the device side of [`crate::Bar::quiesce`]): from now on the
+/// controller fetches no command, moves no data and writes no completion, until the next
+/// enable. Registers keep working, so the host can still reset the controller. False,
+/// changing nothing, under [`super::Faults::quiesce_fails`].
+pub fn quiesce(st: &mut State) -> bool {
+    if st.faults.quiesce_fails {
+        return false;
+    }
+    st.bus_master = false;
+    true
+}
+
+/// Posts a completion to CQ `cqid` (or holds it while the CQ is full). Nothing is written
+/// without bus mastering.
 pub fn post(pool: &DmaPool, st: &mut State, cqid: u16, cqe: Cqe) {
+    if !st.bus_master {
+        return;
+    }
     st.counters.note_completion();
     if let Some(cq) = st.queues.cq_mut(cqid) {
         if cq.post(pool, cqe).is_err() {

@@ -201,6 +201,8 @@ pub(super) struct FaultState {
     pub fatal: bool,
     /// I/O submission queues are not fetched from.
     pub io_paused: bool,
+    /// [`crate::Bar::quiesce`] fails: returns false and DMA goes on.
+    pub quiesce_fails: bool,
     /// Hit counts of removed faults are kept so tests can read them afterwards.
     retired: Vec<(FaultId, u64)>,
 }
@@ -348,6 +350,13 @@ impl Faults<'_> {
         self.sim.kick();
     }
 
+    /// Makes [`crate::Bar::quiesce`] fail (or succeed again): it returns false and the
+    /// controller keeps fetching commands, moving data and posting completions, like a
+    /// device whose bus mastering cannot be confirmed off.
+    pub fn quiesce_fails(&self, on: bool) {
+        self.sim.with_state(|st| st.faults.quiesce_fails = on);
+    }
+
     /// Removes every fault (hit counts of removed faults stay readable), clears CFS and
     /// resumes I/O.
     pub fn clear(&self) {
@@ -365,6 +374,7 @@ impl Faults<'_> {
             f.bogus = None;
             f.fatal = false;
             f.io_paused = false;
+            f.quiesce_fails = false;
         });
         self.sim.kick();
     }

@@ -157,6 +157,13 @@ impl SimController {
         &self.pool
     }
 
+    /// Whether bus mastering is on: false from a successful [`Bar::quiesce`] until the
+    /// next CC.EN 0 -> 1, which models the host re-initialising the function (a function
+    /// reset turns bus mastering back on) before it enables the controller again.
+    pub fn bus_master(&self) -> bool {
+        self.lock().bus_master
+    }
+
     /// Whether CSTS.RDY is set.
     pub fn is_ready(&self) -> bool {
         self.lock().regs.rdy
@@ -245,6 +252,13 @@ impl Bar for SimController {
 
     fn len(&self) -> usize {
         self.params.bar_len
+    }
+
+    /// Turns bus mastering off: afterwards the controller does no DMA at all (no SQ fetch,
+    /// no data transfer, no CQE write) until CC.EN goes 0 -> 1 again. False, and nothing
+    /// changes, under [`Faults::quiesce_fails`].
+    fn quiesce(&self) -> bool {
+        engine::quiesce(&mut self.lock())
     }
 }
 

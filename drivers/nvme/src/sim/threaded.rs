@@ -99,6 +99,12 @@ impl Bar for ThreadedSim {
     fn len(&self) -> usize {
         self.sim.len()
     }
+
+    /// Quiesces the model under its lock: once this returns the device thread can still
+    /// deliver doorbells, but the controller acts on none of them.
+    fn quiesce(&self) -> bool {
+        self.sim.quiesce()
+    }
 }
 
 impl Drop for ThreadedSim {
