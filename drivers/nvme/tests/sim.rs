@@ -987,3 +987,26 @@ fn queue_pairs_on_separate_threads() {
     }
     assert_eq!(rig.sim.counters().io_commands(io::WRITE), 4 * 20);
 }
+
+/// A controller whose CSTS.RDY never drops after CC.EN is cleared: the driver's disable
+/// gives up after CAP.TO (here 500 ms, the driver's floor) with a typed error.
+#[test]
+fn a_controller_that_will_not_stop_fails_bring_up_after_cap_to() {
+    let pool = DmaPool::unmapped(4 << 20).expect("pool");
+    let sim = SimController::new(cfg_512().cap_timeout(1), pool.clone());
+    // Left enabled by someone else.
+    let q = pool.alloc_zeroed(2 * PAGE_SIZE).expect("admin queues");
+    sim.write32(reg::AQA, 1 | 1 << 16);
+    sim.write64(reg::ASQ, q.iova().0);
+    sim.write64(reg::ACQ, q.iova().0 + PAGE_SIZE as u64);
+    sim.write32(reg::CC, 1);
+    assert!(sim.is_ready());
+    sim.faults().stuck_ready(true);
+    let start = Instant::now();
+    let err = Controller::new("sim0", sim.clone() as Arc<dyn Bar>, pool, quick()).unwrap_err();
+    let waited = start.elapsed();
+    assert!(matches!(err, Error::ReadyTimeout { .. }), "{err}");
+    assert!(waited >= Duration::from_millis(500), "{waited:?}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    assert!(sim.is_ready(), "still running");
+}

@@ -72,7 +72,12 @@ fn write_cc(p: &Params, pool: &DmaPool, st: &mut State, value: u32) {
     let now = value & cc::EN != 0;
     st.regs.cc = value;
     if was && !now {
-        reset(st);
+        if !st.faults.stuck_ready {
+            reset(st);
+        }
+    } else if !was && now && st.regs.rdy {
+        // Under `stuck_ready` the controller never finished the reset asked for: it is
+        // still running with its old queues, and setting CC.EN again changes nothing.
     } else if !was && now {
         // The sim has no PCI configuration space: the host re-initialising the function
         // after a quiesce (a function reset turns bus mastering back on, as
@@ -87,12 +92,21 @@ fn write_cc(p: &Params, pool: &DmaPool, st: &mut State, value: u32) {
     }
 }
 
-/// Controller reset (CC.EN 1 -> 0): every queue is gone, CSTS clears.
-fn reset(st: &mut State) {
+/// Controller reset (CC.EN 1 -> 0, base spec 3.7.2): every queue is gone, CSTS clears.
+/// CSTS.RDY = 0 is the controller's word that it has stopped: nothing it was doing
+/// reaches host memory afterwards.
+pub fn reset(st: &mut State) {
     st.queues.clear();
     st.regs.rdy = false;
     st.regs.shst = 0;
     st.regs.cfs = false;
+}
+
+/// Completes a reset the host asked for (CC.EN is 0) that `stuck_ready` held back.
+pub fn finish_pending_reset(st: &mut State) {
+    if st.regs.cc & cc::EN == 0 && st.regs.rdy {
+        reset(st);
+    }
 }
 
 /// CC.EN 0 -> 1: take the admin queues from AQA, ASQ and ACQ and become ready. A setup

@@ -203,6 +203,8 @@ pub(super) struct FaultState {
     pub io_paused: bool,
     /// [`crate::Bar::quiesce`] fails: returns false and DMA goes on.
     pub quiesce_fails: bool,
+    /// Clearing CC.EN does not reset the controller: CSTS.RDY stays 1.
+    pub stuck_ready: bool,
     /// Hit counts of removed faults are kept so tests can read them afterwards.
     retired: Vec<(FaultId, u64)>,
 }
@@ -357,6 +359,20 @@ impl Faults<'_> {
         self.sim.with_state(|st| st.faults.quiesce_fails = on);
     }
 
+    /// A controller that will not stop: clearing CC.EN leaves CSTS.RDY at 1, and the
+    /// controller keeps its queues and goes on fetching and completing commands, so a
+    /// host waiting for RDY = 0 (base spec 3.7.2) gives up after CAP.TO (make it short
+    /// with [`super::SimConfig::cap_timeout`]). A CC.EN 0 -> 1 meanwhile changes nothing.
+    /// Turning the fault off while CC.EN is 0 completes the reset that was asked for.
+    pub fn stuck_ready(&self, on: bool) {
+        self.sim.with_state(|st| {
+            st.faults.stuck_ready = on;
+            if !on {
+                super::engine::finish_pending_reset(st);
+            }
+        });
+    }
+
     /// Removes every fault (hit counts of removed faults stay readable), clears CFS and
     /// resumes I/O.
     pub fn clear(&self) {
@@ -375,6 +391,8 @@ impl Faults<'_> {
             f.fatal = false;
             f.io_paused = false;
             f.quiesce_fails = false;
+            f.stuck_ready = false;
+            super::engine::finish_pending_reset(st);
         });
         self.sim.kick();
     }

@@ -632,3 +632,26 @@ fn threaded_sim_quiesces_the_model() {
     sim.write32(reg::CC, cc::EN);
     assert!(!t.quiesce());
 }
+
+#[test]
+fn a_stuck_controller_stays_ready_and_keeps_running_commands() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    h.sim.faults().stuck_ready(true);
+    h.sim.write32(reg::CC, 0);
+    assert_eq!(h.sim.read32(reg::CSTS) & csts::RDY, csts::RDY);
+    assert!(status(&q.cmd(&h.sim, rw(io::READ, 1, 0, 1, &buf))).is_success());
+    // Setting CC.EN again does not take new admin queues: the old ones still run.
+    h.sim
+        .write32(reg::CC, cc::EN | cc::IOSQES_64 | cc::IOCQES_16);
+    assert!(h.sim.queue_status(1).is_some());
+    h.sim.write32(reg::CC, 0);
+    // Lifting the fault completes the reset asked for.
+    h.sim.faults().stuck_ready(false);
+    assert_eq!(h.sim.read32(reg::CSTS), 0);
+    assert!(h.sim.queue_status(1).is_none());
+    h.reenable(8, 8);
+    let mut q = h.io_queue(1, 8);
+    assert!(status(&q.cmd(&h.sim, rw(io::READ, 1, 0, 1, &buf))).is_success());
+}
