@@ -1010,3 +1010,42 @@ fn a_controller_that_will_not_stop_fails_bring_up_after_cap_to() {
     assert!(waited < Duration::from_secs(3), "{waited:?}");
     assert!(sim.is_ready(), "still running");
 }
+
+#[test]
+fn a_slow_flush_completes_after_its_delay() {
+    let rig = Rig::new(cfg_512());
+    let ns = rig.ns(1);
+    let mut q = rig.qpair();
+    let f = rig.sim.faults().delay(
+        CommandFilter::io().opcode(io::FLUSH),
+        Duration::from_millis(50),
+    );
+    let start = Instant::now();
+    q.flush_sync(&ns).expect("slow flush succeeds");
+    assert!(start.elapsed() >= Duration::from_millis(50));
+    assert_eq!(rig.sim.faults().hits(f), 1);
+}
+
+/// A read the device answers after the driver gave up on it: the driver's timeout
+/// disables the controller, which drops the late read, so its buffer is never written.
+#[test]
+fn a_late_read_after_the_timeout_is_dropped_by_the_reset() {
+    let rig = Rig::new(cfg_512());
+    let ns = rig.ns(1);
+    let mut q = rig.qpair();
+    rig.sim
+        .write_ns(1, 0, &pattern(3, 512))
+        .expect("backdoor write");
+    let buf = rig.buf(4096);
+    rig.sim.faults().late(
+        CommandFilter::io().opcode(io::READ),
+        Duration::from_millis(400),
+    );
+    let err = q.read_sync(&ns, 0, &buf, 512).unwrap_err();
+    assert!(matches!(err, Error::CommandTimeout { .. }), "{err}");
+    assert!(!rig.sim.is_ready());
+    std::thread::sleep(Duration::from_millis(450));
+    rig.sim.run_due();
+    assert_eq!(read_buf(&buf, 0, 512), vec![0u8; 512]);
+    assert_eq!(rig.sim.counters().dropped(), 1);
+}

@@ -1,9 +1,11 @@
-//! Fault injection: media errors on chosen LBAs, commands that never complete, controller
-//! fatal status, completions with a command id the host never issued, and a paused
-//! controller that lets submission queues fill. Faults can be changed at any time through
+//! Fault injection: media errors on chosen LBAs, commands that never complete or complete
+//! late, controller fatal status, completions with a command id the host never issued, a
+//! paused controller that lets submission queues fill, a controller that will not stop
+//! and one whose bus mastering cannot be turned off. Faults can be changed at any time through
 //! [`Faults`], the handle [`super::SimController::faults`] returns.
 
 use std::ops::Range;
+use std::time::Duration;
 
 use super::status::{unrecovered_read_error, write_fault};
 use super::SimController;
@@ -196,6 +198,8 @@ pub(super) struct FaultState {
     next: u64,
     media: Vec<Entry<MediaError>>,
     swallow: Vec<Entry<CommandFilter>>,
+    /// `late` and `delay`: matching commands run this long after they were fetched.
+    hold: Vec<Entry<(CommandFilter, Duration)>>,
     bogus: Option<BogusCid>,
     /// Raised CSTS.CFS: the controller stops processing commands.
     pub fatal: bool,
@@ -217,16 +221,12 @@ impl FaultState {
 
     /// Whether the command on `qid` is to be swallowed (fetched and never completed).
     pub fn swallows(&mut self, qid: u16, sqe: &Sqe) -> bool {
-        for e in &mut self.swallow {
-            if e.fault.matches(qid, sqe) {
-                e.hits += 1;
-                if let Some(t) = &mut e.fault.times {
-                    *t -= 1;
-                }
-                return true;
-            }
-        }
-        false
+        first_match(&mut self.swallow, |f| f, qid, sqe).is_some()
+    }
+
+    /// How long to hold the command on `qid` before running it, if a fault says so.
+    pub fn holds(&mut self, qid: u16, sqe: &Sqe) -> Option<Duration> {
+        first_match(&mut self.hold, |f| &mut f.0, qid, sqe).map(|e| e.fault.1)
     }
 
     /// The media error status for an access to `lbas` of `nsid`, if a fault covers it.
@@ -256,28 +256,66 @@ impl FaultState {
         self.bogus.take().map(|b| (b.cid, b.keep_real))
     }
 
+    /// (id, hits) of every fault in force.
+    fn in_force(&self) -> Vec<(FaultId, u64)> {
+        fn ids<T>(v: &[Entry<T>]) -> impl Iterator<Item = (FaultId, u64)> + '_ {
+            v.iter().map(|e| (e.id, e.hits))
+        }
+        ids(&self.media)
+            .chain(ids(&self.swallow))
+            .chain(ids(&self.hold))
+            .collect()
+    }
+
     fn hits(&self, id: FaultId) -> Option<u64> {
-        self.media
-            .iter()
-            .find(|e| e.id == id)
-            .map(|e| e.hits)
-            .or_else(|| self.swallow.iter().find(|e| e.id == id).map(|e| e.hits))
-            .or_else(|| self.retired.iter().find(|r| r.0 == id).map(|r| r.1))
+        self.in_force()
+            .into_iter()
+            .chain(self.retired.iter().copied())
+            .find(|r| r.0 == id)
+            .map(|r| r.1)
     }
 
     fn remove(&mut self, id: FaultId) -> bool {
-        if let Some(i) = self.media.iter().position(|e| e.id == id) {
-            let e = self.media.remove(i);
-            self.retired.push((id, e.hits));
-            return true;
+        fn take<T>(v: &mut Vec<Entry<T>>, id: FaultId) -> Option<u64> {
+            let i = v.iter().position(|e| e.id == id)?;
+            Some(v.remove(i).hits)
         }
-        if let Some(i) = self.swallow.iter().position(|e| e.id == id) {
-            let e = self.swallow.remove(i);
-            self.retired.push((id, e.hits));
-            return true;
+        let hits = take(&mut self.media, id)
+            .or_else(|| take(&mut self.swallow, id))
+            .or_else(|| take(&mut self.hold, id));
+        match hits {
+            Some(h) => {
+                self.retired.push((id, h));
+                true
+            }
+            None => false,
         }
-        false
     }
+
+    fn push<T>(&mut self, list: impl FnOnce(&mut Self) -> &mut Vec<Entry<T>>, fault: T) -> FaultId {
+        let id = self.id();
+        list(self).push(Entry { id, fault, hits: 0 });
+        id
+    }
+}
+
+/// The first fault of `list` whose filter (`filter` of the fault) matches the command;
+/// counts the hit and one of the filter's `times`.
+fn first_match<'a, T>(
+    list: &'a mut [Entry<T>],
+    filter: impl Fn(&mut T) -> &mut CommandFilter,
+    qid: u16,
+    sqe: &Sqe,
+) -> Option<&'a mut Entry<T>> {
+    let i = list
+        .iter_mut()
+        .position(|e| filter(&mut e.fault).matches(qid, sqe))?;
+    let e = &mut list[i];
+    e.hits += 1;
+    if let Some(t) = &mut filter(&mut e.fault).times {
+        *t -= 1;
+    }
+    Some(e)
 }
 
 /// The fault-injection handle of a [`SimController`]. Every change takes effect for the
@@ -315,7 +353,31 @@ impl Faults<'_> {
         })
     }
 
-    /// How many commands a media error or swallow fault has hit so far.
+    /// Holds matching commands back: the controller fetches them (the SQ head moves) and
+    /// their whole effect (data moved into host memory for a Read, the namespace written
+    /// for a Write, the completion) happens only once `delay` has passed, like a device
+    /// that answers after the host gave up. A controller reset (CC.EN 1 -> 0 with
+    /// CSTS.RDY reaching 0, base spec 3.7.2) or a successful quiesce in between drops
+    /// them, as a real controller abandons what it had in progress; deleting their SQ
+    /// completes them as aborted.
+    ///
+    /// They run at the first register access after they fall due (doorbells included)
+    /// or at [`SimController::run_due`]; on a [`super::ThreadedSim`], on the device
+    /// thread as soon as they are due.
+    pub fn late(&self, filter: CommandFilter, delay: Duration) -> FaultId {
+        self.sim
+            .with_state(|st| st.faults.push(|f| &mut f.hold, (filter, delay)))
+    }
+
+    /// Slow commands: matching commands complete correctly, `delay` after they were
+    /// fetched (a slow Flush). The same machinery as [`Faults::late`], and the same rules:
+    /// a reset or quiesce meanwhile drops them. `late` says the host is expected to give
+    /// up first; `delay` that it is expected to wait.
+    pub fn delay(&self, filter: CommandFilter, delay: Duration) -> FaultId {
+        self.late(filter, delay)
+    }
+
+    /// How many commands a media error, swallow, late or delay fault has hit so far.
     pub fn hits(&self, id: FaultId) -> u64 {
         self.sim.with_state(|st| st.faults.hits(id).unwrap_or(0))
     }
@@ -378,13 +440,7 @@ impl Faults<'_> {
     pub fn clear(&self) {
         self.sim.with_state(|st| {
             let f = &mut st.faults;
-            let ids: Vec<FaultId> = f
-                .media
-                .iter()
-                .map(|e| e.id)
-                .chain(f.swallow.iter().map(|e| e.id))
-                .collect();
-            for id in ids {
+            for (id, _) in f.in_force() {
                 f.remove(id);
             }
             f.bogus = None;

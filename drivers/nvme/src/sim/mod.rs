@@ -6,7 +6,9 @@
 //! [`DmaPool::unmapped`] pool, reached through [`DmaPool::slice_at`] with volatile
 //! accesses only), walks PRPs and PRP lists, and keeps namespace data in sparse memory or
 //! sparse files. It is synchronous: a doorbell store runs the new commands before it
-//! returns, so completions are waiting by the time the driver polls.
+//! returns, so completions are waiting by the time the driver polls. (Commands a
+//! [`Faults::late`] or [`Faults::delay`] fault holds back run at the first register
+//! access after they fall due, or at [`SimController::run_due`].)
 //!
 //! Beyond the commands nvcopy uses (Identify, Set Features, queue creation and deletion;
 //! Read, Write, Write Zeroes, Flush, Dataset Management, Copy format 0) it checks what a
@@ -45,6 +47,7 @@ mod status;
 mod tests;
 mod threaded;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use nvcopy_vfio::DmaPool;
@@ -67,6 +70,9 @@ pub struct SimController {
     pool: DmaPool,
     params: Params,
     state: Mutex<State>,
+    /// Whether commands are held for later, so that register accesses and the device
+    /// thread look at the clock only then.
+    holding: AtomicBool,
 }
 
 /// Where a queue pair stands, from the controller's side.
@@ -110,6 +116,7 @@ impl SimController {
             pool,
             params,
             state: Mutex::new(state),
+            holding: AtomicBool::new(false),
         }))
     }
 
@@ -118,12 +125,33 @@ impl SimController {
     }
 
     fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        f(&mut self.lock())
+        let mut st = self.lock();
+        let r = f(&mut st);
+        self.holding.store(!st.held.is_empty(), Ordering::Release);
+        r
     }
 
     /// Runs whatever was left waiting (after I/O was resumed or a fault cleared).
     fn kick(&self) {
-        engine::process_all(&self.params, &self.pool, &mut self.lock());
+        self.with_state(|st| {
+            engine::run_due(&self.params, &self.pool, st);
+            engine::process_all(&self.params, &self.pool, st);
+        });
+    }
+
+    /// Runs the commands held by [`Faults::late`] or [`Faults::delay`] whose time has
+    /// come. Every register access does this first; a test can call it to let late
+    /// commands land without touching a register.
+    pub fn run_due(&self) {
+        if self.holding.load(Ordering::Acquire) {
+            self.with_state(|st| engine::run_due(&self.params, &self.pool, st));
+        }
+    }
+
+    /// Commands fetched and held back by [`Faults::late`] or [`Faults::delay`] that have
+    /// neither run nor been dropped yet.
+    pub fn held_commands(&self) -> usize {
+        self.lock().held.len()
     }
 
     /// The fault-injection handle.
@@ -242,12 +270,16 @@ fn namespace_of(st: &State, nsid: u32) -> std::io::Result<&SimNamespace> {
 
 impl Bar for SimController {
     fn read32(&self, offset: usize) -> u32 {
+        self.run_due();
         let st = self.lock();
         st.regs.read(self.params.cap, st.faults.fatal, offset)
     }
 
     fn write32(&self, offset: usize, value: u32) {
-        engine::write_register(&self.params, &self.pool, &mut self.lock(), offset, value);
+        self.with_state(|st| {
+            engine::run_due(&self.params, &self.pool, st);
+            engine::write_register(&self.params, &self.pool, st, offset, value);
+        });
     }
 
     fn len(&self) -> usize {
@@ -255,10 +287,11 @@ impl Bar for SimController {
     }
 
     /// Turns bus mastering off: afterwards the controller does no DMA at all (no SQ fetch,
-    /// no data transfer, no CQE write) until CC.EN goes 0 -> 1 again. False, and nothing
-    /// changes, under [`Faults::quiesce_fails`].
+    /// no data transfer, no CQE write) until CC.EN goes 0 -> 1 again; commands held by
+    /// [`Faults::late`] are dropped. False, and nothing changes, under
+    /// [`Faults::quiesce_fails`].
     fn quiesce(&self) -> bool {
-        engine::quiesce(&mut self.lock())
+        self.with_state(engine::quiesce)
     }
 }
 

@@ -655,3 +655,146 @@ fn a_stuck_controller_stays_ready_and_keeps_running_commands() {
     let mut q = h.io_queue(1, 8);
     assert!(status(&q.cmd(&h.sim, rw(io::READ, 1, 0, 1, &buf))).is_success());
 }
+
+const LATE: std::time::Duration = std::time::Duration::from_millis(30);
+
+fn after_late() {
+    std::thread::sleep(LATE + std::time::Duration::from_millis(10));
+}
+
+#[test]
+fn a_late_read_moves_its_data_and_completes_only_when_due() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    h.sim.write_ns(1, 0, &[0x11; 512]).unwrap();
+    let f = h
+        .sim
+        .faults()
+        .late(CommandFilter::io().opcode(io::READ).times(1), LATE);
+    let cid = q.post(rw(io::READ, 1, 0, 1, &buf));
+    q.ring(&h.sim);
+    assert_eq!(h.sim.queue_status(1).unwrap().sq_unfetched, 0, "fetched");
+    assert_eq!(h.sim.held_commands(), 1);
+    // Other commands are not held up behind it.
+    assert!(status(&q.cmd(&h.sim, Sqe::new(io::FLUSH, 1))).is_success());
+    h.sim.write_ns(1, 0, &[0x22; 512]).unwrap();
+    h.sim.run_due();
+    assert!(q.reap().is_none());
+    assert_eq!(read_buf(&buf), vec![0u8; PAGE_SIZE], "no data yet");
+    after_late();
+    // Any register access lets it land.
+    h.sim.read32(reg::CSTS);
+    let cqe = q.reap().expect("late completion");
+    assert_eq!((cqe.cid, cqe.sq_id), (cid, 1));
+    assert!(status(&cqe).is_success());
+    assert_eq!(read_buf(&buf)[..512], [0x22; 512], "read when it ran");
+    assert_eq!(h.sim.held_commands(), 0);
+    assert_eq!(h.sim.faults().hits(f), 1);
+    assert_eq!(h.sim.counters().held(), 1);
+}
+
+#[test]
+fn a_late_write_changes_the_namespace_only_when_due() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    buf.write_at(0, &[0x33; 512]);
+    h.sim.faults().delay(CommandFilter::io().lbas(5..6), LATE);
+    q.post(rw(io::WRITE, 1, 5, 1, &buf));
+    q.ring(&h.sim);
+    let mut out = [0u8; 512];
+    h.sim.read_ns(1, 5 * 512, &mut out).unwrap();
+    assert_eq!(out, [0; 512]);
+    after_late();
+    h.sim.run_due();
+    assert!(status(&q.reap().expect("completion")).is_success());
+    h.sim.read_ns(1, 5 * 512, &mut out).unwrap();
+    assert_eq!(out, [0x33; 512]);
+}
+
+#[test]
+fn a_reset_or_a_quiesce_drops_late_commands() {
+    let mut h = Host::new(one_ns());
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    h.sim.write_ns(1, 0, &[0x44; 512]).unwrap();
+    h.sim.faults().late(CommandFilter::io(), LATE);
+    for quiesce in [false, true] {
+        let mut q = h.io_queue(1, 8);
+        q.post(rw(io::READ, 1, 0, 1, &buf));
+        q.post(rw(io::WRITE, 1, 9, 1, &buf));
+        q.ring(&h.sim);
+        assert_eq!(h.sim.held_commands(), 2);
+        if quiesce {
+            assert!(h.sim.quiesce());
+        }
+        h.sim.write32(reg::CC, 0);
+        assert_eq!(h.sim.held_commands(), 0);
+        // Queues with the same ids again, and the late commands' time passes.
+        h.reenable(8, 8);
+        let mut q = h.io_queue(1, 8);
+        after_late();
+        h.sim.run_due();
+        assert!(q.reap().is_none());
+        assert_eq!(read_buf(&buf), vec![0u8; PAGE_SIZE], "nothing written");
+        let mut out = [0u8; 512];
+        h.sim.read_ns(1, 9 * 512, &mut out).unwrap();
+        assert_eq!(out, [0; 512]);
+        h.sim.write32(reg::CC, 0);
+        h.reenable(8, 8);
+    }
+    assert_eq!(h.sim.counters().dropped(), 4);
+}
+
+#[test]
+fn deleting_the_queue_aborts_its_late_commands() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    h.sim.faults().late(CommandFilter::io(), LATE);
+    let cid = q.post(rw(io::READ, 1, 0, 1, &buf));
+    q.ring(&h.sim);
+    assert!(h.delete(admin::DELETE_SQ, 1).is_success());
+    let cqe = q.reap().expect("aborted");
+    assert_eq!(cqe.cid, cid);
+    assert_eq!(status(&cqe).kind(), StatusKind::AbortedSqDeleted);
+    assert_eq!(h.sim.held_commands(), 0);
+}
+
+#[test]
+fn a_stuck_controller_still_completes_late_commands() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    h.sim.write_ns(1, 0, &[0x55; 512]).unwrap();
+    h.sim.faults().late(CommandFilter::io(), LATE);
+    h.sim.faults().stuck_ready(true);
+    q.post(rw(io::READ, 1, 0, 1, &buf));
+    q.ring(&h.sim);
+    h.sim.write32(reg::CC, 0);
+    after_late();
+    h.sim.read32(reg::CSTS);
+    assert!(status(&q.reap().expect("late completion")).is_success());
+    assert_eq!(read_buf(&buf)[..512], [0x55; 512]);
+}
+
+#[test]
+fn the_device_thread_runs_late_commands_unprompted() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    let t = ThreadedSim::start(h.sim.clone());
+    h.sim.faults().late(CommandFilter::io(), LATE);
+    q.post(rw(io::READ, 1, 0, 1, &buf));
+    t.write32(doorbell_offset(1, false, h.stride), q.tail);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let cqe = loop {
+        if let Some(c) = q.reap() {
+            break c;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::yield_now();
+    };
+    assert!(status(&cqe).is_success());
+    drop(t);
+}

@@ -59,6 +59,8 @@ fn device_loop(sim: &SimController, bells: &Doorbells) {
     let mut last = vec![0u32; bells.values.len()];
     let mut idle = 0u32;
     while !bells.stop.load(Ordering::Acquire) {
+        // Late and delayed commands land as soon as they are due, as on a device.
+        sim.run_due();
         if !bells.pending.swap(false, Ordering::AcqRel) {
             idle = idle.saturating_add(1);
             if idle > 2000 {
