@@ -12,6 +12,7 @@ use nvcopy_vfio::DmaPool;
 use super::config::Params;
 use super::counters::Counters;
 use super::faults::FaultState;
+use super::guard::{pages_written, Guard, Watched};
 use super::namespace::SimNamespace;
 use super::queues::{CompQueue, Queues, SubQueue};
 use super::regs::Regs;
@@ -37,16 +38,20 @@ pub struct State {
     pub bus_master: bool,
     /// Commands fetched and held back to run later, in the order they fall due.
     pub held: Vec<Held>,
+    /// The page guard and what it caught.
+    pub guard: Guard,
 }
 
 /// A command as the controller fetched it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Fetched {
     pub qid: u16,
     pub cqid: u16,
     /// The SQ head just after the fetch.
     pub sq_head: u32,
     pub sqe: Sqe,
+    /// Guarded host pages it will write, with their generations at fetch time.
+    pub pages: Vec<Watched>,
 }
 
 /// A fetched command whose whole effect (data moved, namespace changed, completion
@@ -69,6 +74,7 @@ impl State {
             write_log: None,
             bus_master: true,
             held: Vec::new(),
+            guard: Guard::default(),
         }
     }
 
@@ -228,11 +234,18 @@ pub fn process(p: &Params, pool: &DmaPool, st: &mut State, qid: u16) {
                 return;
             }
         };
+        let (cqid, sq_head) = (sq.cqid, sq.head);
+        let pages = if st.guard.is_on() {
+            pages_written(pool, st, qid, &sqe)
+        } else {
+            Vec::new()
+        };
         let cmd = Fetched {
             qid,
-            cqid: sq.cqid,
-            sq_head: sq.head,
+            cqid,
+            sq_head,
             sqe,
+            pages,
         };
         st.counters.note_command(qid == 0, sqe.opcode());
         if st.faults.swallows(qid, &sqe) {
@@ -257,7 +270,13 @@ fn hold(st: &mut State, cmd: Fetched, delay: Duration) {
 
 /// Runs a fetched command and posts its completion.
 fn run(p: &Params, pool: &DmaPool, st: &mut State, cmd: Fetched) {
-    let Fetched { qid, cqid, sqe, .. } = cmd;
+    let Fetched {
+        qid,
+        cqid,
+        sqe,
+        ref pages,
+        ..
+    } = cmd;
     // The SQ head now, which a held command reports as any late completion would.
     let sq_head = st.queues.sq(qid).map_or(cmd.sq_head, |sq| sq.head);
     let admin_queue = qid == 0;
@@ -266,6 +285,10 @@ fn run(p: &Params, pool: &DmaPool, st: &mut State, cmd: Fetched) {
     } else {
         io::execute(p, pool, st, &sqe)
     };
+    if done.status.is_success() && !pages.is_empty() {
+        // The data went to host memory just now: were its pages still the command's?
+        st.guard.check(qid, sqe.cid(), pages);
+    }
     if admin_queue && sqe.opcode() == admin_op::DELETE_SQ && done.status.is_success() {
         abort_held(pool, st, (sqe.cdw10 & 0xffff) as u16);
     }

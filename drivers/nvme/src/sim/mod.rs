@@ -38,6 +38,7 @@ mod counters;
 mod dma;
 mod engine;
 mod faults;
+mod guard;
 mod io;
 mod namespace;
 mod queues;
@@ -56,6 +57,7 @@ pub use alloc_count::CountingAllocator;
 pub use config::{NamespaceConfig, SimConfig, SIM_VID};
 pub use counters::Counters;
 pub use faults::{CommandFilter, FaultId, Faults, MediaError};
+pub use guard::PageGuardFn;
 pub use threaded::ThreadedSim;
 
 use config::Params;
@@ -146,6 +148,25 @@ impl SimController {
         if self.holding.load(Ordering::Acquire) {
             self.with_state(|st| engine::run_due(&self.params, &self.pool, st));
         }
+    }
+
+    /// Installs the page guard, which checks that the controller never writes a host
+    /// page that was handed to another user since the command writing it was fetched.
+    /// `guard` returns the current owner generation of the 4 KiB page holding an IOVA
+    /// (`None`: not a guarded page; queue memory must be `None`). At fetch the controller
+    /// notes the generation of each guarded page the command will write (Read data,
+    /// Identify data); when it writes them, at once or later for a late command, it asks
+    /// again and records a violation for each page whose answer changed. The data is
+    /// written anyway, as a real device would. `guard` runs under the controller's lock:
+    /// it must not call back into the controller.
+    pub fn set_page_guard(&self, guard: Arc<PageGuardFn>) {
+        self.lock().guard.set(guard);
+    }
+
+    /// One line per page-guard violation (queue, command id, IOVA, generation at fetch
+    /// and at the write), oldest first; empty when there were none.
+    pub fn page_violations(&self) -> Vec<String> {
+        self.lock().guard.violations().to_vec()
     }
 
     /// Commands fetched and held back by [`Faults::late`] or [`Faults::delay`] that have
