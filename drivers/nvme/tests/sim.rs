@@ -1049,3 +1049,31 @@ fn a_late_read_after_the_timeout_is_dropped_by_the_reset() {
     assert_eq!(read_buf(&buf, 0, 512), vec![0u8; 512]);
     assert_eq!(rig.sim.counters().dropped(), 1);
 }
+
+/// A failed Flush carrying a Command Retry Delay, and the CRDT values the controller
+/// reports, reach the driver intact.
+#[test]
+fn a_failed_flush_reports_its_retry_delay() {
+    let pool = DmaPool::unmapped(8 << 20).expect("pool");
+    let sim = SimController::new(cfg_512(), pool.clone());
+    sim.faults().command_retry_delays([1, 5, 20]);
+    let ctrl = Controller::new("sim0", sim.clone() as Arc<dyn Bar>, pool, quick())
+        .expect("controller comes up");
+    assert_eq!(ctrl.info().crdt, [1, 5, 20]);
+    let ns = ctrl.namespace(1).expect("ns").clone();
+    let mut q = ctrl.create_io_qpair(8).expect("qpair");
+    let busy = nvcopy_nvme::Status::new(0, 0x06).with_crd(2);
+    sim.faults()
+        .fail(CommandFilter::io().opcode(io::FLUSH).times(1), busy);
+    let err = q.flush_sync(&ns).unwrap_err();
+    let (_, _, status) = command_error(&err);
+    assert_eq!(
+        (status.kind(), status.crd()),
+        (StatusKind::InternalError, 2)
+    );
+    assert_eq!(
+        ctrl.info().retry_delay(status.crd()),
+        Duration::from_millis(500)
+    );
+    q.flush_sync(&ns).expect("the retry succeeds");
+}

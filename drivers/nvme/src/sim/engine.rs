@@ -20,6 +20,7 @@ use super::status::{Done, ABORTED_SQ_DELETED};
 use super::{admin, io};
 use crate::queue::{CQE_SIZE, SQE_SIZE};
 use crate::spec::{admin as admin_op, cc, csts, reg, Cqe, Sqe};
+use crate::status::Status;
 
 /// Everything about the controller that changes.
 #[derive(Debug)]
@@ -52,6 +53,8 @@ pub struct Fetched {
     pub sqe: Sqe,
     /// Guarded host pages it will write, with their generations at fetch time.
     pub pages: Vec<Watched>,
+    /// The status a `fail` fault completes it with, instead of running it.
+    pub fail: Option<Status>,
 }
 
 /// A fetched command whose whole effect (data moved, namespace changed, completion
@@ -240,18 +243,19 @@ pub fn process(p: &Params, pool: &DmaPool, st: &mut State, qid: u16) {
         } else {
             Vec::new()
         };
+        st.counters.note_command(qid == 0, sqe.opcode());
+        if st.faults.swallows(qid, &sqe) {
+            st.counters.note_swallowed();
+            continue;
+        }
         let cmd = Fetched {
             qid,
             cqid,
             sq_head,
             sqe,
             pages,
+            fail: st.faults.fails(qid, &sqe),
         };
-        st.counters.note_command(qid == 0, sqe.opcode());
-        if st.faults.swallows(qid, &sqe) {
-            st.counters.note_swallowed();
-            continue;
-        }
         if let Some(delay) = st.faults.holds(qid, &sqe) {
             hold(st, cmd, delay);
             continue;
@@ -275,17 +279,18 @@ fn run(p: &Params, pool: &DmaPool, st: &mut State, cmd: Fetched) {
         cqid,
         sqe,
         ref pages,
+        fail,
         ..
     } = cmd;
     // The SQ head now, which a held command reports as any late completion would.
     let sq_head = st.queues.sq(qid).map_or(cmd.sq_head, |sq| sq.head);
     let admin_queue = qid == 0;
-    let done = if admin_queue {
-        admin::execute(p, pool, st, &sqe)
-    } else {
-        io::execute(p, pool, st, &sqe)
+    let done = match fail {
+        Some(status) => Done::from(status),
+        None if admin_queue => admin::execute(p, pool, st, &sqe),
+        None => io::execute(p, pool, st, &sqe),
     };
-    if done.status.is_success() && !pages.is_empty() {
+    if fail.is_none() && done.status.is_success() && !pages.is_empty() {
         // The data went to host memory just now: were its pages still the command's?
         st.guard.check(qid, sqe.cid(), pages);
     }

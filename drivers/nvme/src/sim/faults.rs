@@ -200,6 +200,8 @@ pub(super) struct FaultState {
     swallow: Vec<Entry<CommandFilter>>,
     /// `late` and `delay`: matching commands run this long after they were fetched.
     hold: Vec<Entry<(CommandFilter, Duration)>>,
+    /// `fail`: matching commands complete with this status and do nothing else.
+    fail: Vec<Entry<(CommandFilter, Status)>>,
     bogus: Option<BogusCid>,
     /// Raised CSTS.CFS: the controller stops processing commands.
     pub fatal: bool,
@@ -209,6 +211,8 @@ pub(super) struct FaultState {
     pub quiesce_fails: bool,
     /// Clearing CC.EN does not reset the controller: CSTS.RDY stays 1.
     pub stuck_ready: bool,
+    /// CRDT1-3 that Identify Controller reports, in 100 ms units.
+    pub crdt: [u16; 3],
     /// Hit counts of removed faults are kept so tests can read them afterwards.
     retired: Vec<(FaultId, u64)>,
 }
@@ -222,6 +226,11 @@ impl FaultState {
     /// Whether the command on `qid` is to be swallowed (fetched and never completed).
     pub fn swallows(&mut self, qid: u16, sqe: &Sqe) -> bool {
         first_match(&mut self.swallow, |f| f, qid, sqe).is_some()
+    }
+
+    /// The status to fail the command on `qid` with, if a fault says so.
+    pub fn fails(&mut self, qid: u16, sqe: &Sqe) -> Option<Status> {
+        first_match(&mut self.fail, |f| &mut f.0, qid, sqe).map(|e| e.fault.1)
     }
 
     /// How long to hold the command on `qid` before running it, if a fault says so.
@@ -264,6 +273,7 @@ impl FaultState {
         ids(&self.media)
             .chain(ids(&self.swallow))
             .chain(ids(&self.hold))
+            .chain(ids(&self.fail))
             .collect()
     }
 
@@ -282,7 +292,8 @@ impl FaultState {
         }
         let hits = take(&mut self.media, id)
             .or_else(|| take(&mut self.swallow, id))
-            .or_else(|| take(&mut self.hold, id));
+            .or_else(|| take(&mut self.hold, id))
+            .or_else(|| take(&mut self.fail, id));
         match hits {
             Some(h) => {
                 self.retired.push((id, h));
@@ -377,7 +388,28 @@ impl Faults<'_> {
         self.late(filter, delay)
     }
 
-    /// How many commands a media error, swallow, late or delay fault has hit so far.
+    /// Fails matching commands with `status` (build one with [`Status::new`],
+    /// [`Status::with_dnr`] and [`Status::with_crd`]): the command does nothing else (no
+    /// data moved, no namespace change) and completes with that status, at once or,
+    /// with a [`Faults::late`] or [`Faults::delay`] fault matching too, when that is due.
+    /// This reaches what [`MediaError`] cannot, such as a failed Flush, and carries a
+    /// Command Retry Delay index (base spec 4.6.1) for testing retry delays; see
+    /// [`Faults::command_retry_delays`].
+    pub fn fail(&self, filter: CommandFilter, status: Status) -> FaultId {
+        self.sim
+            .with_state(|st| st.faults.push(|f| &mut f.fail, (filter, status)))
+    }
+
+    /// CRDT1-3 in 100 ms units: how long a host should wait before retrying a command
+    /// whose status has CRD 1, 2 or 3 (Identify Controller bytes 134-139, base spec
+    /// 5.17.2.1). The driver reads them at bring-up, so set them before it. Zero (the
+    /// default) means no delay.
+    pub fn command_retry_delays(&self, crdt: [u16; 3]) {
+        self.sim.with_state(|st| st.faults.crdt = crdt);
+    }
+
+    /// How many commands a media error, swallow, late, delay or fail fault has hit so
+    /// far.
     pub fn hits(&self, id: FaultId) -> u64 {
         self.sim.with_state(|st| st.faults.hits(id).unwrap_or(0))
     }

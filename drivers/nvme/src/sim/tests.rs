@@ -882,3 +882,44 @@ fn the_page_guard_covers_identify_data_but_not_queue_memory() {
         v[0]
     );
 }
+
+#[test]
+fn injected_failures_carry_the_status_given_and_do_nothing_else() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    buf.write_at(0, &[0x66; 512]);
+    let internal = Status::new(0, 0x06).with_crd(2);
+    let f = h
+        .sim
+        .faults()
+        .fail(CommandFilter::io().opcode(io::FLUSH).times(1), internal);
+    let st = status(&q.cmd(&h.sim, Sqe::new(io::FLUSH, 1)));
+    assert_eq!(
+        (st.kind(), st.crd(), st.dnr()),
+        (StatusKind::InternalError, 2, false)
+    );
+    assert!(
+        status(&q.cmd(&h.sim, Sqe::new(io::FLUSH, 1))).is_success(),
+        "once"
+    );
+    assert_eq!(h.sim.faults().hits(f), 1);
+    // A failed write leaves the namespace alone; with a delay it fails late.
+    let wf = Status::new(2, 0x80).with_dnr(true);
+    h.sim
+        .faults()
+        .fail(CommandFilter::io().opcode(io::WRITE), wf);
+    h.sim
+        .faults()
+        .delay(CommandFilter::io().opcode(io::WRITE), LATE);
+    q.post(rw(io::WRITE, 1, 3, 1, &buf));
+    q.ring(&h.sim);
+    assert!(q.reap().is_none());
+    after_late();
+    h.sim.run_due();
+    let st = status(&q.reap().expect("late failure"));
+    assert_eq!((st.kind(), st.dnr()), (StatusKind::WriteFault, true));
+    let mut out = [0u8; 512];
+    h.sim.read_ns(1, 3 * 512, &mut out).unwrap();
+    assert_eq!(out, [0; 512]);
+}
