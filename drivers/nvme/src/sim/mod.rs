@@ -17,6 +17,13 @@
 //! [`SimController::read_ns`] / [`SimController::write_ns`] reach namespace data
 //! directly, to set up and verify tests independently of the driver.
 //!
+//! For recovery tests it models what makes buffer reuse after a timeout dangerous:
+//! commands that land after the host gave up ([`Faults::late`]), a controller that never
+//! reports itself stopped ([`Faults::stuck_ready`]), bus mastering off through
+//! [`Bar::quiesce`] (and a quiesce that fails), and a page guard
+//! ([`SimController::set_page_guard`]) that reports any write into a host page handed
+//! to a new owner after the command was submitted.
+//!
 //! ```no_run
 //! # use nvcopy_nvme::sim::{NamespaceConfig, SimConfig, SimController};
 //! # use nvcopy_nvme::{Bar, Controller, ControllerOptions};
