@@ -16,12 +16,6 @@ pub trait Bar: Send + Sync {
         self.len() == 0
     }
 
-    /// Stops the device's DMA by other means than its registers (PCI bus mastering off),
-    /// for a controller that cannot be disabled through CC.EN. True only when confirmed.
-    fn quiesce(&self) -> bool {
-        false
-    }
-
     /// A 64-bit register as two 32-bit loads, low half first (base spec 3.1: the host may
     /// access 64-bit registers as two 32-bit accesses).
     fn read64(&self, offset: usize) -> u64 {
@@ -31,6 +25,18 @@ pub trait Bar: Send + Sync {
     fn write64(&self, offset: usize, value: u64) {
         self.write32(offset, value as u32);
         self.write32(offset + 4, (value >> 32) as u32);
+    }
+
+    /// Stops the device from doing any more DMA by means other than its registers: PCI
+    /// bus mastering off (PCI Local Bus spec 6.2.2, Bus Master Enable). This is the way
+    /// to make a controller quiet when clearing CC.EN does not (CSTS.RDY stays 1), so
+    /// that buffers of commands that never completed can be reused.
+    ///
+    /// True only when the device confirmed it; false when it cannot be done here or was
+    /// not confirmed, in which case the device may still write host memory. The default
+    /// is false: a bare register window has no such control.
+    fn quiesce(&self) -> bool {
+        false
     }
 }
 
@@ -55,5 +61,8 @@ impl Bar for PciDevice {
     }
     fn len(&self) -> usize {
         self.bar0().len()
+    }
+    fn quiesce(&self) -> bool {
+        self.disable_bus_master().unwrap_or(false)
     }
 }

@@ -68,6 +68,21 @@ impl Status {
     /// command it stopped waiting for because its queue was torn down by a reset.
     pub const ABORTED_SQ_DELETED: Status = Status(0x08);
 
+    /// A status from its Status Code Type and Status Code (base spec 4.6.1), with no CRD,
+    /// More or DNR; add those with [`Status::with_dnr`] and [`Status::with_crd`].
+    pub const fn new(sct: u8, sc: u8) -> Status {
+        Status(sc as u16 | ((sct & 7) as u16) << 8)
+    }
+    /// The same status with Do Not Retry set or cleared.
+    pub const fn with_dnr(self, dnr: bool) -> Status {
+        Status(self.0 & !(1 << 14) | (dnr as u16) << 14)
+    }
+    /// The same status with Command Retry Delay `crd` (0 to 3; only the low two bits
+    /// count): 0 asks for a retry at once, 1-3 for the delay in Identify Controller's
+    /// CRDT1-3.
+    pub const fn with_crd(self, crd: u8) -> Status {
+        Status(self.0 & !(3 << 11) | ((crd & 3) as u16) << 11)
+    }
     /// From the raw 16-bit CQE status word (bit 0 is the phase tag).
     pub fn from_cqe_word(word: u16) -> Status {
         Status(word >> 1)
@@ -203,5 +218,15 @@ mod tests {
         assert_eq!(lba.kind(), StatusKind::LbaOutOfRange);
         assert_eq!(Status(2 << 11).crd(), 2);
         assert!(Status(0).is_success());
+        let built = Status::new(2, 0x81).with_dnr(true).with_crd(3);
+        assert_eq!(
+            (built.sct_raw(), built.sc(), built.dnr(), built.crd()),
+            (2, 0x81, true, 3)
+        );
+        assert_eq!(
+            built.with_crd(1).with_dnr(false),
+            Status::new(2, 0x81).with_crd(1)
+        );
+        assert_eq!(built.kind(), StatusKind::UnrecoveredReadError);
     }
 }

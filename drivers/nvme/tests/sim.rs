@@ -1034,3 +1034,93 @@ fn queue_pairs_on_separate_threads() {
     }
     assert_eq!(rig.sim.counters().io_commands(io::WRITE), 4 * 20);
 }
+
+/// A controller whose CSTS.RDY never drops after CC.EN is cleared: the driver's disable
+/// gives up after CAP.TO (here 500 ms, the driver's floor) with a typed error.
+#[test]
+fn a_controller_that_will_not_stop_fails_bring_up_after_cap_to() {
+    let pool = DmaPool::unmapped(4 << 20).expect("pool");
+    let sim = SimController::new(cfg_512().cap_timeout(1), pool.clone());
+    // Left enabled by someone else.
+    let q = pool.alloc_zeroed(2 * PAGE_SIZE).expect("admin queues");
+    sim.write32(reg::AQA, 1 | 1 << 16);
+    sim.write64(reg::ASQ, q.iova().0);
+    sim.write64(reg::ACQ, q.iova().0 + PAGE_SIZE as u64);
+    sim.write32(reg::CC, 1);
+    assert!(sim.is_ready());
+    sim.faults().stuck_ready(true);
+    let start = Instant::now();
+    let err = Controller::new("sim0", sim.clone() as Arc<dyn Bar>, pool, quick()).unwrap_err();
+    let waited = start.elapsed();
+    assert!(matches!(err, Error::ReadyTimeout { .. }), "{err}");
+    assert!(waited >= Duration::from_millis(500), "{waited:?}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    assert!(sim.is_ready(), "still running");
+}
+
+#[test]
+fn a_slow_flush_completes_after_its_delay() {
+    let rig = Rig::new(cfg_512());
+    let ns = rig.ns(1);
+    let mut q = rig.qpair();
+    let f = rig.sim.faults().delay(
+        CommandFilter::io().opcode(io::FLUSH),
+        Duration::from_millis(50),
+    );
+    let start = Instant::now();
+    q.flush_sync(&ns).expect("slow flush succeeds");
+    assert!(start.elapsed() >= Duration::from_millis(50));
+    assert_eq!(rig.sim.faults().hits(f), 1);
+}
+
+/// A read the device answers after the driver gave up on it: the driver's timeout
+/// disables the controller, which drops the late read, so its buffer is never written.
+#[test]
+fn a_late_read_after_the_timeout_is_dropped_by_the_reset() {
+    let rig = Rig::new(cfg_512());
+    let ns = rig.ns(1);
+    let mut q = rig.qpair();
+    rig.sim
+        .write_ns(1, 0, &pattern(3, 512))
+        .expect("backdoor write");
+    let buf = rig.buf(4096);
+    rig.sim.faults().late(
+        CommandFilter::io().opcode(io::READ),
+        Duration::from_millis(400),
+    );
+    let err = q.read_sync(&ns, 0, &buf, 512).unwrap_err();
+    assert!(matches!(err, Error::CommandTimeout { .. }), "{err}");
+    assert!(!rig.sim.is_ready());
+    std::thread::sleep(Duration::from_millis(450));
+    rig.sim.run_due();
+    assert_eq!(read_buf(&buf, 0, 512), vec![0u8; 512]);
+    assert_eq!(rig.sim.counters().dropped(), 1);
+}
+
+/// A failed Flush carrying a Command Retry Delay, and the CRDT values the controller
+/// reports, reach the driver intact.
+#[test]
+fn a_failed_flush_reports_its_retry_delay() {
+    let pool = DmaPool::unmapped(8 << 20).expect("pool");
+    let sim = SimController::new(cfg_512(), pool.clone());
+    sim.faults().command_retry_delays([1, 5, 20]);
+    let ctrl = Controller::new("sim0", sim.clone() as Arc<dyn Bar>, pool, quick())
+        .expect("controller comes up");
+    assert_eq!(ctrl.info().crdt, [1, 5, 20]);
+    let ns = ctrl.namespace(1).expect("ns").clone();
+    let mut q = ctrl.create_io_qpair(8).expect("qpair");
+    let busy = nvcopy_nvme::Status::new(0, 0x06).with_crd(2);
+    sim.faults()
+        .fail(CommandFilter::io().opcode(io::FLUSH).times(1), busy);
+    let err = q.flush_sync(&ns).unwrap_err();
+    let (_, _, status) = command_error(&err);
+    assert_eq!(
+        (status.kind(), status.crd()),
+        (StatusKind::InternalError, 2)
+    );
+    assert_eq!(
+        ctrl.info().retry_delay(status.crd()),
+        Duration::from_millis(500)
+    );
+    q.flush_sync(&ns).expect("the retry succeeds");
+}

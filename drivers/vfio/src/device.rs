@@ -132,6 +132,19 @@ impl PciDevice {
         )
     }
 
+    /// Clears Bus Master Enable in the PCI command register (PCI Local Bus spec 6.2.2), so
+    /// the function can start no more memory transactions, and reads the register back.
+    /// `Ok(true)` only when the read-back shows the bit clear; a function that no longer
+    /// answers reads all ones and is not confirmed. The read-back is a non-posted request
+    /// whose completion cannot pass the function's earlier posted writes, so memory
+    /// writes it issued before the bit cleared have landed when this returns.
+    pub fn disable_bus_master(&self) -> Result<bool> {
+        let cmd = self.config_read_u16(PCI_COMMAND)?;
+        self.config_write_u16(PCI_COMMAND, cmd & !PCI_COMMAND_MASTER)?;
+        let now = self.config_read_u16(PCI_COMMAND)?;
+        Ok(now != u16::MAX && now & PCI_COMMAND_MASTER == 0)
+    }
+
     /// Reads a 16-bit config-space register.
     pub fn config_read_u16(&self, offset: u64) -> Result<u16> {
         let mut b = [0u8; 2];
@@ -162,8 +175,6 @@ impl PciDevice {
 impl Drop for PciDevice {
     fn drop(&mut self) {
         // Stop the device from reaching memory once its driver is done with it.
-        if let Ok(cmd) = self.config_read_u16(PCI_COMMAND) {
-            let _ = self.config_write_u16(PCI_COMMAND, cmd & !PCI_COMMAND_MASTER);
-        }
+        let _ = self.disable_bus_master();
     }
 }

@@ -42,7 +42,7 @@ fn identify(p: &Params, pool: &DmaPool, st: &mut State, sqe: &Sqe) -> Exec {
             n if n >= 1 && n <= nn => st.namespaces[n as usize - 1].identify(),
             _ => return Err(INVALID_NAMESPACE.into()),
         },
-        admin::CNS_CONTROLLER => identify_controller(p, nn),
+        admin::CNS_CONTROLLER => identify_controller(p, nn, st.faults.crdt),
         admin::CNS_ACTIVE_NS_LIST => {
             if sqe.nsid >= 0xffff_fffe {
                 return Err(INVALID_NAMESPACE.into());
@@ -61,8 +61,8 @@ fn identify(p: &Params, pool: &DmaPool, st: &mut State, sqe: &Sqe) -> Exec {
     Ok(0)
 }
 
-/// Identify Controller (base spec 5.17.2.1).
-fn identify_controller(p: &Params, nn: u32) -> Vec<u8> {
+/// Identify Controller (base spec 5.17.2.1); `crdt` is CRDT1-3 (100 ms units).
+fn identify_controller(p: &Params, nn: u32, crdt: [u16; 3]) -> Vec<u8> {
     let mut b = vec![0u8; IDENTIFY_LEN];
     let text = |b: &mut [u8], at: usize, len: usize, s: &str| {
         let field = &mut b[at..at + len];
@@ -80,6 +80,9 @@ fn identify_controller(p: &Params, nn: u32) -> Vec<u8> {
     b[78..80].copy_from_slice(&1u16.to_le_bytes()); // CNTLID
     b[80..84].copy_from_slice(&VERSION.to_le_bytes()); // VER
     b[111] = 1; // CNTRLTYPE: I/O controller
+    for (i, t) in crdt.iter().enumerate() {
+        b[134 + 2 * i..136 + 2 * i].copy_from_slice(&t.to_le_bytes()); // CRDT1-3
+    }
     b[512] = 0x66; // SQES: 64 bytes
     b[513] = 0x44; // CQES: 16 bytes
     let maxcmd = p.mqes.min(u16::MAX as u32) as u16;

@@ -11,6 +11,8 @@ pub struct Counters {
     invalid_doorbells: u64,
     completions: u64,
     swallowed: u64,
+    held: u64,
+    dropped: u64,
 }
 
 impl Counters {
@@ -23,6 +25,8 @@ impl Counters {
             invalid_doorbells: 0,
             completions: 0,
             swallowed: 0,
+            held: 0,
+            dropped: 0,
         }
     }
 
@@ -52,6 +56,14 @@ impl Counters {
 
     pub(super) fn note_swallowed(&mut self) {
         self.swallowed += 1;
+    }
+
+    pub(super) fn note_held(&mut self) {
+        self.held += 1;
+    }
+
+    pub(super) fn note_dropped(&mut self, n: usize) {
+        self.dropped += n as u64;
     }
 
     /// Stores to queue `qid`'s SQ tail doorbell.
@@ -94,5 +106,15 @@ impl Counters {
     /// Commands swallowed by a fault.
     pub fn swallowed(&self) -> u64 {
         self.swallowed
+    }
+
+    /// Commands held back by a `late` or `delay` fault, to run later.
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+
+    /// Held commands that never ran: a reset or a quiesce dropped them.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 }

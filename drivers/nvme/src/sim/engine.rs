@@ -1,20 +1,26 @@
 //! What register stores make the controller do: CC enables, resets and shuts down; an SQ
 //! tail doorbell fetches and runs every new entry of that queue, in order, and posts its
 //! completion; a CQ head doorbell frees slots for completions held back while the CQ was
-//! full. Everything runs synchronously inside the store, under the controller's lock.
+//! full. Everything runs synchronously inside the store, under the controller's lock,
+//! except commands a `late` or `delay` fault holds back: those run once they are due, at
+//! the first register access (or device thread turn) after that.
+
+use std::time::{Duration, Instant};
 
 use nvcopy_vfio::DmaPool;
 
 use super::config::Params;
 use super::counters::Counters;
 use super::faults::FaultState;
+use super::guard::{pages_written, Guard, Watched};
 use super::namespace::SimNamespace;
 use super::queues::{CompQueue, Queues, SubQueue};
 use super::regs::Regs;
-use super::status::Done;
+use super::status::{Done, ABORTED_SQ_DELETED};
 use super::{admin, io};
 use crate::queue::{CQE_SIZE, SQE_SIZE};
-use crate::spec::{cc, csts, reg, Cqe};
+use crate::spec::{admin as admin_op, cc, csts, reg, Cqe, Sqe};
+use crate::status::Status;
 
 /// Everything about the controller that changes.
 #[derive(Debug)]
@@ -28,6 +34,35 @@ pub struct State {
     pub buf: Vec<u8>,
     /// (nsid, starting LBA) of every Write in the order the device ran them, when on.
     pub write_log: Option<Vec<(u32, u64)>>,
+    /// PCI Bus Master Enable as the device sees it: while false the controller reaches
+    /// host memory in no way at all (see [`quiesce`]).
+    pub bus_master: bool,
+    /// Commands fetched and held back to run later, in the order they fall due.
+    pub held: Vec<Held>,
+    /// The page guard and what it caught.
+    pub guard: Guard,
+}
+
+/// A command as the controller fetched it.
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    pub qid: u16,
+    pub cqid: u16,
+    /// The SQ head just after the fetch.
+    pub sq_head: u32,
+    pub sqe: Sqe,
+    /// Guarded host pages it will write, with their generations at fetch time.
+    pub pages: Vec<Watched>,
+    /// The status a `fail` fault completes it with, instead of running it.
+    pub fail: Option<Status>,
+}
+
+/// A fetched command whose whole effect (data moved, namespace changed, completion
+/// posted) waits until `due`.
+#[derive(Debug)]
+pub struct Held {
+    pub due: Instant,
+    pub cmd: Fetched,
 }
 
 impl State {
@@ -40,15 +75,26 @@ impl State {
             counters: Counters::new(p.io_queues as usize + 1),
             buf: Vec::new(),
             write_log: None,
+            bus_master: true,
+            held: Vec::new(),
+            guard: Guard::default(),
         }
+    }
+
+    /// Whether the controller acts at all: ready, no fatal status, bus mastering on.
+    fn running(&self) -> bool {
+        self.regs.rdy && !self.regs.cfs && !self.faults.fatal && self.bus_master
+    }
+
+    /// Forgets every held command, as a reset or a quiesce does.
+    fn drop_held(&mut self) {
+        self.counters.note_dropped(self.held.len());
+        self.held.clear();
     }
 
     /// Whether commands on `qid` may be fetched now.
     fn fetching(&self, qid: u16) -> bool {
-        if !self.regs.rdy || self.regs.cfs || self.faults.fatal {
-            return false;
-        }
-        qid == 0 || !self.faults.io_paused
+        self.running() && (qid == 0 || !self.faults.io_paused)
     }
 }
 
@@ -68,8 +114,18 @@ fn write_cc(p: &Params, pool: &DmaPool, st: &mut State, value: u32) {
     let now = value & cc::EN != 0;
     st.regs.cc = value;
     if was && !now {
-        reset(st);
+        if !st.faults.stuck_ready {
+            reset(st);
+        }
+    } else if !was && now && st.regs.rdy {
+        // Under `stuck_ready` the controller never finished the reset asked for: it is
+        // still running with its old queues, and setting CC.EN again changes nothing.
     } else if !was && now {
+        // The sim has no PCI configuration space: the host re-initialising the function
+        // after a quiesce (a function reset turns bus mastering back on, as
+        // `PciDevice::reset` does, before the controller is enabled again) is modelled
+        // as this enable.
+        st.bus_master = true;
         enable(p, pool, st);
     }
     if value & cc::SHN_MASK != 0 {
@@ -78,12 +134,25 @@ fn write_cc(p: &Params, pool: &DmaPool, st: &mut State, value: u32) {
     }
 }
 
-/// Controller reset (CC.EN 1 -> 0): every queue is gone, CSTS clears.
-fn reset(st: &mut State) {
+/// Controller reset (CC.EN 1 -> 0, base spec 3.7.2): every queue is gone, CSTS clears.
+/// CSTS.RDY = 0 is the controller's word that it has stopped: nothing it was doing
+/// reaches host memory afterwards.
+///
+/// Commands held by a `late` or `delay` fault are dropped: a controller that reports
+/// itself reset has abandoned what it had in progress, and writes nothing for it later.
+pub fn reset(st: &mut State) {
+    st.drop_held();
     st.queues.clear();
     st.regs.rdy = false;
     st.regs.shst = 0;
     st.regs.cfs = false;
+}
+
+/// Completes a reset the host asked for (CC.EN is 0) that `stuck_ready` held back.
+pub fn finish_pending_reset(st: &mut State) {
+    if st.regs.cc & cc::EN == 0 && st.regs.rdy {
+        reset(st);
+    }
 }
 
 /// CC.EN 0 -> 1: take the admin queues from AQA, ASQ and ACQ and become ready. A setup
@@ -132,7 +201,12 @@ fn doorbell(p: &Params, pool: &DmaPool, st: &mut State, rel: usize, value: u32) 
         return;
     }
     if completion {
-        match st.queues.cq_mut(qid).map(|cq| cq.set_head(pool, value)) {
+        let drain = st.bus_master;
+        match st
+            .queues
+            .cq_mut(qid)
+            .map(|cq| cq.set_head(pool, value, drain))
+        {
             Some(Ok(true)) => {}
             Some(Err(_)) => st.regs.cfs = true,
             Some(Ok(false)) | None => st.counters.note_invalid_doorbell(),
@@ -163,27 +237,103 @@ pub fn process(p: &Params, pool: &DmaPool, st: &mut State, qid: u16) {
                 return;
             }
         };
-        let (sq_head, cqid) = (sq.head, sq.cqid);
-        let admin_queue = qid == 0;
-        st.counters.note_command(admin_queue, sqe.opcode());
+        let (cqid, sq_head) = (sq.cqid, sq.head);
+        let pages = if st.guard.is_on() {
+            pages_written(pool, st, qid, &sqe)
+        } else {
+            Vec::new()
+        };
+        st.counters.note_command(qid == 0, sqe.opcode());
         if st.faults.swallows(qid, &sqe) {
             st.counters.note_swallowed();
             continue;
         }
-        let done = if admin_queue {
-            admin::execute(p, pool, st, &sqe)
-        } else {
-            io::execute(p, pool, st, &sqe)
+        let cmd = Fetched {
+            qid,
+            cqid,
+            sq_head,
+            sqe,
+            pages,
+            fail: st.faults.fails(qid, &sqe),
         };
-        if !admin_queue {
-            if let Some((cid, keep_real)) = st.faults.take_bogus() {
-                post(pool, st, cqid, completion(done, sq_head, qid, cid));
-                if !keep_real {
-                    continue;
-                }
+        if let Some(delay) = st.faults.holds(qid, &sqe) {
+            hold(st, cmd, delay);
+            continue;
+        }
+        run(p, pool, st, cmd);
+    }
+}
+
+/// Keeps `cmd` to run `delay` from now, after anything due earlier.
+fn hold(st: &mut State, cmd: Fetched, delay: Duration) {
+    let due = Instant::now() + delay;
+    let at = st.held.partition_point(|h| h.due <= due);
+    st.held.insert(at, Held { due, cmd });
+    st.counters.note_held();
+}
+
+/// Runs a fetched command and posts its completion.
+fn run(p: &Params, pool: &DmaPool, st: &mut State, cmd: Fetched) {
+    let Fetched {
+        qid,
+        cqid,
+        sqe,
+        ref pages,
+        fail,
+        ..
+    } = cmd;
+    // The SQ head now, which a held command reports as any late completion would.
+    let sq_head = st.queues.sq(qid).map_or(cmd.sq_head, |sq| sq.head);
+    let admin_queue = qid == 0;
+    let done = match fail {
+        Some(status) => Done::from(status),
+        None if admin_queue => admin::execute(p, pool, st, &sqe),
+        None => io::execute(p, pool, st, &sqe),
+    };
+    if fail.is_none() && done.status.is_success() && !pages.is_empty() {
+        // The data went to host memory just now: were its pages still the command's?
+        st.guard.check(qid, sqe.cid(), pages);
+    }
+    if admin_queue && sqe.opcode() == admin_op::DELETE_SQ && done.status.is_success() {
+        abort_held(pool, st, (sqe.cdw10 & 0xffff) as u16);
+    }
+    if !admin_queue {
+        if let Some((cid, keep_real)) = st.faults.take_bogus() {
+            post(pool, st, cqid, completion(done, sq_head, qid, cid));
+            if !keep_real {
+                return;
             }
         }
-        post(pool, st, cqid, completion(done, sq_head, qid, sqe.cid()));
+    }
+    post(pool, st, cqid, completion(done, sq_head, qid, sqe.cid()));
+}
+
+/// Held commands of a deleted SQ complete as aborted before the deletion does (base spec
+/// 5.6: the controller completes or aborts every command of the queue first).
+fn abort_held(pool: &DmaPool, st: &mut State, qid: u16) {
+    let (gone, kept): (Vec<Held>, Vec<Held>) = std::mem::take(&mut st.held)
+        .into_iter()
+        .partition(|h| h.cmd.qid == qid);
+    st.held = kept;
+    for h in gone {
+        let c = h.cmd;
+        let cqe = completion(ABORTED_SQ_DELETED.into(), c.sq_head, qid, c.sqe.cid());
+        post(pool, st, c.cqid, cqe);
+    }
+}
+
+/// Runs every held command that is due, oldest first. Nothing runs while the controller
+/// is not running (not ready, fatal status, bus mastering off); a reset drops them.
+pub fn run_due(p: &Params, pool: &DmaPool, st: &mut State) {
+    if st.held.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    while st.running() && st.held.first().is_some_and(|h| h.due <= now) {
+        let h = st.held.remove(0);
+        if st.queues.sq(h.cmd.qid).is_some() {
+            run(p, pool, st, h.cmd);
+        }
     }
 }
 
@@ -206,8 +356,27 @@ pub fn completion(done: Done, sq_head: u32, qid: u16, cid: u16) -> Cqe {
     }
 }
 
-/// Posts a completion to CQ `cqid` (or holds it while the CQ is full).
+/// Bus mastering off (the device side of [`crate::Bar::quiesce`]): from now on the
+/// controller fetches no command, moves no data and writes no completion, until the next
+/// enable; held commands are dropped. Registers keep working, so the host can still
+/// reset the controller. False,
+/// changing nothing, under [`super::Faults::quiesce_fails`].
+pub fn quiesce(st: &mut State) -> bool {
+    if st.faults.quiesce_fails {
+        return false;
+    }
+    st.bus_master = false;
+    // Like a reset, a quiesce ends whatever the controller still had in progress.
+    st.drop_held();
+    true
+}
+
+/// Posts a completion to CQ `cqid` (or holds it while the CQ is full). Nothing is written
+/// without bus mastering.
 pub fn post(pool: &DmaPool, st: &mut State, cqid: u16, cqe: Cqe) {
+    if !st.bus_master {
+        return;
+    }
     st.counters.note_completion();
     if let Some(cq) = st.queues.cq_mut(cqid) {
         if cq.post(pool, cqe).is_err() {

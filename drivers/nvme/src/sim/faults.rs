@@ -1,9 +1,11 @@
-//! Fault injection: media errors on chosen LBAs, commands that never complete, controller
-//! fatal status, completions with a command id the host never issued, and a paused
-//! controller that lets submission queues fill. Faults can be changed at any time through
+//! Fault injection: media errors on chosen LBAs, commands that never complete or complete
+//! late, controller fatal status, completions with a command id the host never issued, a
+//! paused controller that lets submission queues fill, a controller that will not stop
+//! and one whose bus mastering cannot be turned off. Faults can be changed at any time through
 //! [`Faults`], the handle [`super::SimController::faults`] returns.
 
 use std::ops::Range;
+use std::time::Duration;
 
 use super::status::{unrecovered_read_error, write_fault};
 use super::SimController;
@@ -196,11 +198,21 @@ pub(super) struct FaultState {
     next: u64,
     media: Vec<Entry<MediaError>>,
     swallow: Vec<Entry<CommandFilter>>,
+    /// `late` and `delay`: matching commands run this long after they were fetched.
+    hold: Vec<Entry<(CommandFilter, Duration)>>,
+    /// `fail`: matching commands complete with this status and do nothing else.
+    fail: Vec<Entry<(CommandFilter, Status)>>,
     bogus: Option<BogusCid>,
     /// Raised CSTS.CFS: the controller stops processing commands.
     pub fatal: bool,
     /// I/O submission queues are not fetched from.
     pub io_paused: bool,
+    /// [`crate::Bar::quiesce`] fails: returns false and DMA goes on.
+    pub quiesce_fails: bool,
+    /// Clearing CC.EN does not reset the controller: CSTS.RDY stays 1.
+    pub stuck_ready: bool,
+    /// CRDT1-3 that Identify Controller reports, in 100 ms units.
+    pub crdt: [u16; 3],
     /// Hit counts of removed faults are kept so tests can read them afterwards.
     retired: Vec<(FaultId, u64)>,
 }
@@ -213,16 +225,17 @@ impl FaultState {
 
     /// Whether the command on `qid` is to be swallowed (fetched and never completed).
     pub fn swallows(&mut self, qid: u16, sqe: &Sqe) -> bool {
-        for e in &mut self.swallow {
-            if e.fault.matches(qid, sqe) {
-                e.hits += 1;
-                if let Some(t) = &mut e.fault.times {
-                    *t -= 1;
-                }
-                return true;
-            }
-        }
-        false
+        first_match(&mut self.swallow, |f| f, qid, sqe).is_some()
+    }
+
+    /// The status to fail the command on `qid` with, if a fault says so.
+    pub fn fails(&mut self, qid: u16, sqe: &Sqe) -> Option<Status> {
+        first_match(&mut self.fail, |f| &mut f.0, qid, sqe).map(|e| e.fault.1)
+    }
+
+    /// How long to hold the command on `qid` before running it, if a fault says so.
+    pub fn holds(&mut self, qid: u16, sqe: &Sqe) -> Option<Duration> {
+        first_match(&mut self.hold, |f| &mut f.0, qid, sqe).map(|e| e.fault.1)
     }
 
     /// The media error status for an access to `lbas` of `nsid`, if a fault covers it.
@@ -252,28 +265,68 @@ impl FaultState {
         self.bogus.take().map(|b| (b.cid, b.keep_real))
     }
 
+    /// (id, hits) of every fault in force.
+    fn in_force(&self) -> Vec<(FaultId, u64)> {
+        fn ids<T>(v: &[Entry<T>]) -> impl Iterator<Item = (FaultId, u64)> + '_ {
+            v.iter().map(|e| (e.id, e.hits))
+        }
+        ids(&self.media)
+            .chain(ids(&self.swallow))
+            .chain(ids(&self.hold))
+            .chain(ids(&self.fail))
+            .collect()
+    }
+
     fn hits(&self, id: FaultId) -> Option<u64> {
-        self.media
-            .iter()
-            .find(|e| e.id == id)
-            .map(|e| e.hits)
-            .or_else(|| self.swallow.iter().find(|e| e.id == id).map(|e| e.hits))
-            .or_else(|| self.retired.iter().find(|r| r.0 == id).map(|r| r.1))
+        self.in_force()
+            .into_iter()
+            .chain(self.retired.iter().copied())
+            .find(|r| r.0 == id)
+            .map(|r| r.1)
     }
 
     fn remove(&mut self, id: FaultId) -> bool {
-        if let Some(i) = self.media.iter().position(|e| e.id == id) {
-            let e = self.media.remove(i);
-            self.retired.push((id, e.hits));
-            return true;
+        fn take<T>(v: &mut Vec<Entry<T>>, id: FaultId) -> Option<u64> {
+            let i = v.iter().position(|e| e.id == id)?;
+            Some(v.remove(i).hits)
         }
-        if let Some(i) = self.swallow.iter().position(|e| e.id == id) {
-            let e = self.swallow.remove(i);
-            self.retired.push((id, e.hits));
-            return true;
+        let hits = take(&mut self.media, id)
+            .or_else(|| take(&mut self.swallow, id))
+            .or_else(|| take(&mut self.hold, id))
+            .or_else(|| take(&mut self.fail, id));
+        match hits {
+            Some(h) => {
+                self.retired.push((id, h));
+                true
+            }
+            None => false,
         }
-        false
     }
+
+    fn push<T>(&mut self, list: impl FnOnce(&mut Self) -> &mut Vec<Entry<T>>, fault: T) -> FaultId {
+        let id = self.id();
+        list(self).push(Entry { id, fault, hits: 0 });
+        id
+    }
+}
+
+/// The first fault of `list` whose filter (`filter` of the fault) matches the command;
+/// counts the hit and one of the filter's `times`.
+fn first_match<'a, T>(
+    list: &'a mut [Entry<T>],
+    filter: impl Fn(&mut T) -> &mut CommandFilter,
+    qid: u16,
+    sqe: &Sqe,
+) -> Option<&'a mut Entry<T>> {
+    let i = list
+        .iter_mut()
+        .position(|e| filter(&mut e.fault).matches(qid, sqe))?;
+    let e = &mut list[i];
+    e.hits += 1;
+    if let Some(t) = &mut filter(&mut e.fault).times {
+        *t -= 1;
+    }
+    Some(e)
 }
 
 /// The fault-injection handle of a [`SimController`]. Every change takes effect for the
@@ -311,7 +364,52 @@ impl Faults<'_> {
         })
     }
 
-    /// How many commands a media error or swallow fault has hit so far.
+    /// Holds matching commands back: the controller fetches them (the SQ head moves) and
+    /// their whole effect (data moved into host memory for a Read, the namespace written
+    /// for a Write, the completion) happens only once `delay` has passed, like a device
+    /// that answers after the host gave up. A controller reset (CC.EN 1 -> 0 with
+    /// CSTS.RDY reaching 0, base spec 3.7.2) or a successful quiesce in between drops
+    /// them, as a real controller abandons what it had in progress; deleting their SQ
+    /// completes them as aborted.
+    ///
+    /// They run at the first register access after they fall due (doorbells included)
+    /// or at [`SimController::run_due`]; on a [`super::ThreadedSim`], on the device
+    /// thread as soon as they are due.
+    pub fn late(&self, filter: CommandFilter, delay: Duration) -> FaultId {
+        self.sim
+            .with_state(|st| st.faults.push(|f| &mut f.hold, (filter, delay)))
+    }
+
+    /// Slow commands: matching commands complete correctly, `delay` after they were
+    /// fetched (a slow Flush). The same machinery as [`Faults::late`], and the same rules:
+    /// a reset or quiesce meanwhile drops them. `late` says the host is expected to give
+    /// up first; `delay` that it is expected to wait.
+    pub fn delay(&self, filter: CommandFilter, delay: Duration) -> FaultId {
+        self.late(filter, delay)
+    }
+
+    /// Fails matching commands with `status` (build one with [`Status::new`],
+    /// [`Status::with_dnr`] and [`Status::with_crd`]): the command does nothing else (no
+    /// data moved, no namespace change) and completes with that status, at once or,
+    /// with a [`Faults::late`] or [`Faults::delay`] fault matching too, when that is due.
+    /// This reaches what [`MediaError`] cannot, such as a failed Flush, and carries a
+    /// Command Retry Delay index (base spec 4.6.1) for testing retry delays; see
+    /// [`Faults::command_retry_delays`].
+    pub fn fail(&self, filter: CommandFilter, status: Status) -> FaultId {
+        self.sim
+            .with_state(|st| st.faults.push(|f| &mut f.fail, (filter, status)))
+    }
+
+    /// CRDT1-3 in 100 ms units: how long a host should wait before retrying a command
+    /// whose status has CRD 1, 2 or 3 (Identify Controller bytes 134-139, base spec
+    /// 5.17.2.1). The driver reads them at bring-up, so set them before it. Zero (the
+    /// default) means no delay.
+    pub fn command_retry_delays(&self, crdt: [u16; 3]) {
+        self.sim.with_state(|st| st.faults.crdt = crdt);
+    }
+
+    /// How many commands a media error, swallow, late, delay or fail fault has hit so
+    /// far.
     pub fn hits(&self, id: FaultId) -> u64 {
         self.sim.with_state(|st| st.faults.hits(id).unwrap_or(0))
     }
@@ -348,23 +446,41 @@ impl Faults<'_> {
         self.sim.kick();
     }
 
+    /// Makes [`crate::Bar::quiesce`] fail (or succeed again): it returns false and the
+    /// controller keeps fetching commands, moving data and posting completions, like a
+    /// device whose bus mastering cannot be confirmed off.
+    pub fn quiesce_fails(&self, on: bool) {
+        self.sim.with_state(|st| st.faults.quiesce_fails = on);
+    }
+
+    /// A controller that will not stop: clearing CC.EN leaves CSTS.RDY at 1, and the
+    /// controller keeps its queues and goes on fetching and completing commands, so a
+    /// host waiting for RDY = 0 (base spec 3.7.2) gives up after CAP.TO (make it short
+    /// with [`super::SimConfig::cap_timeout`]). A CC.EN 0 -> 1 meanwhile changes nothing.
+    /// Turning the fault off while CC.EN is 0 completes the reset that was asked for.
+    pub fn stuck_ready(&self, on: bool) {
+        self.sim.with_state(|st| {
+            st.faults.stuck_ready = on;
+            if !on {
+                super::engine::finish_pending_reset(st);
+            }
+        });
+    }
+
     /// Removes every fault (hit counts of removed faults stay readable), clears CFS and
     /// resumes I/O.
     pub fn clear(&self) {
         self.sim.with_state(|st| {
             let f = &mut st.faults;
-            let ids: Vec<FaultId> = f
-                .media
-                .iter()
-                .map(|e| e.id)
-                .chain(f.swallow.iter().map(|e| e.id))
-                .collect();
-            for id in ids {
+            for (id, _) in f.in_force() {
                 f.remove(id);
             }
             f.bogus = None;
             f.fatal = false;
             f.io_paused = false;
+            f.quiesce_fails = false;
+            f.stuck_ready = false;
+            super::engine::finish_pending_reset(st);
         });
         self.sim.kick();
     }

@@ -6,7 +6,9 @@
 //! [`DmaPool::unmapped`] pool, reached through [`DmaPool::slice_at`] with volatile
 //! accesses only), walks PRPs and PRP lists, and keeps namespace data in sparse memory or
 //! sparse files. It is synchronous: a doorbell store runs the new commands before it
-//! returns, so completions are waiting by the time the driver polls.
+//! returns, so completions are waiting by the time the driver polls. (Commands a
+//! [`Faults::late`] or [`Faults::delay`] fault holds back run at the first register
+//! access after they fall due, or at [`SimController::run_due`].)
 //!
 //! Beyond the commands nvcopy uses (Identify, Set Features, queue creation and deletion;
 //! Read, Write, Write Zeroes, Flush, Dataset Management, Copy format 0) it checks what a
@@ -14,6 +16,13 @@
 //! ([`SimController::faults`]). [`SimController::counters`] tells what it has seen, and
 //! [`SimController::read_ns`] / [`SimController::write_ns`] reach namespace data
 //! directly, to set up and verify tests independently of the driver.
+//!
+//! For recovery tests it models what makes buffer reuse after a timeout dangerous:
+//! commands that land after the host gave up ([`Faults::late`]), a controller that never
+//! reports itself stopped ([`Faults::stuck_ready`]), bus mastering off through
+//! [`Bar::quiesce`] (and a quiesce that fails), and a page guard
+//! ([`SimController::set_page_guard`]) that reports any write into a host page handed
+//! to a new owner after the command was submitted.
 //!
 //! ```no_run
 //! # use nvcopy_nvme::sim::{NamespaceConfig, SimConfig, SimController};
@@ -36,6 +45,7 @@ mod counters;
 mod dma;
 mod engine;
 mod faults;
+mod guard;
 mod io;
 mod namespace;
 mod queues;
@@ -45,6 +55,7 @@ mod status;
 mod tests;
 mod threaded;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use nvcopy_vfio::DmaPool;
@@ -53,6 +64,7 @@ pub use alloc_count::CountingAllocator;
 pub use config::{NamespaceConfig, SimConfig, SIM_VID};
 pub use counters::Counters;
 pub use faults::{CommandFilter, FaultId, Faults, MediaError};
+pub use guard::PageGuardFn;
 pub use threaded::ThreadedSim;
 
 use config::Params;
@@ -67,6 +79,9 @@ pub struct SimController {
     pool: DmaPool,
     params: Params,
     state: Mutex<State>,
+    /// Whether commands are held for later, so that register accesses and the device
+    /// thread look at the clock only then.
+    holding: AtomicBool,
 }
 
 /// Where a queue pair stands, from the controller's side.
@@ -110,6 +125,7 @@ impl SimController {
             pool,
             params,
             state: Mutex::new(state),
+            holding: AtomicBool::new(false),
         }))
     }
 
@@ -118,12 +134,52 @@ impl SimController {
     }
 
     fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        f(&mut self.lock())
+        let mut st = self.lock();
+        let r = f(&mut st);
+        self.holding.store(!st.held.is_empty(), Ordering::Release);
+        r
     }
 
     /// Runs whatever was left waiting (after I/O was resumed or a fault cleared).
     fn kick(&self) {
-        engine::process_all(&self.params, &self.pool, &mut self.lock());
+        self.with_state(|st| {
+            engine::run_due(&self.params, &self.pool, st);
+            engine::process_all(&self.params, &self.pool, st);
+        });
+    }
+
+    /// Runs the commands held by [`Faults::late`] or [`Faults::delay`] whose time has
+    /// come. Every register access does this first; a test can call it to let late
+    /// commands land without touching a register.
+    pub fn run_due(&self) {
+        if self.holding.load(Ordering::Acquire) {
+            self.with_state(|st| engine::run_due(&self.params, &self.pool, st));
+        }
+    }
+
+    /// Installs the page guard, which checks that the controller never writes a host
+    /// page that was handed to another user since the command writing it was fetched.
+    /// `guard` returns the current owner generation of the 4 KiB page holding an IOVA
+    /// (`None`: not a guarded page; queue memory must be `None`). At fetch the controller
+    /// notes the generation of each guarded page the command will write (Read data,
+    /// Identify data); when it writes them, at once or later for a late command, it asks
+    /// again and records a violation for each page whose answer changed. The data is
+    /// written anyway, as a real device would. `guard` runs under the controller's lock:
+    /// it must not call back into the controller.
+    pub fn set_page_guard(&self, guard: Arc<PageGuardFn>) {
+        self.lock().guard.set(guard);
+    }
+
+    /// One line per page-guard violation (queue, command id, IOVA, generation at fetch
+    /// and at the write), oldest first; empty when there were none.
+    pub fn page_violations(&self) -> Vec<String> {
+        self.lock().guard.violations().to_vec()
+    }
+
+    /// Commands fetched and held back by [`Faults::late`] or [`Faults::delay`] that have
+    /// neither run nor been dropped yet.
+    pub fn held_commands(&self) -> usize {
+        self.lock().held.len()
     }
 
     /// The fault-injection handle.
@@ -155,6 +211,13 @@ impl SimController {
     /// The DMA pool the controller reaches host memory through.
     pub fn pool(&self) -> &DmaPool {
         &self.pool
+    }
+
+    /// Whether bus mastering is on: false from a successful [`Bar::quiesce`] until the
+    /// next CC.EN 0 -> 1, which models the host re-initialising the function (a function
+    /// reset turns bus mastering back on) before it enables the controller again.
+    pub fn bus_master(&self) -> bool {
+        self.lock().bus_master
     }
 
     /// Whether CSTS.RDY is set.
@@ -235,16 +298,28 @@ fn namespace_of(st: &State, nsid: u32) -> std::io::Result<&SimNamespace> {
 
 impl Bar for SimController {
     fn read32(&self, offset: usize) -> u32 {
+        self.run_due();
         let st = self.lock();
         st.regs.read(self.params.cap, st.faults.fatal, offset)
     }
 
     fn write32(&self, offset: usize, value: u32) {
-        engine::write_register(&self.params, &self.pool, &mut self.lock(), offset, value);
+        self.with_state(|st| {
+            engine::run_due(&self.params, &self.pool, st);
+            engine::write_register(&self.params, &self.pool, st, offset, value);
+        });
     }
 
     fn len(&self) -> usize {
         self.params.bar_len
+    }
+
+    /// Turns bus mastering off: afterwards the controller does no DMA at all (no SQ fetch,
+    /// no data transfer, no CQE write) until CC.EN goes 0 -> 1 again; commands held by
+    /// [`Faults::late`] are dropped. False, and nothing changes, under
+    /// [`Faults::quiesce_fails`].
+    fn quiesce(&self) -> bool {
+        self.with_state(engine::quiesce)
     }
 }
 

@@ -132,8 +132,13 @@ impl CompQueue {
 
     /// The host consumed entries up to `head`. Returns false (and changes nothing) when
     /// `head` is outside the entries posted; otherwise posts held completions into the
-    /// room made.
-    pub fn set_head(&mut self, pool: &DmaPool, head: u32) -> Result<bool, Unreachable> {
+    /// room made, if `drain` (the controller may write host memory).
+    pub fn set_head(
+        &mut self,
+        pool: &DmaPool,
+        head: u32,
+        drain: bool,
+    ) -> Result<bool, Unreachable> {
         if head >= self.size {
             return Ok(false);
         }
@@ -142,7 +147,7 @@ impl CompQueue {
             return Ok(false);
         }
         self.head = head;
-        while !self.full() {
+        while drain && !self.full() {
             let Some(cqe) = self.held.pop_front() else {
                 break;
             };

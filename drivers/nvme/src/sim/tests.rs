@@ -152,12 +152,34 @@ impl Host {
         status(&self.admin(s))
     }
 
+    /// Controller reset (CC.EN 1 -> 0, if still enabled), then a new admin queue pair and
+    /// CC.EN 0 -> 1, the way a host recovers a controller.
+    fn reenable(&mut self, sq: u32, cq: u32) {
+        if self.sim.read32(reg::CC) & cc::EN != 0 {
+            self.sim.write32(reg::CC, 0);
+        }
+        assert_eq!(self.sim.read32(reg::CSTS) & csts::RDY, 0);
+        self.admin = RawQueue::new(&self.pool, 0, sq, cq, self.stride);
+        self.sim.write32(reg::AQA, (sq - 1) | (cq - 1) << 16);
+        self.sim.write64(reg::ASQ, self.admin.sq.iova().0);
+        self.sim.write64(reg::ACQ, self.admin.cq.iova().0);
+        self.sim
+            .write32(reg::CC, cc::EN | cc::IOSQES_64 | cc::IOCQES_16);
+        assert!(self.sim.is_ready());
+    }
+
     fn io_queue(&mut self, qid: u16, size: u32) -> RawQueue {
         let q = RawQueue::new(&self.pool, qid, size, size, self.stride);
         assert!(self.create_cq(qid, size, q.cq.iova()).is_success());
         assert!(self.create_sq(qid, size, q.sq.iova(), qid).is_success());
         q
     }
+}
+
+fn read_buf(buf: &DmaBuf) -> Vec<u8> {
+    let mut v = vec![0u8; buf.len()];
+    buf.read_at(0, &mut v);
+    v
 }
 
 fn one_ns() -> SimConfig {
@@ -538,4 +560,366 @@ fn doorbells_follow_the_stride_and_bad_ones_are_counted() {
     h.sim.write32(doorbell_offset(2, false, 8), 4);
     assert_eq!(h.sim.counters().invalid_doorbell_writes(), 3);
     assert_eq!(h.sim.queue_status(2).unwrap().sq_unfetched, 0);
+}
+
+#[test]
+fn quiesce_stops_all_dma_until_the_controller_is_enabled_again() {
+    let mut h = Host::with_admin(one_ns(), 8, 2);
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    h.sim.write_ns(1, 0, &[0x5a; 512]).unwrap();
+
+    // The admin CQ (2 entries) holds one completion; a second one waits for room.
+    let mut sf = Sqe::new(admin::SET_FEATURES, 0);
+    sf.cdw10 = admin::FEAT_NUM_QUEUES;
+    h.admin.post(sf);
+    h.admin.post(sf);
+    h.admin.ring(&h.sim);
+    assert_eq!(h.sim.queue_status(0).unwrap().cq_held, 1);
+
+    assert!(h.sim.bus_master());
+    assert!(h.sim.quiesce());
+    assert!(!h.sim.bus_master());
+    // A doorbell moves the tail, but nothing is fetched, read or completed.
+    q.post(rw(io::READ, 1, 0, 1, &buf));
+    q.ring(&h.sim);
+    assert_eq!(h.sim.queue_status(1).unwrap().sq_unfetched, 1);
+    assert!(q.reap().is_none());
+    assert_eq!(read_buf(&buf), vec![0u8; PAGE_SIZE]);
+    // Freeing CQ room does not post the held completion.
+    assert!(h.admin.reap().is_some());
+    h.admin.release(&h.sim);
+    assert!(h.admin.reap().is_none());
+    assert_eq!(h.sim.queue_status(0).unwrap().cq_held, 1);
+    // Registers still work: CSTS reads, and the controller can be reset.
+    assert_eq!(h.sim.read32(reg::CSTS), csts::RDY);
+    h.sim.write32(reg::CC, 0);
+    assert_eq!(h.sim.read32(reg::CSTS), 0);
+    assert!(
+        !h.sim.bus_master(),
+        "a reset alone does not turn it back on"
+    );
+
+    // Enabling again models the host re-initialising the function.
+    h.reenable(8, 8);
+    assert!(h.sim.bus_master());
+    let mut q = h.io_queue(1, 8);
+    assert!(status(&q.cmd(&h.sim, rw(io::READ, 1, 0, 1, &buf))).is_success());
+    assert_eq!(read_buf(&buf)[..512], [0x5a; 512]);
+}
+
+#[test]
+fn a_failing_quiesce_leaves_dma_running() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    h.sim.faults().quiesce_fails(true);
+    assert!(!h.sim.quiesce());
+    assert!(h.sim.bus_master());
+    assert!(status(&q.cmd(&h.sim, rw(io::READ, 1, 0, 1, &buf))).is_success());
+    h.sim.faults().clear();
+    assert!(h.sim.quiesce());
+}
+
+#[test]
+fn threaded_sim_quiesces_the_model() {
+    let pool = DmaPool::unmapped(1 << 20).unwrap();
+    let sim = SimController::new(one_ns(), pool);
+    let t = ThreadedSim::start(sim.clone());
+    assert!(t.quiesce());
+    assert!(!sim.bus_master());
+    sim.faults().quiesce_fails(true);
+    sim.write32(reg::CC, cc::EN);
+    assert!(!t.quiesce());
+}
+
+#[test]
+fn a_stuck_controller_stays_ready_and_keeps_running_commands() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    h.sim.faults().stuck_ready(true);
+    h.sim.write32(reg::CC, 0);
+    assert_eq!(h.sim.read32(reg::CSTS) & csts::RDY, csts::RDY);
+    assert!(status(&q.cmd(&h.sim, rw(io::READ, 1, 0, 1, &buf))).is_success());
+    // Setting CC.EN again does not take new admin queues: the old ones still run.
+    h.sim
+        .write32(reg::CC, cc::EN | cc::IOSQES_64 | cc::IOCQES_16);
+    assert!(h.sim.queue_status(1).is_some());
+    h.sim.write32(reg::CC, 0);
+    // Lifting the fault completes the reset asked for.
+    h.sim.faults().stuck_ready(false);
+    assert_eq!(h.sim.read32(reg::CSTS), 0);
+    assert!(h.sim.queue_status(1).is_none());
+    h.reenable(8, 8);
+    let mut q = h.io_queue(1, 8);
+    assert!(status(&q.cmd(&h.sim, rw(io::READ, 1, 0, 1, &buf))).is_success());
+}
+
+const LATE: std::time::Duration = std::time::Duration::from_millis(30);
+
+fn after_late() {
+    std::thread::sleep(LATE + std::time::Duration::from_millis(10));
+}
+
+#[test]
+fn a_late_read_moves_its_data_and_completes_only_when_due() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    h.sim.write_ns(1, 0, &[0x11; 512]).unwrap();
+    let f = h
+        .sim
+        .faults()
+        .late(CommandFilter::io().opcode(io::READ).times(1), LATE);
+    let cid = q.post(rw(io::READ, 1, 0, 1, &buf));
+    q.ring(&h.sim);
+    assert_eq!(h.sim.queue_status(1).unwrap().sq_unfetched, 0, "fetched");
+    assert_eq!(h.sim.held_commands(), 1);
+    // Other commands are not held up behind it.
+    assert!(status(&q.cmd(&h.sim, Sqe::new(io::FLUSH, 1))).is_success());
+    h.sim.write_ns(1, 0, &[0x22; 512]).unwrap();
+    h.sim.run_due();
+    assert!(q.reap().is_none());
+    assert_eq!(read_buf(&buf), vec![0u8; PAGE_SIZE], "no data yet");
+    after_late();
+    // Any register access lets it land.
+    h.sim.read32(reg::CSTS);
+    let cqe = q.reap().expect("late completion");
+    assert_eq!((cqe.cid, cqe.sq_id), (cid, 1));
+    assert!(status(&cqe).is_success());
+    assert_eq!(read_buf(&buf)[..512], [0x22; 512], "read when it ran");
+    assert_eq!(h.sim.held_commands(), 0);
+    assert_eq!(h.sim.faults().hits(f), 1);
+    assert_eq!(h.sim.counters().held(), 1);
+}
+
+#[test]
+fn a_late_write_changes_the_namespace_only_when_due() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    buf.write_at(0, &[0x33; 512]);
+    h.sim.faults().delay(CommandFilter::io().lbas(5..6), LATE);
+    q.post(rw(io::WRITE, 1, 5, 1, &buf));
+    q.ring(&h.sim);
+    let mut out = [0u8; 512];
+    h.sim.read_ns(1, 5 * 512, &mut out).unwrap();
+    assert_eq!(out, [0; 512]);
+    after_late();
+    h.sim.run_due();
+    assert!(status(&q.reap().expect("completion")).is_success());
+    h.sim.read_ns(1, 5 * 512, &mut out).unwrap();
+    assert_eq!(out, [0x33; 512]);
+}
+
+#[test]
+fn a_reset_or_a_quiesce_drops_late_commands() {
+    let mut h = Host::new(one_ns());
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    h.sim.write_ns(1, 0, &[0x44; 512]).unwrap();
+    h.sim.faults().late(CommandFilter::io(), LATE);
+    for quiesce in [false, true] {
+        let mut q = h.io_queue(1, 8);
+        q.post(rw(io::READ, 1, 0, 1, &buf));
+        q.post(rw(io::WRITE, 1, 9, 1, &buf));
+        q.ring(&h.sim);
+        assert_eq!(h.sim.held_commands(), 2);
+        if quiesce {
+            assert!(h.sim.quiesce());
+        }
+        h.sim.write32(reg::CC, 0);
+        assert_eq!(h.sim.held_commands(), 0);
+        // Queues with the same ids again, and the late commands' time passes.
+        h.reenable(8, 8);
+        let mut q = h.io_queue(1, 8);
+        after_late();
+        h.sim.run_due();
+        assert!(q.reap().is_none());
+        assert_eq!(read_buf(&buf), vec![0u8; PAGE_SIZE], "nothing written");
+        let mut out = [0u8; 512];
+        h.sim.read_ns(1, 9 * 512, &mut out).unwrap();
+        assert_eq!(out, [0; 512]);
+        h.sim.write32(reg::CC, 0);
+        h.reenable(8, 8);
+    }
+    assert_eq!(h.sim.counters().dropped(), 4);
+}
+
+#[test]
+fn deleting_the_queue_aborts_its_late_commands() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    h.sim.faults().late(CommandFilter::io(), LATE);
+    let cid = q.post(rw(io::READ, 1, 0, 1, &buf));
+    q.ring(&h.sim);
+    assert!(h.delete(admin::DELETE_SQ, 1).is_success());
+    let cqe = q.reap().expect("aborted");
+    assert_eq!(cqe.cid, cid);
+    assert_eq!(status(&cqe).kind(), StatusKind::AbortedSqDeleted);
+    assert_eq!(h.sim.held_commands(), 0);
+}
+
+#[test]
+fn a_stuck_controller_still_completes_late_commands() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    h.sim.write_ns(1, 0, &[0x55; 512]).unwrap();
+    h.sim.faults().late(CommandFilter::io(), LATE);
+    h.sim.faults().stuck_ready(true);
+    q.post(rw(io::READ, 1, 0, 1, &buf));
+    q.ring(&h.sim);
+    h.sim.write32(reg::CC, 0);
+    after_late();
+    h.sim.read32(reg::CSTS);
+    assert!(status(&q.reap().expect("late completion")).is_success());
+    assert_eq!(read_buf(&buf)[..512], [0x55; 512]);
+}
+
+#[test]
+fn the_device_thread_runs_late_commands_unprompted() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    let t = ThreadedSim::start(h.sim.clone());
+    h.sim.faults().late(CommandFilter::io(), LATE);
+    q.post(rw(io::READ, 1, 0, 1, &buf));
+    t.write32(doorbell_offset(1, false, h.stride), q.tail);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let cqe = loop {
+        if let Some(c) = q.reap() {
+            break c;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::yield_now();
+    };
+    assert!(status(&cqe).is_success());
+    drop(t);
+}
+
+/// A page guard backed by a map from page IOVA to owner generation.
+fn map_guard(h: &Host) -> Arc<std::sync::Mutex<std::collections::HashMap<u64, u64>>> {
+    let map = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let m = map.clone();
+    h.sim.set_page_guard(Arc::new(move |iova: Iova| {
+        m.lock().unwrap().get(&(iova.0 & !0xfff)).copied()
+    }));
+    map
+}
+
+#[test]
+fn the_page_guard_reports_a_late_write_into_a_page_handed_on() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let map = map_guard(&h);
+    // Two data pages (the read crosses into the second through PRP2), both guarded.
+    let buf = h.pool.alloc_zeroed(2 * PAGE_SIZE).unwrap();
+    let (p0, p1) = (buf.iova().0, buf.iova().0 + PAGE_SIZE as u64);
+    map.lock().unwrap().extend([(p0, 1), (p1, 1)]);
+
+    // An immediate read and a late read whose pages keep their owner: nothing to report.
+    assert!(status(&q.cmd(&h.sim, rw(io::READ, 1, 0, 16, &buf))).is_success());
+    h.sim
+        .faults()
+        .late(CommandFilter::io().opcode(io::READ), LATE);
+    q.post(rw(io::READ, 1, 0, 16, &buf));
+    q.ring(&h.sim);
+    after_late();
+    h.sim.run_due();
+    assert!(q.reap().is_some());
+    assert!(h.sim.page_violations().is_empty());
+
+    // The second page is handed to a new owner before the late read lands.
+    let cid = q.post(rw(io::READ, 1, 0, 16, &buf));
+    q.ring(&h.sim);
+    map.lock().unwrap().insert(p1, 2);
+    after_late();
+    h.sim.run_due();
+    assert!(q.reap().is_some());
+    let v = h.sim.page_violations();
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(v[0].contains(&format!("qid 1 cid {cid} ")), "{}", v[0]);
+    assert!(v[0].contains(&format!("{p1:#x}")), "{}", v[0]);
+    assert!(v[0].contains("generation 1 then, 2 now"), "{}", v[0]);
+
+    // A late read dropped by a reset writes nothing and reports nothing, even though its
+    // page changed hands.
+    buf.zero();
+    q.post(rw(io::READ, 1, 0, 16, &buf));
+    q.ring(&h.sim);
+    map.lock().unwrap().insert(p0, 3);
+    h.sim.write32(reg::CC, 0);
+    after_late();
+    h.sim.run_due();
+    assert_eq!(read_buf(&buf), vec![0u8; 2 * PAGE_SIZE]);
+    assert_eq!(h.sim.page_violations().len(), 1);
+}
+
+#[test]
+fn the_page_guard_covers_identify_data_but_not_queue_memory() {
+    let mut h = Host::new(one_ns());
+    let map = map_guard(&h);
+    let page = h.pool.alloc(PAGE_SIZE).unwrap();
+    map.lock().unwrap().insert(page.iova().0, 7);
+    h.sim.faults().late(CommandFilter::admin(), LATE);
+    let mut s = Sqe::new(admin::IDENTIFY, 0);
+    s.cdw10 = admin::CNS_CONTROLLER;
+    s.prp1 = page.iova().0;
+    h.admin.post(s);
+    h.admin.ring(&h.sim);
+    // The page goes back to the pool: generation unknown now.
+    map.lock().unwrap().remove(&page.iova().0);
+    after_late();
+    h.sim.run_due();
+    assert!(h.admin.reap().is_some());
+    let v = h.sim.page_violations();
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(
+        v[0].contains("generation 7 then, unguarded now"),
+        "{}",
+        v[0]
+    );
+}
+
+#[test]
+fn injected_failures_carry_the_status_given_and_do_nothing_else() {
+    let mut h = Host::new(one_ns());
+    let mut q = h.io_queue(1, 8);
+    let buf = h.pool.alloc_zeroed(PAGE_SIZE).unwrap();
+    buf.write_at(0, &[0x66; 512]);
+    let internal = Status::new(0, 0x06).with_crd(2);
+    let f = h
+        .sim
+        .faults()
+        .fail(CommandFilter::io().opcode(io::FLUSH).times(1), internal);
+    let st = status(&q.cmd(&h.sim, Sqe::new(io::FLUSH, 1)));
+    assert_eq!(
+        (st.kind(), st.crd(), st.dnr()),
+        (StatusKind::InternalError, 2, false)
+    );
+    assert!(
+        status(&q.cmd(&h.sim, Sqe::new(io::FLUSH, 1))).is_success(),
+        "once"
+    );
+    assert_eq!(h.sim.faults().hits(f), 1);
+    // A failed write leaves the namespace alone; with a delay it fails late.
+    let wf = Status::new(2, 0x80).with_dnr(true);
+    h.sim
+        .faults()
+        .fail(CommandFilter::io().opcode(io::WRITE), wf);
+    h.sim
+        .faults()
+        .delay(CommandFilter::io().opcode(io::WRITE), LATE);
+    q.post(rw(io::WRITE, 1, 3, 1, &buf));
+    q.ring(&h.sim);
+    assert!(q.reap().is_none());
+    after_late();
+    h.sim.run_due();
+    let st = status(&q.reap().expect("late failure"));
+    assert_eq!((st.kind(), st.dnr()), (StatusKind::WriteFault, true));
+    let mut out = [0u8; 512];
+    h.sim.read_ns(1, 3 * 512, &mut out).unwrap();
+    assert_eq!(out, [0; 512]);
 }

@@ -59,6 +59,8 @@ fn device_loop(sim: &SimController, bells: &Doorbells) {
     let mut last = vec![0u32; bells.values.len()];
     let mut idle = 0u32;
     while !bells.stop.load(Ordering::Acquire) {
+        // Late and delayed commands land as soon as they are due, as on a device.
+        sim.run_due();
         if !bells.pending.swap(false, Ordering::AcqRel) {
             idle = idle.saturating_add(1);
             if idle > 2000 {
@@ -98,6 +100,12 @@ impl Bar for ThreadedSim {
 
     fn len(&self) -> usize {
         self.sim.len()
+    }
+
+    /// Quiesces the model under its lock: once this returns the device thread can still
+    /// deliver doorbells, but the controller acts on none of them.
+    fn quiesce(&self) -> bool {
+        self.sim.quiesce()
     }
 }
 
