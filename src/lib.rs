@@ -36,6 +36,7 @@ pub mod client;
 pub mod engine;
 pub mod error;
 pub mod job;
+pub mod mapfile;
 mod pages;
 pub mod platform;
 mod reactor;
