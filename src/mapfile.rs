@@ -668,7 +668,10 @@ impl Map {
         let mut left: Option<(u64, BlockStatus)> = None; // [k, pos)
         let mut right: Option<(u64, BlockStatus)> = None; // [end, e)
         let mut cursor = first;
-        while let Some((&k, &span)) = self.blocks.range(cursor..end).next() {
+        while cursor < end {
+            let Some((&k, &span)) = self.blocks.range(cursor..end).next() else {
+                break;
+            };
             self.blocks.remove(&k);
             if k < pos {
                 left = Some((k, span.status));
@@ -1263,4 +1266,821 @@ pub fn load(path: &Path) -> Result<Map, MapError> {
         source: e,
     })?;
     Map::parse(&String::from_utf8_lossy(&bytes)).map_err(|e| e.with_path(path))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    use BlockStatus::{BadSector, Finished, NonScraped, NonTried, NonTrimmed};
+
+    fn chunk(c: u64) -> NonZeroU64 {
+        NonZeroU64::new(c).unwrap()
+    }
+
+    fn header(len: u64) -> MapHeader {
+        MapHeader::new(
+            "0000:00:10.0/1@0+512M",
+            vec!["0000:00:11.0/1@0".into(), "0000:00:12.0/2@4096".into()],
+            len,
+            4096,
+        )
+        .unwrap()
+    }
+
+    fn triples(map: &Map) -> Vec<(u64, u64, BlockStatus)> {
+        map.blocks().map(|b| (b.pos, b.size, b.status)).collect()
+    }
+
+    /// The invariants every method must keep.
+    fn assert_canonical(map: &Map) {
+        let blocks: Vec<Block> = map.blocks().collect();
+        for b in &blocks {
+            assert!(b.size > 0, "empty block {b:?}");
+        }
+        for w in blocks.windows(2) {
+            assert_eq!(w[0].end(), w[1].pos, "not contiguous: {w:?}");
+            assert_ne!(
+                w[0].status, w[1].status,
+                "adjacent blocks share a status: {w:?}"
+            );
+        }
+    }
+
+    fn parse_err(text: &str) -> (usize, ParseProblem) {
+        match Map::parse(text) {
+            Err(MapError::Parse {
+                line,
+                problem,
+                path: None,
+            }) => (line, problem),
+            other => panic!("expected a parse error for {text:?}, got {other:?}"),
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "nvcopy-mapfile-{name}-{}-{}",
+            std::process::id(),
+            SAVE_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn status_characters_round_trip() {
+        let chars: String = BlockStatus::ALL.iter().map(|s| s.as_char()).collect();
+        assert_eq!(chars, "?*/-+");
+        for s in BlockStatus::ALL {
+            assert_eq!(BlockStatus::from_char(s.as_char()), Some(s));
+        }
+        let chars: String = Phase::ALL.iter().map(|s| s.as_char()).collect();
+        assert_eq!(chars, "?*/-FG+");
+        for p in Phase::ALL {
+            assert_eq!(Phase::from_char(p.as_char()), Some(p));
+        }
+        assert_eq!(BlockStatus::from_char('F'), None);
+        assert_eq!(Phase::from_char('x'), None);
+    }
+
+    #[test]
+    fn new_map_is_one_non_tried_block() {
+        let m = Map::new(header(1 << 20));
+        assert_eq!(triples(&m), vec![(0, 1 << 20, NonTried)]);
+        assert_eq!(m.current_status, Phase::Copying);
+        assert_eq!(m.current_pass, 1);
+        assert_eq!(Map::new(header(0)).block_count(), 0);
+    }
+
+    #[test]
+    fn format_then_parse_round_trips_every_status() {
+        let mut m = Map::new(header(0x10_0000));
+        m.paint(0, 0x1000, Finished).unwrap();
+        m.paint(0x1000, 0x200, BadSector).unwrap();
+        m.paint(0x1200, 0x400, NonScraped).unwrap();
+        m.paint(0x1600, 0x800, NonTrimmed).unwrap();
+        m.paint(0x8000, 0x8000, Finished).unwrap();
+        m.current_pos = 0x1600;
+        m.current_pass = 3;
+        assert_eq!(m.block_count(), 7);
+        for phase in Phase::ALL {
+            m.current_status = phase;
+            let text = m.to_string();
+            let back = Map::parse(&text).unwrap();
+            assert_eq!(back, m, "{text}");
+            assert_eq!(back.to_string(), text);
+        }
+        let text = m.to_string();
+        assert!(text.contains("# nvcopy-map v1\n"), "{text}");
+        assert!(text.contains("# source: 0000:00:10.0/1@0+512M\n"), "{text}");
+        assert!(
+            text.contains("# destination 1: 0000:00:12.0/2@4096\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# length: 1048576\n# chunk: 4096\n"),
+            "{text}"
+        );
+        assert!(text.contains("0x00001000  0x00000200  -\n"), "{text}");
+        assert!(text.starts_with("# Mapfile. Written by nvcopy "), "{text}");
+    }
+
+    #[test]
+    fn headerless_map_round_trips_without_header() {
+        let mut m = Map::parse("0 ? 1\n0 0x800 ?\n").unwrap();
+        m.paint(0, 0x200, Finished).unwrap();
+        let back = Map::parse(&m.to_string()).unwrap();
+        assert_eq!(back.header, None);
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn parses_what_the_manual_allows() {
+        // Decimal, octal and both hex prefixes; blank lines; comments at line start,
+        // after fields and without a space; CRLF line ends; no current_pass (ddrescue
+        // before 1.20); tabs; adjacent blocks of one status are merged.
+        let text = "# made by hand\r\n\
+                    \r\n\
+                    0X200\t*   # status line\r\n\
+                    \x20 # pos size status\r\n\
+                    0 512 +\r\n\
+                    512 01000 +#same status\r\n\
+                    \t\r\n\
+                    0x400 0x200 -\r\n\
+                    0x600 10 /\r\n\
+                    1546 0xF6 ?\r\n";
+        let m = Map::parse(text).unwrap();
+        assert_eq!(m.header, None);
+        assert_eq!(m.current_pos, 0x200);
+        assert_eq!(m.current_status, Phase::Trimming);
+        assert_eq!(m.current_pass, 1);
+        assert_eq!(
+            triples(&m),
+            vec![
+                (0, 0x400, Finished),
+                (0x400, 0x200, BadSector),
+                (0x600, 10, NonScraped),
+                (1546, 0xF6, NonTried),
+            ]
+        );
+        assert_eq!(m.extent(), (0, 0x700));
+        // A map of a rescue domain that does not start at 0 parses (ddrescue -i).
+        let m = Map::parse("0 + 7\n0x200 0x200 +\n").unwrap();
+        assert_eq!(m.extent(), (0x200, 0x400));
+        assert_eq!(m.current_pass, 7);
+        // Only a status line: no blocks.
+        assert_eq!(Map::parse("0 ?\n").unwrap().block_count(), 0);
+    }
+
+    #[test]
+    fn malformed_lines_name_line_and_problem() {
+        use ParseProblem as P;
+        let cases: Vec<(&str, usize, P)> = vec![
+            (
+                "0 ? 1\n0x0 0xG0 +\n",
+                2,
+                P::BadNumber {
+                    field: "size",
+                    text: "0xG0".into(),
+                },
+            ),
+            (
+                "0 ? 1\n0x 0x10 +\n",
+                2,
+                P::BadNumber {
+                    field: "pos",
+                    text: "0x".into(),
+                },
+            ),
+            (
+                "# c\nzz ? 1\n",
+                2,
+                P::BadNumber {
+                    field: "current_pos",
+                    text: "zz".into(),
+                },
+            ),
+            (
+                "0 ? 1\n09 1 +\n",
+                2,
+                P::BadNumber {
+                    field: "pos",
+                    text: "09".into(),
+                },
+            ),
+            (
+                "0 ? 1\n-1 1 +\n",
+                2,
+                P::BadNumber {
+                    field: "pos",
+                    text: "-1".into(),
+                },
+            ),
+            (
+                "0 ? 1\n0 0x100 X\n",
+                2,
+                P::UnknownStatus { text: "X".into() },
+            ),
+            (
+                "0 ? 1\n0 0x100 F\n",
+                2,
+                P::UnknownStatus { text: "F".into() },
+            ),
+            (
+                "0 ? 1\n0 0x100 ++\n",
+                2,
+                P::UnknownStatus { text: "++".into() },
+            ),
+            ("0 X 1\n", 1, P::UnknownPhase { text: "X".into() }),
+            ("0 ? 0\n", 1, P::BadPass { text: "0".into() }),
+            ("0 ? 0x1\n", 1, P::BadPass { text: "0x1".into() }),
+            (
+                "0\n",
+                1,
+                P::MissingField {
+                    field: "current_status",
+                },
+            ),
+            ("0 ? 1 9\n", 1, P::ExtraField { text: "9".into() }),
+            ("0 ? 1\n0 0x100\n", 2, P::MissingField { field: "status" }),
+            ("0 ? 1\n0\n", 2, P::MissingField { field: "size" }),
+            (
+                "0 ? 1\n0 0x100 + x\n",
+                2,
+                P::ExtraField { text: "x".into() },
+            ),
+            ("0 ? 1\n0 0x100 +\n0x100 0 ?\n", 3, P::ZeroSize),
+            (
+                "0 ? 1\n0 0x100 +\n\n0x200 0x100 ?\n",
+                4,
+                P::Gap {
+                    expected: 0x100,
+                    found: 0x200,
+                },
+            ),
+            (
+                "0 ? 1\n0 0x100 +\n0x80 0x100 ?\n",
+                3,
+                P::Overlap {
+                    expected: 0x100,
+                    found: 0x80,
+                },
+            ),
+            (
+                "0 ? 1\n0x100 0x100 +\n0x200 0x100 ?\n0x80 0x10 -\n",
+                4,
+                P::NotAscending {
+                    previous: 0x200,
+                    found: 0x80,
+                },
+            ),
+            (
+                "0 ? 1\n0 0x8000000000000000 +\n",
+                2,
+                P::NumberTooLarge {
+                    field: "size",
+                    text: "0x8000000000000000".into(),
+                },
+            ),
+            (
+                "0 ? 1\n0 99999999999999999999999 +\n",
+                2,
+                P::NumberTooLarge {
+                    field: "size",
+                    text: "99999999999999999999999".into(),
+                },
+            ),
+            (
+                "0 ? 1\n0x7FFFFFFFFFFFFFFF 2 +\n",
+                2,
+                P::EndTooLarge {
+                    pos: 0x7FFF_FFFF_FFFF_FFFF,
+                    size: 2,
+                },
+            ),
+        ];
+        for (text, line, problem) in cases {
+            assert_eq!(parse_err(text), (line, problem), "{text:?}");
+        }
+        for text in ["", "\n\n", "# only\n# comments\n"] {
+            assert!(
+                matches!(Map::parse(text), Err(MapError::NoStatusLine { path: None })),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn parse_error_message_names_line() {
+        let e = Map::parse("0 ? 1\n0 0x100 +\n0x80 0x100 ?\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("line 3: overlap"), "{msg}");
+        assert!(msg.contains("0x80"), "{msg}");
+    }
+
+    #[test]
+    fn malformed_nvcopy_header_is_refused() {
+        let good = Map::new(header(0x1000)).to_string();
+        let line_of = |text: &str, needle: &str| {
+            text.lines().position(|l| l.starts_with(needle)).unwrap() + 1
+        };
+        let marker = line_of(&good, "# nvcopy-map");
+
+        let v2 = good.replace("# nvcopy-map v1", "# nvcopy-map v2");
+        assert_eq!(
+            parse_err(&v2),
+            (
+                marker,
+                ParseProblem::UnsupportedVersion { found: "v2".into() }
+            )
+        );
+
+        let no_len = good.replace("# length: 4096\n", "");
+        let (line, p) = parse_err(&no_len);
+        assert_eq!(line, marker);
+        assert!(p.to_string().contains("no 'length:' line"), "{p}");
+
+        let bad_len = good.replace("# length: 4096", "# length: 4k");
+        let (line, p) = parse_err(&bad_len);
+        assert_eq!(line, line_of(&good, "# length"));
+        assert!(
+            p.to_string().contains("\"4k\" is not a decimal number"),
+            "{p}"
+        );
+
+        let zero_chunk = good.replace("# chunk: 4096", "# chunk: 0");
+        let (line, p) = parse_err(&zero_chunk);
+        assert_eq!(line, marker);
+        assert!(p.to_string().contains("must not be 0"), "{p}");
+
+        let skipped = good.replace("# destination 1:", "# destination 2:");
+        let (line, p) = parse_err(&skipped);
+        assert_eq!(line, line_of(&good, "# destination 1"));
+        assert!(
+            p.to_string().contains("'destination 1:' was expected"),
+            "{p}"
+        );
+
+        let twice = good.replace(
+            "# length: 4096\n",
+            "# length: 4096\n# source: 0000:00:13.0\n",
+        );
+        let (_, p) = parse_err(&twice);
+        assert!(p.to_string().contains("a second 'source:' line"), "{p}");
+
+        // Header-like comments without the marker are only comments.
+        let unmarked = good.replace("# nvcopy-map v1\n", "");
+        assert_eq!(Map::parse(&unmarked).unwrap().header, None);
+    }
+
+    #[test]
+    fn header_fields_are_checked() {
+        for (src, dests) in [
+            ("", vec![]),
+            (" a", vec![]),
+            ("a", vec!["b\nc".to_string()]),
+            ("a", vec!["b\r".to_string()]),
+        ] {
+            assert!(
+                matches!(
+                    MapHeader::new(src, dests.clone(), 1, 1),
+                    Err(MapError::InvalidHeader { .. })
+                ),
+                "{src:?} {dests:?}"
+            );
+        }
+        assert!(MapHeader::new("a", vec![], MAX_OFFSET + 1, 1).is_err());
+        assert!(MapHeader::new("a", vec![], 1, 0).is_err());
+        // '#' and ':' in a region string survive the round trip.
+        let h = MapHeader::new("a#b: c", vec!["d: #e".into()], 16, 8).unwrap();
+        let back = Map::parse(&Map::new(h.clone()).to_string()).unwrap();
+        assert_eq!(back.header, Some(h));
+    }
+
+    #[test]
+    fn paint_splits_and_merges() {
+        let mut m = Map::new(header(100));
+        m.paint(40, 20, Finished).unwrap();
+        assert_eq!(
+            triples(&m),
+            vec![(0, 40, NonTried), (40, 20, Finished), (60, 40, NonTried)]
+        );
+        // Same status inside a block: nothing changes.
+        m.paint(45, 5, Finished).unwrap();
+        assert_eq!(m.block_count(), 3);
+        // Bridging both neighbours merges them into one.
+        m.paint(0, 40, Finished).unwrap();
+        m.paint(60, 40, Finished).unwrap();
+        assert_eq!(triples(&m), vec![(0, 100, Finished)]);
+        // Splitting at the very ends.
+        m.paint(0, 1, BadSector).unwrap();
+        m.paint(99, 1, NonTried).unwrap();
+        assert_eq!(
+            triples(&m),
+            vec![(0, 1, BadSector), (1, 98, Finished), (99, 1, NonTried)]
+        );
+        // A range that swallows several blocks.
+        m.paint(10, 10, NonScraped).unwrap();
+        m.paint(30, 10, NonTrimmed).unwrap();
+        m.paint(1, 54, BadSector).unwrap(); // and merges with the bad byte at 0
+        assert_eq!(
+            triples(&m),
+            vec![(0, 55, BadSector), (55, 44, Finished), (99, 1, NonTried)]
+        );
+        assert_canonical(&m);
+        m.paint(50, 0, Finished).unwrap();
+        assert_eq!(m.block_count(), 3);
+        assert_eq!(m.status_at(54), Some(BadSector));
+        assert_eq!(m.status_at(100), None);
+    }
+
+    #[test]
+    fn paint_outside_the_map_is_refused() {
+        let mut m = Map::new(header(100));
+        for (pos, size) in [(90, 11), (100, 1), (u64::MAX, 2), (1, u64::MAX)] {
+            assert!(
+                matches!(
+                    m.paint(pos, size, Finished),
+                    Err(MapError::OutOfRange {
+                        start: 0,
+                        end: 100,
+                        ..
+                    })
+                ),
+                "{pos} {size}"
+            );
+        }
+        let mut shifted = Map::parse("0 ? 1\n0x10 0x10 ?\n").unwrap();
+        assert!(shifted.paint(0, 0x11, Finished).is_err());
+        assert_eq!(triples(&m), vec![(0, 100, NonTried)]);
+    }
+
+    #[test]
+    fn ascending_paints_stay_cheap() {
+        // The copier's pattern: chunks finish roughly in order, a few fail. With a
+        // block per failure this builds ~20k blocks; every paint touches the tail
+        // only, so this is fast even unoptimised.
+        let c = 4096u64;
+        let cells = 200_000u64;
+        let mut m = Map::new(header(c * cells));
+        for i in 0..cells {
+            let s = if i % 10 == 7 { BadSector } else { Finished };
+            m.paint(i * c, c, s).unwrap();
+        }
+        // 20,000 bad cells between 20,001 finished runs.
+        assert_eq!(m.block_count(), 40_001);
+        assert_eq!(m.bytes_with(BadSector), cells / 10 * c);
+        assert_eq!(m.finished_bytes(), cells * c - cells / 10 * c);
+        assert_canonical(&m);
+    }
+
+    #[test]
+    fn paint_cells_covers_a_partial_last_cell() {
+        let mut m = Map::new(header(10 * 4096 + 100));
+        let ch = chunk(4096);
+        assert_eq!(m.cell_count(ch), 11);
+        m.paint_cells(
+            ch,
+            [(0, Finished), (1, Finished), (3, BadSector), (10, Finished)],
+        )
+        .unwrap();
+        assert_eq!(
+            triples(&m),
+            vec![
+                (0, 8192, Finished),
+                (8192, 4096, NonTried),
+                (12288, 4096, BadSector),
+                (16384, 6 * 4096, NonTried),
+                (40960, 100, Finished),
+            ]
+        );
+        assert!(matches!(
+            m.paint_cells(ch, [(11, Finished)]),
+            Err(MapError::CellOutOfRange {
+                index: 11,
+                cells: 11,
+                chunk: 4096
+            })
+        ));
+        assert!(m.paint_cells(ch, [(u64::MAX, Finished)]).is_err());
+    }
+
+    #[test]
+    fn todo_cells_with_and_without_retry() {
+        let c = 4096u64;
+        let len = 10 * c + 100;
+        let mut m = Map::new(header(len));
+        m.paint(0, len, Finished).unwrap();
+        m.paint(c + 10, 1, BadSector).unwrap(); // cell 1
+        m.paint(3 * c - 1, 2, NonTrimmed).unwrap(); // cells 2 and 3
+        m.paint(5 * c, c, NonScraped).unwrap(); // cell 5 only
+        m.paint(len - 1, 1, NonTried).unwrap(); // the partial last cell, 10
+        let ch = chunk(c);
+        let want = |cells: &[usize]| {
+            let mut v = vec![false; 11];
+            for &i in cells {
+                v[i] = true;
+            }
+            v
+        };
+        assert_eq!(m.todo_cells(ch, false), want(&[2, 3, 5, 10]));
+        assert_eq!(m.todo_cells(ch, true), want(&[1, 2, 3, 5, 10]));
+        m.paint(len - 1, 1, Finished).unwrap();
+        assert_eq!(m.todo_cells(ch, false), want(&[2, 3, 5]));
+        // Another chunk size works from the same byte ranges.
+        assert_eq!(
+            m.todo_cells(chunk(3 * c), true),
+            vec![true, true, false, false]
+        );
+        assert_eq!(m.bytes_with(BadSector), 1);
+        assert_eq!(m.bytes_with(NonTrimmed), 2);
+        assert_eq!(m.bytes_with(NonScraped), c);
+        assert_eq!(m.bytes_with(NonTried), 0);
+        assert_eq!(m.finished_bytes(), len - 3 - c);
+        // Bytes before a map's start count as to do.
+        let shifted = Map::parse("0 ? 1\n0x2000 0x1000 +\n").unwrap();
+        assert_eq!(shifted.todo_cells(ch, false), vec![true, true, false]);
+    }
+
+    #[test]
+    fn check_identity_names_each_difference() {
+        let len = 1 << 20;
+        let m = Map::new(header(len));
+        m.check_identity(&header(len)).unwrap();
+
+        // Another chunk size is fine.
+        let h = header(len);
+        let other_chunk =
+            MapHeader::new(h.source(), h.destinations().to_vec(), len, 1 << 17).unwrap();
+        m.check_identity(&other_chunk).unwrap();
+
+        let src = MapHeader::new("0000:00:13.0/1@0", h.destinations().to_vec(), len, 4096).unwrap();
+        let e = m.check_identity(&src).unwrap_err();
+        assert!(matches!(e, MapError::SourceMismatch { .. }));
+        assert_eq!(
+            e.to_string(),
+            "the map is for source 0000:00:10.0/1@0+512M, this copy reads 0000:00:13.0/1@0: \
+             give the same --from, or another --map file"
+        );
+
+        let swapped = MapHeader::new(
+            h.source(),
+            vec![h.destinations()[1].clone(), h.destinations()[0].clone()],
+            len,
+            4096,
+        )
+        .unwrap();
+        let e = m.check_identity(&swapped).unwrap_err();
+        assert!(
+            matches!(e, MapError::DestinationMismatch { index: 0, .. }),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains(
+                "the map is for destination 0 0000:00:11.0/1@0, this copy writes 0000:00:12.0/2@4096 there"
+            ),
+            "{e}"
+        );
+
+        let mut more = h.destinations().to_vec();
+        more.push("0000:00:14.0".into());
+        let e = m
+            .check_identity(&MapHeader::new(h.source(), more, len, 4096).unwrap())
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MapError::DestinationMismatch {
+                    index: 2,
+                    map: None,
+                    map_count: 2,
+                    this_count: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("0000:00:14.0 is not in the map"),
+            "{e}"
+        );
+
+        let fewer = h.destinations()[..1].to_vec();
+        let e = m
+            .check_identity(&MapHeader::new(h.source(), fewer, len, 4096).unwrap())
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("0000:00:12.0/2@4096 is missing"),
+            "{e}"
+        );
+
+        let e = m.check_identity(&header(len * 2)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MapError::LengthMismatch {
+                    map: 1048576,
+                    this: 2097152
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("1048576 bytes, this copy is 2097152"),
+            "{e}"
+        );
+
+        // Blocks that do not cover exactly [0, length).
+        let text = Map::new(header(len)).to_string();
+        for (from, to) in [
+            ("0x00000000  0x00100000  ?", "0x00000000  0x00080000  ?"),
+            ("0x00000000  0x00100000  ?", "0x00001000  0x000FF000  ?"),
+            ("0x00000000  0x00100000  ?", "0x00000000  0x00200000  ?"),
+        ] {
+            assert!(text.contains(from), "{text}");
+            let damaged = Map::parse(&text.replace(from, to)).unwrap();
+            let e = damaged.check_identity(&header(len)).unwrap_err();
+            assert!(matches!(e, MapError::Coverage { len: 1048576, .. }), "{e}");
+            assert!(e.to_string().contains("this copy is [0, 0x100000)"), "{e}");
+        }
+
+        let plain = Map::parse("0 ? 1\n0 0x100000 ?\n").unwrap();
+        let e = plain.check_identity(&header(len)).unwrap_err();
+        assert!(matches!(e, MapError::NotNvcopy), "{e}");
+        assert!(e.to_string().contains("not written by nvcopy"), "{e}");
+    }
+
+    #[test]
+    fn save_atomic_then_load() {
+        let dir = temp_dir("save");
+        let path = dir.join("copy.map");
+        let mut m = Map::new(header(1 << 20));
+        m.paint(0, 0x3000, Finished).unwrap();
+        m.paint(0x3000, 0x1000, BadSector).unwrap();
+        save_atomic(&path, &m).unwrap();
+        assert_eq!(load(&path).unwrap(), m);
+        // Overwriting keeps one file and the new content.
+        m.paint(0x4000, 0x1000, Finished).unwrap();
+        save_atomic(&path, &m).unwrap();
+        assert_eq!(load(&path).unwrap(), m);
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["copy.map".to_string()]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn save_and_load_errors_carry_path_and_fix() {
+        let dir = temp_dir("errors");
+        let missing_dir = dir.join("nope").join("copy.map");
+        let e = save_atomic(&missing_dir, &Map::new(header(16))).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&dir.join("nope").display().to_string()),
+            "{msg}"
+        );
+        assert!(msg.contains("the directory does not exist"), "{msg}");
+
+        // Renaming over a directory fails; the temporary file must not remain.
+        let target = dir.join("is-a-dir");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("x"), "x").unwrap();
+        let e = save_atomic(&target, &Map::new(header(16))).unwrap_err();
+        assert!(
+            e.to_string().contains("renaming temporary map file over"),
+            "{e}"
+        );
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["is-a-dir".to_string()]);
+
+        let absent = dir.join("absent.map");
+        let e = load(&absent).unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+        assert!(e.to_string().contains("absent.map"), "{e}");
+
+        let bad = dir.join("bad.map");
+        fs::write(&bad, "0 ? 1\n0 0x10 +\n0x20 0x10 ?\n").unwrap();
+        let e = load(&bad).unwrap_err();
+        assert!(!e.is_not_found());
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: line 3: gap: the block starts at 0x20 but the previous one ends at 0x10; blocks must be contiguous",
+                bad.display()
+            )
+        );
+
+        // Bytes that are not UTF-8 are fine in comments.
+        let latin1 = dir.join("latin1.map");
+        fs::write(
+            &latin1,
+            b"# Command line: ddrescue /dev/sdb caf\xe9.img\n0 ? 1\n0 0x10 +\n",
+        )
+        .unwrap();
+        assert_eq!(load(&latin1).unwrap().finished_bytes(), 0x10);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A per-byte model of a map.
+    fn model_paints(len: u64, paints: &[(u64, u64, BlockStatus)]) -> (Map, Vec<BlockStatus>) {
+        let mut m = Map::new(header(len));
+        let mut bytes = vec![NonTried; len as usize];
+        for &(pos, size, s) in paints {
+            let pos = pos % len;
+            let size = size % (len - pos + 1);
+            m.paint(pos, size, s).unwrap();
+            bytes[pos as usize..(pos + size) as usize].fill(s);
+        }
+        (m, bytes)
+    }
+
+    fn expand(m: &Map) -> Vec<BlockStatus> {
+        m.blocks()
+            .flat_map(|b| std::iter::repeat_n(b.status, b.size as usize))
+            .collect()
+    }
+
+    fn status() -> impl Strategy<Value = BlockStatus> {
+        prop::sample::select(BlockStatus::ALL.to_vec())
+    }
+
+    proptest! {
+        #[test]
+        fn paint_matches_a_per_byte_model(
+            len in 1u64..80,
+            paints in prop::collection::vec((0u64..80, 0u64..80, status()), 0..40),
+        ) {
+            let (m, bytes) = model_paints(len, &paints);
+            assert_canonical(&m);
+            prop_assert_eq!(expand(&m), bytes);
+            prop_assert_eq!(m.extent(), (0, len));
+            let back = Map::parse(&m.to_string()).unwrap();
+            prop_assert_eq!(&back, &m);
+        }
+
+        #[test]
+        fn paint_cells_and_todo_match_the_model(
+            len in 1u64..120,
+            c in 1u64..20,
+            cells in prop::collection::vec((0u64..130, status()), 0..40),
+            retry in any::<bool>(),
+        ) {
+            let ch = chunk(c);
+            let mut m = Map::new(header(len));
+            let mut bytes = vec![NonTried; len as usize];
+            let ncells = len.div_ceil(c);
+            let cells: Vec<_> = cells.into_iter().map(|(i, s)| (i % ncells, s)).collect();
+            m.paint_cells(ch, cells.iter().copied()).unwrap();
+            for &(i, s) in &cells {
+                let end = ((i + 1) * c).min(len);
+                bytes[(i * c) as usize..end as usize].fill(s);
+            }
+            assert_canonical(&m);
+            prop_assert_eq!(expand(&m), bytes.clone());
+            let want: Vec<bool> = bytes
+                .chunks(c as usize)
+                .map(|cell| cell.iter().any(|s| s.needs_copy(retry)))
+                .collect();
+            prop_assert_eq!(m.todo_cells(ch, retry), want);
+            for s in BlockStatus::ALL {
+                prop_assert_eq!(
+                    m.bytes_with(s),
+                    bytes.iter().filter(|&&b| b == s).count() as u64
+                );
+            }
+        }
+
+        #[test]
+        fn parse_never_panics(text in "[0-9a-fxX?*/+FG# \t\r\n-]{0,200}") {
+            if let Ok(m) = Map::parse(&text) {
+                assert_canonical(&m);
+                prop_assert_eq!(Map::parse(&m.to_string()).unwrap(), m);
+            }
+        }
+
+        #[test]
+        fn parse_never_panics_on_mutated_maps(
+            cut in 0usize..400,
+            insert in "[0-9xX?+# :\n-]{0,6}",
+        ) {
+            let mut text = Map::new(header(0x10000)).to_string();
+            let at = cut.min(text.len());
+            text.insert_str(at, &insert);
+            if let Ok(m) = Map::parse(&text) {
+                assert_canonical(&m);
+                prop_assert_eq!(Map::parse(&m.to_string()).unwrap(), m);
+            }
+        }
+    }
 }
