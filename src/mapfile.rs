@@ -1320,7 +1320,16 @@ mod tests {
         }
     }
 
-    fn temp_dir(name: &str) -> PathBuf {
+    /// A scratch directory, removed however the test ends.
+    struct TempDir(PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp_dir(name: &str) -> TempDir {
         let d = std::env::temp_dir().join(format!(
             "nvcopy-mapfile-{name}-{}-{}",
             std::process::id(),
@@ -1328,7 +1337,7 @@ mod tests {
         ));
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
-        d
+        TempDir(d)
     }
 
     #[test]
@@ -1917,7 +1926,8 @@ mod tests {
 
     #[test]
     fn save_atomic_then_load() {
-        let dir = temp_dir("save");
+        let tmp = temp_dir("save");
+        let dir = &tmp.0;
         let path = dir.join("copy.map");
         let mut m = Map::new(header(1 << 20));
         m.paint(0, 0x3000, Finished).unwrap();
@@ -1928,17 +1938,17 @@ mod tests {
         m.paint(0x4000, 0x1000, Finished).unwrap();
         save_atomic(&path, &m).unwrap();
         assert_eq!(load(&path).unwrap(), m);
-        let names: Vec<_> = fs::read_dir(&dir)
+        let names: Vec<_> = fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, vec!["copy.map".to_string()]);
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn save_and_load_errors_carry_path_and_fix() {
-        let dir = temp_dir("errors");
+        let tmp = temp_dir("errors");
+        let dir = &tmp.0;
         let missing_dir = dir.join("nope").join("copy.map");
         let e = save_atomic(&missing_dir, &Map::new(header(16))).unwrap_err();
         let msg = e.to_string();
@@ -1957,7 +1967,7 @@ mod tests {
             e.to_string().contains("renaming temporary map file over"),
             "{e}"
         );
-        let mut names: Vec<_> = fs::read_dir(&dir)
+        let mut names: Vec<_> = fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
@@ -1989,7 +1999,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(load(&latin1).unwrap().finished_bytes(), 0x10);
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A per-byte model of a map.
