@@ -28,6 +28,7 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::num::NonZeroU64;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -468,6 +469,16 @@ pub enum MapError {
         /// The chunk size.
         chunk: u64,
     },
+    /// One flag per cell would not fit in memory.
+    #[error(
+        "{cells} cells of {chunk} bytes are too many to hold in memory: use a larger chunk size"
+    )]
+    TooManyCells {
+        /// How many cells the map has at this chunk size.
+        cells: u64,
+        /// The chunk size.
+        chunk: u64,
+    },
     /// Reading or writing a map file failed.
     #[error("{action} {}: {source}{hint}", .path.display())]
     Io {
@@ -784,32 +795,61 @@ impl Map {
         self.paint(pos, end.saturating_sub(pos), status)
     }
 
-    /// Which cells of `chunk` bytes must be (re)copied: those with any byte that is
-    /// not finished, where bad-sector bytes count only if `retry_failed`. Bytes
-    /// before the map's start (a map that does not begin at 0) count as to do.
-    /// One entry per cell ([`cell_count`](Self::cell_count)); call it after
-    /// [`check_identity`](Self::check_identity), which bounds the length.
-    pub fn todo_cells(&self, chunk: NonZeroU64, retry_failed: bool) -> Vec<bool> {
+    /// Which cells of `chunk` bytes must be (re)copied, as ascending, merged ranges
+    /// of cell indices: cells with any byte that is not finished, where bad-sector
+    /// bytes count only if `retry_failed`. Bytes before the map's start (a map that
+    /// does not begin at 0) count as to do. O(blocks) time and memory, whatever
+    /// the number of cells.
+    pub fn todo_ranges(&self, chunk: NonZeroU64, retry_failed: bool) -> Vec<Range<u64>> {
         let c = chunk.get();
-        let cells = usize::try_from(self.cell_count(chunk)).unwrap_or(usize::MAX);
-        let mut todo = vec![false; cells];
-        let mut mark = |pos: u64, end: u64| {
-            let first = usize::try_from(pos / c).unwrap_or(usize::MAX);
-            let last = usize::try_from((end - 1) / c).unwrap_or(usize::MAX);
-            if let Some(s) = todo.get_mut(first..=last.min(cells.saturating_sub(1))) {
-                s.fill(true);
+        let mut out: Vec<Range<u64>> = Vec::new();
+        let mut add = |pos: u64, end: u64| {
+            // end > pos >= 0 for every caller, so end - 1 does not wrap.
+            let cells = pos / c..(end - 1) / c + 1;
+            match out.last_mut() {
+                Some(last) if cells.start <= last.end => last.end = last.end.max(cells.end),
+                _ => out.push(cells),
             }
         };
         let (start, _) = self.extent();
         if start > 0 {
-            mark(0, start);
+            add(0, start);
         }
         for b in self.blocks() {
             if b.status.needs_copy(retry_failed) {
-                mark(b.pos, b.end());
+                add(b.pos, b.end());
             }
         }
-        todo
+        out
+    }
+
+    /// [`todo_ranges`](Self::todo_ranges) as one flag per cell
+    /// ([`cell_count`](Self::cell_count) of them). Fails rather than aborting when
+    /// the flags do not fit in memory, which only a map far longer than any device
+    /// would need: call it after [`check_identity`](Self::check_identity).
+    pub fn todo_cells(&self, chunk: NonZeroU64, retry_failed: bool) -> Result<Vec<bool>, MapError> {
+        let count = self.cell_count(chunk);
+        let too_many = MapError::TooManyCells {
+            cells: count,
+            chunk: chunk.get(),
+        };
+        let Ok(cells) = usize::try_from(count) else {
+            return Err(too_many);
+        };
+        let mut todo = Vec::new();
+        if todo.try_reserve_exact(cells).is_err() {
+            return Err(too_many);
+        }
+        todo.resize(cells, false);
+        for r in self.todo_ranges(chunk, retry_failed) {
+            // Ranges lie within [0, count), and count fits in usize.
+            let a = usize::try_from(r.start).unwrap_or(cells);
+            let b = usize::try_from(r.end).unwrap_or(cells).min(cells);
+            if let Some(flags) = todo.get_mut(a..b) {
+                flags.fill(true);
+            }
+        }
+        Ok(todo)
     }
 
     /// How many bytes have `status`.
@@ -1114,15 +1154,14 @@ impl HeaderReader {
     fn comment(&mut self, line: usize, text: &str) -> Result<(), ParseProblem> {
         let text = text.trim();
         let header_err = |reason: String| ParseProblem::Header { reason };
-        if let Some(rest) = text.strip_prefix(MARKER) {
-            let version = rest.trim();
+        let mut words = text.split_whitespace();
+        if words.next() == Some(MARKER) {
+            let version = words.collect::<Vec<_>>().join(" ");
             if self.marker_line.is_some() {
                 return Err(header_err(format!("a second '{MARKER}' line")));
             }
             if version != format!("v{FORMAT_VERSION}") {
-                return Err(ParseProblem::UnsupportedVersion {
-                    found: version.into(),
-                });
+                return Err(ParseProblem::UnsupportedVersion { found: version });
             }
             self.marker_line = Some(line);
             return Ok(());
@@ -1641,6 +1680,10 @@ mod tests {
         let (_, p) = parse_err(&twice);
         assert!(p.to_string().contains("a second 'source:' line"), "{p}");
 
+        // A word that only starts like the marker is just a comment.
+        let lookalike = good.replace("# nvcopy-map v1\n", "# nvcopy-mapping notes\n");
+        assert_eq!(Map::parse(&lookalike).unwrap().header, None);
+
         // Header-like comments without the marker are only comments.
         let unmarked = good.replace("# nvcopy-map v1\n", "");
         assert_eq!(Map::parse(&unmarked).unwrap().header, None);
@@ -1796,13 +1839,13 @@ mod tests {
             }
             v
         };
-        assert_eq!(m.todo_cells(ch, false), want(&[2, 3, 5, 10]));
-        assert_eq!(m.todo_cells(ch, true), want(&[1, 2, 3, 5, 10]));
+        assert_eq!(m.todo_cells(ch, false).unwrap(), want(&[2, 3, 5, 10]));
+        assert_eq!(m.todo_cells(ch, true).unwrap(), want(&[1, 2, 3, 5, 10]));
         m.paint(len - 1, 1, Finished).unwrap();
-        assert_eq!(m.todo_cells(ch, false), want(&[2, 3, 5]));
+        assert_eq!(m.todo_cells(ch, false).unwrap(), want(&[2, 3, 5]));
         // Another chunk size works from the same byte ranges.
         assert_eq!(
-            m.todo_cells(chunk(3 * c), true),
+            m.todo_cells(chunk(3 * c), true).unwrap(),
             vec![true, true, false, false]
         );
         assert_eq!(m.bytes_with(BadSector), 1);
@@ -1810,9 +1853,28 @@ mod tests {
         assert_eq!(m.bytes_with(NonScraped), c);
         assert_eq!(m.bytes_with(NonTried), 0);
         assert_eq!(m.finished_bytes(), len - 3 - c);
+        assert_eq!(m.todo_ranges(ch, true), vec![1..4, 5..6]);
+        assert_eq!(m.todo_ranges(ch, false), vec![2..4, 5..6]);
         // Bytes before a map's start count as to do.
         let shifted = Map::parse("0 ? 1\n0x2000 0x1000 +\n").unwrap();
-        assert_eq!(shifted.todo_cells(ch, false), vec![true, true, false]);
+        assert_eq!(shifted.todo_ranges(ch, false), vec![0..2]);
+        assert_eq!(
+            shifted.todo_cells(ch, false).unwrap(),
+            vec![true, true, false]
+        );
+    }
+
+    #[test]
+    fn todo_cells_refuses_rather_than_aborts_on_huge_maps() {
+        let huge = Map::parse("0 ? 1\n0 0x7FFFFFFFFFFFFFFF ?\n").unwrap();
+        assert_eq!(huge.todo_ranges(chunk(1), false), vec![0..MAX_OFFSET]);
+        assert!(matches!(
+            huge.todo_cells(chunk(1), false),
+            Err(MapError::TooManyCells {
+                cells: MAX_OFFSET,
+                chunk: 1
+            })
+        ));
     }
 
     #[test]
@@ -2061,7 +2123,7 @@ mod tests {
                 .chunks(c as usize)
                 .map(|cell| cell.iter().any(|s| s.needs_copy(retry)))
                 .collect();
-            prop_assert_eq!(m.todo_cells(ch, retry), want);
+            prop_assert_eq!(m.todo_cells(ch, retry).unwrap(), want);
             for s in BlockStatus::ALL {
                 prop_assert_eq!(
                     m.bytes_with(s),
