@@ -65,6 +65,7 @@ tests() {
     fi
 }
 
+command -v ddrescuelog >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gddrescue; } >&2 || echo "warning: installing gddrescue failed; tests/mapfile_ddrescuelog.rs will fail" # ddrescuelog, for the host tests
 check fmt cargo fmt --all -- --check
 check clippy cargo clippy --workspace --all-targets --all-features -- -D warnings
 tests host cargo test --workspace --all-features

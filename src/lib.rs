@@ -37,6 +37,7 @@ pub mod client;
 pub mod engine;
 pub mod error;
 pub mod job;
+pub mod mapfile;
 mod pages;
 pub mod platform;
 mod reactor;
