@@ -677,20 +677,18 @@ impl Reactor {
         self.maybe_release(ji);
     }
 
+    /// The resets each controller of the job needed during it (no allocation when none).
     fn resets_of(&self, job: &Job) -> Vec<(usize, u64)> {
-        let mut ctrls: Vec<usize> = job.to.iter().map(|r| r.ctrl).collect();
-        if let JobKind::Copy { from } = &job.kind {
-            ctrls.push(from.ctrl);
+        let mut out = Vec::new();
+        for (c, ctrl) in self.shared.controllers.iter().enumerate() {
+            let used = matches!(job.kind, JobKind::Copy { from } if from.ctrl == c)
+                || job.to.iter().any(|r| r.ctrl == c);
+            let n = ctrl.generation() - job.base_gen[c];
+            if used && n > 0 {
+                out.push((c, n));
+            }
         }
-        ctrls.sort_unstable();
-        ctrls.dedup();
-        ctrls
-            .into_iter()
-            .filter_map(|c| {
-                let n = self.shared.controllers[c].generation() - job.base_gen[c];
-                (n > 0).then_some((c, n))
-            })
-            .collect()
+        out
     }
 
     /// Every millisecond: recover queues of controllers another reactor reset, and reset

@@ -12,8 +12,8 @@ use nvcopy_nvme::sim::{
 };
 use nvcopy_nvme::spec::{admin, csts, io, reg, Sqe};
 use nvcopy_nvme::{
-    Bar, Completion, Controller, ControllerOptions, DataPtr, Error, IoQpair, Namespace,
-    StatusCodeType, StatusKind,
+    Bar, Completion, Controller, ControllerOptions, DataPtr, Error, Health, IoQpair, Namespace,
+    Recovery, StatusCodeType, StatusKind,
 };
 use nvcopy_vfio::{DmaBuf, DmaPool, Iova, PAGE_SIZE};
 
@@ -964,35 +964,115 @@ fn admin_timeout_during_bring_up_is_reported() {
     assert!(!sim.is_ready(), "the driver disabled the controller");
 }
 
-#[test]
-fn an_expired_command_is_seen_and_the_queue_abandoned() {
-    let rig = Rig::new(cfg_512());
-    let ns = rig.ns(1);
-    let mut q = rig.qpair();
-    let buf = rig.buf(4096);
-    rig.sim.faults().swallow(CommandFilter::io().lbas(40..41));
+/// Posts a 512-byte read of `lba` that the controller swallows, and waits until the
+/// driver sees it expired.
+fn swallowed_read(rig: &Rig, q: &mut IoQpair, ns: &Namespace, lba: u64, buf: &DmaBuf) {
+    rig.sim
+        .faults()
+        .swallow(CommandFilter::io().lbas(lba..lba + 1).times(1));
     q.submit_read(
-        &ns,
-        40,
+        ns,
+        lba,
         DataPtr::Contig {
             iova: buf.iova(),
             len: 512,
         },
-        0,
+        77,
     )
     .expect("submit");
     q.ring();
-    assert!(q.expired().is_none());
+    assert!(q.expired(std::time::Instant::now()).is_none());
     std::thread::sleep(Duration::from_millis(250));
     assert_eq!(q.poll(16, |_| {}).expect("poll"), 0);
-    let late = q.expired().expect("expired");
-    assert_eq!((late.opcode, late.nsid, late.slba), (io::READ, 1, 40));
+    let late = q.expired(std::time::Instant::now()).expect("expired");
+    assert_eq!((late.opcode, late.nsid, late.slba), (io::READ, 1, lba));
     assert!(late.waited >= Duration::from_millis(200));
-    assert!(rig.sim.is_ready());
-    let _ = q.abandon();
-    assert!(!rig.sim.is_ready(), "abandoning stops the device's DMA");
+}
+
+#[test]
+fn a_timed_out_command_is_aborted_by_a_reset_and_the_queue_recreated_in_place() {
+    let rig = Rig::new(cfg_512());
+    let ns = rig.ns(1);
+    let mut q = rig.qpair();
+    let buf = rig.buf(4096);
+    swallowed_read(&rig, &mut q, &ns, 40, &buf);
+    let gen = q.generation();
+    assert_eq!(rig.ctrl.reset(gen), Health::Ready);
+    assert!(
+        q.is_stale(),
+        "the reset deleted the queue pair on the controller"
+    );
+    // A second reset request for the same fault does nothing.
+    assert_eq!(rig.ctrl.reset(gen), Health::Ready);
+    assert_eq!(rig.ctrl.generation(), gen + 1);
+    let mut aborted = vec![];
+    assert_eq!(q.recover(|c| aborted.push(c)), Recovery::Reissue);
+    assert_eq!(aborted.len(), 1);
+    assert_eq!(aborted[0].token, 77);
+    assert_eq!(aborted[0].status.kind(), StatusKind::AbortedSqDeleted);
+    assert!(!q.is_stale() && q.outstanding() == 0);
+    // The queue pair works again, with the same id, and so does the admin queue.
+    rig.sim
+        .write_ns(1, 41 * 512, &[0xab; 512])
+        .expect("backdoor");
+    q.read_sync(&ns, 41, &buf, 512)
+        .expect("read after recovery");
+    let mut got = [0u8; 512];
+    buf.read_at(0, &mut got);
+    assert_eq!(got, [0xab; 512]);
+    let again = rig
+        .ctrl
+        .create_io_qpair(8)
+        .expect("admin queue works after the reset");
+    drop(again);
+}
+
+#[test]
+fn a_controller_that_will_not_stop_is_quiesced_by_bus_master_off() {
+    let rig = Rig::new(cfg_512().cap_timeout(1));
+    let ns = rig.ns(1);
+    let mut q = rig.qpair();
+    let buf = rig.buf(4096);
+    swallowed_read(&rig, &mut q, &ns, 40, &buf);
+    rig.sim.faults().stuck_ready(true);
+    assert_eq!(
+        rig.ctrl.reset(q.generation()),
+        Health::Failed { quiet: true }
+    );
+    assert!(!rig.sim.bus_master(), "bus mastering was turned off");
+    let mut aborted = vec![];
+    assert_eq!(
+        q.recover(|c| aborted.push(c)),
+        Recovery::Failed { quiet: true }
+    );
+    assert_eq!(aborted.len(), 1);
     let err = rig.ctrl.create_io_qpair(8).unwrap_err();
     assert!(matches!(err, Error::QueueDisabled { .. }), "{err}");
+}
+
+#[test]
+fn a_controller_that_cannot_be_proven_quiet_quarantines_its_queue_memory() {
+    let rig = Rig::new(cfg_512().cap_timeout(1));
+    let ns = rig.ns(1);
+    let mut q = rig.qpair();
+    let buf = rig.buf(4096);
+    swallowed_read(&rig, &mut q, &ns, 40, &buf);
+    rig.sim.faults().stuck_ready(true);
+    rig.sim.faults().quiesce_fails(true);
+    let free_before = rig.pool.free_pages();
+    assert_eq!(
+        rig.ctrl.reset(q.generation()),
+        Health::Failed { quiet: false }
+    );
+    assert_eq!(q.recover(|_| {}), Recovery::Failed { quiet: false });
+    drop(q);
+    // The rings (and any PRP-list pages) of the queue pair never went back to the pool.
+    assert!(
+        rig.pool.free_pages() <= free_before,
+        "quarantined queue memory was returned: {} > {free_before}",
+        rig.pool.free_pages()
+    );
+    assert_eq!(rig.ctrl.health(), Health::Failed { quiet: false });
 }
 
 #[test]
