@@ -3,16 +3,21 @@
 //! and summarise it.
 
 use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvcopy_vfio::PciAddress;
 use serde::Serialize;
 
-use crate::client::{Client, JobHandle};
+use crate::client::{Client, JobHandle, JobOptions};
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, Result};
 use crate::job::{Flags, JobOutcome};
+use crate::mapfile::MapHeader;
 use crate::platform::PlatformOptions;
+use crate::progress::MapKeeper;
 use crate::region::{Region, RegionSpec, MAX_DESTS};
 use crate::report::human_bytes;
 
@@ -27,7 +32,14 @@ pub struct JobRequest {
     pub flags: Flags,
     /// Pages the client reserves (0: enough for every chunk in flight).
     pub num_pages: usize,
+    /// A ddrescue-format progress map: created if missing, resumed from if present.
+    pub map: Option<PathBuf>,
+    /// With a map: copy its failed (`-`) areas again too.
+    pub retry_failed: bool,
 }
+
+/// How often the progress map is checkpointed.
+pub const MAP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The summary printed at the end (`--json` prints it as is).
 #[derive(Debug, Serialize)]
@@ -48,15 +60,37 @@ pub struct Summary {
     pub reactors: usize,
     /// Destinations that had a failed write.
     pub failed_destinations: Vec<String>,
+    /// Controllers that had to be reset, with how many times.
+    pub controller_resets: Vec<(String, u64)>,
+    /// The signal that interrupted the job, if one did.
+    pub interrupted_by: Option<i32>,
+    /// Bytes this run set out to copy (less than `bytes_total` when resuming a map).
+    pub bytes_todo: u64,
+    /// The progress map, and what it records as copied and as failed.
+    pub map: Option<MapSummary>,
     /// What the callback got, and the counts.
     #[serde(flatten)]
     pub outcome: JobOutcome,
 }
 
+/// What the progress map says at the end.
+#[derive(Debug, Serialize)]
+pub struct MapSummary {
+    /// The map file.
+    pub path: String,
+    /// Bytes recorded as copied and flushed on every destination: a rerun skips them.
+    pub finished_bytes: u64,
+    /// Bytes recorded as failed (`-`): a rerun copies them only with `--retry-failed`.
+    pub bad_bytes: u64,
+}
+
 impl Summary {
-    /// Whether every byte reached every destination.
+    /// Whether every byte reached every destination, durably.
     pub fn ok(&self) -> bool {
-        !self.outcome.read_err && !self.outcome.write_err.any() && self.outcome.failed_chunks == 0
+        !self.outcome.read_err
+            && !self.outcome.write_err.any()
+            && self.outcome.failed_chunks == 0
+            && !self.outcome.cancelled
     }
 
     /// The human-readable form.
@@ -83,12 +117,101 @@ impl Summary {
         if let Some(e) = &self.outcome.first_error {
             t += &format!("first error: {e}\n");
         }
-        t += if self.ok() {
+        for (c, n) in &self.controller_resets {
+            t += &format!(
+                "controller {c} was reset {n} time(s); the chunks in flight were issued again\n"
+            );
+        }
+        if self.bytes_todo < self.bytes_total {
+            t += &format!(
+                "resumed: {} of {} were still to copy\n",
+                human_bytes(self.bytes_todo),
+                human_bytes(self.bytes_total)
+            );
+        }
+        if let Some(m) = &self.map {
+            t += &format!(
+                "map {}: {} copied and flushed (a rerun with the same command skips them), {} failed\n",
+                m.path,
+                human_bytes(m.finished_bytes),
+                human_bytes(m.bad_bytes)
+            );
+        }
+        if let Some(sig) = self.interrupted_by {
+            let done = self
+                .map
+                .as_ref()
+                .map_or(self.outcome.bytes_ok, |m| m.finished_bytes);
+            t += &format!(
+                "interrupted by signal {sig} after {} of {}: in-flight chunks finished and every destination was flushed\n",
+                human_bytes(done),
+                human_bytes(self.bytes_total)
+            );
+            t += &match &self.map {
+                Some(_) => format!("resume with: {}\n", resume_command()),
+                None => {
+                    "progress was not saved: give --map FILE to make a copy resumable\n".to_string()
+                }
+            };
+        }
+        t += if self.interrupted_by.is_some() {
+            "result: INTERRUPTED\n"
+        } else if self.ok() {
             "result: ok\n"
         } else {
             "result: FAILED\n"
         };
         t
+    }
+}
+
+/// This process's command line, quoted for a shell: rerunning it with the same map
+/// resumes the copy.
+fn resume_command() -> String {
+    std::env::args()
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./:@+=,".contains(c))
+            {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// SIGINT and SIGTERM, as the copy sees them: the first one asks the job to stop (in
+/// flight chunks finish, destinations are flushed, the map is saved); a second one ends
+/// the process at once with 130 or 143.
+pub struct Signals {
+    got: Arc<AtomicUsize>,
+}
+
+impl Signals {
+    /// Installs the handlers.
+    pub fn install() -> Result<Signals> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let got = Arc::new(AtomicUsize::new(0));
+        let again = Arc::new(AtomicBool::new(false));
+        for (sig, code) in [(SIGINT, 130), (SIGTERM, 143)] {
+            // Registered first, so that it sees `again` before this signal sets it.
+            signal_hook::flag::register_conditional_shutdown(sig, code, again.clone())
+                .and_then(|_| signal_hook::flag::register(sig, again.clone()))
+                .and_then(|_| signal_hook::flag::register_usize(sig, got.clone(), sig as usize))
+                .map_err(Error::Output)?;
+        }
+        Ok(Signals { got })
+    }
+
+    /// The signal received, if any.
+    pub fn received(&self) -> Option<i32> {
+        match self.got.load(Ordering::Acquire) {
+            0 => None,
+            s => Some(s as i32),
+        }
     }
 }
 
@@ -213,14 +336,68 @@ pub fn run(
     let engine = Engine::open(&addrs, &po, eo.clone())?;
     let (from, to) = resolve(&engine, req)?;
     let client = Client::new(&engine, num_pages)?;
+    let mut keeper = None;
+    let mut options = JobOptions::default();
+    if let Some(path) = &req.map {
+        let header = MapHeader::new(
+            req.from
+                .map_or_else(|| "zero".to_string(), |s| s.to_string()),
+            req.to.iter().map(|r| r.to_string()).collect(),
+            to.first().map_or(0, |r| r.len),
+            eo.chunk as u64,
+        )?;
+        let (k, todo) = MapKeeper::open(path, header, req.retry_failed)?;
+        options.track_cells = true;
+        options.only = todo;
+        keeper = Some(k);
+    }
+    let signals = Signals::install()?;
     let start = Instant::now();
     let handle = match &from {
-        Some(f) => client.copy(f, &to, req.flags, |_, _| {})?,
+        Some(f) => client.copy_with(f, &to, req.flags, &options, |_, _| {})?,
         None => client.zero(&to, req.flags, |_, _| {})?,
     };
-    let outcome = watch(&handle, show_progress);
+    let outcome = std::thread::scope(|s| -> Result<JobOutcome> {
+        let saver = keeper.as_mut().map(|k| {
+            let (handle, client, to) = (&handle, &client, &to);
+            s.spawn(move || -> Result<()> {
+                let mut last = Instant::now();
+                while !handle.is_finished() {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if last.elapsed() >= MAP_INTERVAL && !handle.is_finished() {
+                        k.checkpoint(handle, client, to)?;
+                        last = Instant::now();
+                    }
+                }
+                Ok(())
+            })
+        });
+        let outcome = watch(&handle, show_progress, &signals);
+        if let Some(t) = saver {
+            t.join().map_err(|_| {
+                Error::Output(std::io::Error::other("the map-saving thread panicked"))
+            })??;
+        }
+        Ok(outcome)
+    })?;
+    if let Some(k) = keeper.as_mut() {
+        k.finish(&handle, !outcome.write_err.any())?;
+    }
     let elapsed = start.elapsed().as_secs_f64();
+    let controller_resets = outcome
+        .resets
+        .iter()
+        .map(|&(c, n)| (engine.controllers()[c].name().to_string(), n))
+        .collect();
     Ok(Summary {
+        controller_resets,
+        interrupted_by: signals.received(),
+        bytes_todo: handle.bytes_todo(),
+        map: keeper.as_ref().map(|k| MapSummary {
+            path: k.path().display().to_string(),
+            finished_bytes: k.finished_bytes(),
+            bad_bytes: k.bad_bytes(),
+        }),
         operation: if from.is_some() { "copy" } else { "zero" },
         source: req.from.map(|s| s.to_string()),
         destinations: req.to.iter().map(|r| r.to_string()).collect(),
@@ -241,9 +418,21 @@ pub fn run(
 
 /// Waits for the job: a progress bar on a terminal, a plain line every few seconds
 /// otherwise, nothing when not asked.
-fn watch(handle: &JobHandle, show_progress: bool) -> JobOutcome {
+fn watch(handle: &JobHandle, show_progress: bool, signals: &Signals) -> JobOutcome {
+    let mut cancelled = false;
+    let mut interrupted = || {
+        if !cancelled && signals.received().is_some() {
+            handle.cancel();
+            cancelled = true;
+        }
+    };
     if !show_progress {
-        return handle.wait();
+        loop {
+            interrupted();
+            if let Some(o) = handle.wait_timeout(Duration::from_millis(50)) {
+                return o;
+            }
+        }
     }
     if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(handle.len());
@@ -254,6 +443,7 @@ fn watch(handle: &JobHandle, show_progress: bool) -> JobOutcome {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         loop {
+            interrupted();
             if let Some(o) = handle.wait_timeout(Duration::from_millis(100)) {
                 bar.finish_and_clear();
                 return o;
@@ -262,10 +452,16 @@ fn watch(handle: &JobHandle, show_progress: bool) -> JobOutcome {
         }
     }
     let start = Instant::now();
+    let mut last = Instant::now();
     loop {
-        if let Some(o) = handle.wait_timeout(Duration::from_secs(2)) {
+        interrupted();
+        if let Some(o) = handle.wait_timeout(Duration::from_millis(100)) {
             return o;
         }
+        if last.elapsed() < Duration::from_secs(2) {
+            continue;
+        }
+        last = Instant::now();
         let done = handle.bytes_done();
         let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-9);
         let eta = (handle.len() - done) as f64 / rate.max(1.0);
@@ -289,6 +485,8 @@ mod tests {
             to: vec!["0000:00:10.0".parse().unwrap()],
             flags: Flags::NONE,
             num_pages,
+            map: None,
+            retry_failed: false,
         }
     }
 

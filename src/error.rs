@@ -16,6 +16,15 @@ pub enum Error {
     /// The copy ran but some chunks failed; the summary says which destinations.
     #[error("the copy did not complete: see the summary above")]
     CopyFailed,
+    /// The progress map.
+    #[error(transparent)]
+    Map(#[from] crate::mapfile::MapError),
+    /// SIGINT or SIGTERM stopped the job; the summary says how far it got.
+    #[error("interrupted by signal {signal}: see the summary above")]
+    Interrupted {
+        /// The signal number.
+        signal: i32,
+    },
     /// Writing output failed.
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),

@@ -40,6 +40,7 @@ pub mod job;
 pub mod mapfile;
 mod pages;
 pub mod platform;
+pub mod progress;
 mod reactor;
 pub mod readbench;
 pub mod region;

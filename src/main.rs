@@ -107,6 +107,17 @@ struct JobArgs {
     /// Move the data even where the Copy or Write Zeroes commands could do the work.
     #[arg(long)]
     no_offload: bool,
+    /// Controller resets one job tolerates per controller (after a command timeout or a
+    /// fatal status) before that controller's destinations fail.
+    #[arg(long, default_value_t = 2)]
+    max_resets: u32,
+    /// Keep progress in this ddrescue-format map file: created if missing; if present,
+    /// only what it does not record as copied is copied (resume).
+    #[arg(long)]
+    map: Option<std::path::PathBuf>,
+    /// With --map: copy the areas the map records as failed again too.
+    #[arg(long, requires = "map")]
+    retry_failed: bool,
     /// Machine-readable summary.
     #[arg(long)]
     json: bool,
@@ -191,12 +202,15 @@ fn run_job(from: Option<RegionSpec>, to: Vec<RegionSpec>, a: JobArgs) -> Result<
         to,
         flags,
         num_pages: a.num_pages,
+        map: a.map,
+        retry_failed: a.retry_failed,
     };
     let eo = EngineOptions {
         reactors: a.cores as usize,
         qd: a.qd as usize,
         chunk: a.chunk,
         offload: !a.no_offload,
+        max_resets: a.max_resets,
         ..Default::default()
     };
     let summary = cli::run(&req, &a.hw.options(), &eo, !a.json)?;
@@ -205,7 +219,9 @@ fn run_job(from: Option<RegionSpec>, to: Vec<RegionSpec>, a: JobArgs) -> Result<
     } else {
         summary.to_text()
     })?;
-    if summary.ok() {
+    if let Some(signal) = summary.interrupted_by {
+        Err(Error::Interrupted { signal })
+    } else if summary.ok() {
         Ok(())
     } else {
         Err(Error::CopyFailed)
@@ -276,6 +292,8 @@ fn run(cli: Cli) -> Result<()> {
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        // The shell's convention for a process stopped by a signal: 128 + its number.
+        Err(Error::Interrupted { signal }) => ExitCode::from((128 + signal.clamp(0, 127)) as u8),
         Err(e) => {
             eprintln!("nvcopy: error: {e}");
             ExitCode::FAILURE

@@ -3,142 +3,16 @@
 //! device's bytes can be checked through a backdoor.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nvcopy::{Client, DestMask, Engine, EngineOptions, Flags, Region};
-use nvcopy_nvme::sim::{
-    CommandFilter, MediaError, NamespaceConfig, SimConfig, SimController, ThreadedSim,
-};
+use common::{ctrl, data, ok, opts, Rig, MIB};
+use nvcopy::{Client, DestMask, Flags, Region};
+use nvcopy_nvme::sim::{CommandFilter, MediaError, NamespaceConfig, SimConfig};
 use nvcopy_nvme::spec::io;
-use nvcopy_nvme::{Bar, Controller, ControllerOptions};
-use nvcopy_vfio::DmaPool;
-
-const MIB: u64 = 1 << 20;
-
-/// Reactors poll without yielding while they have I/O in flight, as SPDK's do; many rigs
-/// at once on a 2-core machine would starve each other's device threads. One at a time.
-static RIG_IN_USE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// A turn on the machine; the next rig starts when it drops.
-struct Turn;
-
-impl Turn {
-    fn take() -> Turn {
-        while RIG_IN_USE.swap(true, Ordering::Acquire) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Turn
-    }
-}
-
-impl Drop for Turn {
-    fn drop(&mut self) {
-        RIG_IN_USE.store(false, Ordering::Release);
-    }
-}
-
-struct Rig {
-    engine: Engine,
-    devs: Vec<Arc<ThreadedSim>>,
-    _turn: Turn,
-}
-
-impl Rig {
-    fn new(cfgs: Vec<SimConfig>, opts: EngineOptions) -> Rig {
-        let turn = Turn::take();
-        let pool = DmaPool::unmapped(96 << 20).unwrap();
-        let mut devs = Vec::new();
-        let mut ctrls = Vec::new();
-        for (i, cfg) in cfgs.into_iter().enumerate() {
-            let dev = ThreadedSim::start(SimController::new(cfg, pool.clone()));
-            let copts = ControllerOptions {
-                io_timeout: Duration::from_millis(300),
-                admin_timeout: Duration::from_secs(5),
-                ..Default::default()
-            };
-            ctrls.push(
-                Controller::new(
-                    &format!("sim{i}"),
-                    dev.clone() as Arc<dyn Bar>,
-                    pool.clone(),
-                    copts,
-                )
-                .unwrap(),
-            );
-            devs.push(dev);
-        }
-        Rig {
-            engine: Engine::new(ctrls, pool, opts).unwrap(),
-            devs,
-            _turn: turn,
-        }
-    }
-
-    fn sim(&self, ctrl: usize) -> &Arc<SimController> {
-        self.devs[ctrl].sim()
-    }
-
-    fn region(&self, ctrl: usize, nsid: u32, offset: u64, len: u64) -> Region {
-        let ns = self.engine.controllers()[ctrl].namespace(nsid).unwrap();
-        Region {
-            ctrl,
-            nsid,
-            offset,
-            len,
-            lba_size: ns.lba_size,
-        }
-    }
-
-    fn put(&self, r: &Region, data: &[u8]) {
-        self.sim(r.ctrl).write_ns(r.nsid, r.offset, data).unwrap();
-    }
-
-    fn get(&self, r: &Region) -> Vec<u8> {
-        let mut v = vec![0u8; r.len as usize];
-        self.sim(r.ctrl).read_ns(r.nsid, r.offset, &mut v).unwrap();
-        v
-    }
-
-    fn io(&self, ctrl: usize, opcode: u8) -> u64 {
-        self.sim(ctrl).counters().io_commands(opcode)
-    }
-}
-
-fn opts() -> EngineOptions {
-    EngineOptions {
-        reactors: 2,
-        pin: false,
-        qd: 8,
-        chunk: 64 << 10,
-        ..Default::default()
-    }
-}
-
-fn ctrl(namespaces: &[(u32, u64)]) -> SimConfig {
-    namespaces
-        .iter()
-        .fold(SimConfig::new(), |c, &(lbs, bytes)| {
-            c.namespace(NamespaceConfig::new(lbs, bytes / lbs as u64))
-        })
-}
-
-fn data(seed: u64, len: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn ok(o: &nvcopy::JobOutcome) -> bool {
-    !o.read_err && !o.write_err.any() && o.failed_chunks == 0 && o.first_error.is_none()
-}
 
 #[test]
 fn copies_byte_exact_to_one_two_and_eight_destinations() {

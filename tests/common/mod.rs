@@ -1,0 +1,138 @@
+//! The test rig shared by the copier's tests against the software NVMe controller: a DMA
+//! pool, software controllers on device threads ([`ThreadedSim`]), the real driver and an
+//! engine over them, one rig on the machine at a time.
+#![allow(dead_code, clippy::unwrap_used)] // each test binary uses a part; a panic is the failure report
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nvcopy::{Engine, EngineOptions, Region};
+use nvcopy_nvme::sim::{NamespaceConfig, SimConfig, SimController, ThreadedSim};
+use nvcopy_nvme::{Bar, Controller, ControllerOptions};
+use nvcopy_vfio::DmaPool;
+
+pub const MIB: u64 = 1 << 20;
+
+/// Reactors poll without yielding while they have I/O in flight, as SPDK's do; many rigs
+/// at once on a 2-core machine would starve each other's device threads. One at a time.
+pub static RIG_IN_USE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A turn on the machine; the next rig starts when it drops.
+pub struct Turn;
+
+impl Turn {
+    pub fn take() -> Turn {
+        while RIG_IN_USE.swap(true, Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Turn
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        RIG_IN_USE.store(false, Ordering::Release);
+    }
+}
+
+pub struct Rig {
+    pub engine: Engine,
+    pub devs: Vec<Arc<ThreadedSim>>,
+    _turn: Turn,
+}
+
+impl Rig {
+    pub fn new(cfgs: Vec<SimConfig>, opts: EngineOptions) -> Rig {
+        let turn = Turn::take();
+        let pool = DmaPool::unmapped(96 << 20).unwrap();
+        let mut devs = Vec::new();
+        let mut ctrls = Vec::new();
+        for (i, cfg) in cfgs.into_iter().enumerate() {
+            let dev = ThreadedSim::start(SimController::new(cfg, pool.clone()));
+            let copts = ControllerOptions {
+                io_timeout: Duration::from_millis(300),
+                admin_timeout: Duration::from_secs(5),
+                ..Default::default()
+            };
+            ctrls.push(
+                Controller::new(
+                    &format!("sim{i}"),
+                    dev.clone() as Arc<dyn Bar>,
+                    pool.clone(),
+                    copts,
+                )
+                .unwrap(),
+            );
+            devs.push(dev);
+        }
+        Rig {
+            engine: Engine::new(ctrls, pool, opts).unwrap(),
+            devs,
+            _turn: turn,
+        }
+    }
+
+    pub fn sim(&self, ctrl: usize) -> &Arc<SimController> {
+        self.devs[ctrl].sim()
+    }
+
+    pub fn region(&self, ctrl: usize, nsid: u32, offset: u64, len: u64) -> Region {
+        let ns = self.engine.controllers()[ctrl].namespace(nsid).unwrap();
+        Region {
+            ctrl,
+            nsid,
+            offset,
+            len,
+            lba_size: ns.lba_size,
+        }
+    }
+
+    pub fn put(&self, r: &Region, data: &[u8]) {
+        self.sim(r.ctrl).write_ns(r.nsid, r.offset, data).unwrap();
+    }
+
+    pub fn get(&self, r: &Region) -> Vec<u8> {
+        let mut v = vec![0u8; r.len as usize];
+        self.sim(r.ctrl).read_ns(r.nsid, r.offset, &mut v).unwrap();
+        v
+    }
+
+    pub fn io(&self, ctrl: usize, opcode: u8) -> u64 {
+        self.sim(ctrl).counters().io_commands(opcode)
+    }
+}
+
+pub fn opts() -> EngineOptions {
+    EngineOptions {
+        reactors: 2,
+        pin: false,
+        qd: 8,
+        chunk: 64 << 10,
+        ..Default::default()
+    }
+}
+
+pub fn ctrl(namespaces: &[(u32, u64)]) -> SimConfig {
+    namespaces
+        .iter()
+        .fold(SimConfig::new(), |c, &(lbs, bytes)| {
+            c.namespace(NamespaceConfig::new(lbs, bytes / lbs as u64))
+        })
+}
+
+pub fn data(seed: u64, len: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn ok(o: &nvcopy::JobOutcome) -> bool {
+    !o.read_err && !o.write_err.any() && o.failed_chunks == 0 && o.first_error.is_none()
+}
