@@ -368,11 +368,6 @@ fn a_read_that_never_completes_exhausts_the_reset_budget() {
             .copy(&src, &[dst], Flags::IGNORE_ERRORS, |_, _| {})
             .unwrap(),
     );
-    eprintln!(
-        "DEBUG {out:?} sim1 {:?} held {}",
-        rig.sim(1).counters(),
-        rig.sim(1).held_commands()
-    );
     assert!(out.read_err, "{out:?}");
     assert_eq!(out.write_err, DestMask(0), "{out:?}");
     // Resets 1 and 2 are within the budget and reissue; the third is more than
