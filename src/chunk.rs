@@ -188,7 +188,8 @@ pub enum Completed {
     Retryable(Duration),
     /// Failure that must not be retried (DNR, a host-side refusal).
     Failed,
-    /// The queue had no room: issue again on a later pass. Costs no retry.
+    /// The queue had no room: issue again on a later pass. Costs no retry, and has no
+    /// deadline of its own (the commands in the queue have theirs).
     QueueFull,
 }
 
@@ -331,7 +332,9 @@ impl Chunk {
         let within = |at: Instant| at.saturating_duration_since(since) <= policy.deadline;
         let end = match how {
             Completed::Ok => Outcome::Ok,
-            Completed::QueueFull if within(now) => {
+            // No deadline of its own: the commands that fill the queue have theirs, and
+            // their timeouts reset the controller, which empties it.
+            Completed::QueueFull => {
                 *self.cmd_mut(dest) = Cmd::RetryAt { at: now, since };
                 fx.retry_at = Some(now);
                 return fx;
@@ -660,14 +663,21 @@ mod tests {
                 failed: mask(&[]),
             },
             Row {
-                name: "a queue full for longer than the deadline fails",
+                name: "a queue full for longer than the deadline still waits",
                 plan: copy(&[0], &[], false),
                 turn: false,
                 begin: fx(true, &[], None, false),
-                steps: vec![(
-                    Done(Op::Read, Completed::QueueFull, 31_000),
-                    fx(false, &[], None, true),
-                )],
+                steps: vec![
+                    (
+                        Done(Op::Read, Completed::QueueFull, 31_000),
+                        fx(false, &[], Some(31_000), false),
+                    ),
+                    (Due(Op::Read, 31_000), fx(true, &[], None, false)),
+                    (
+                        Done(Op::Read, Completed::Failed, 31_001),
+                        fx(false, &[], None, true),
+                    ),
+                ],
                 read_failed: true,
                 failed: mask(&[]),
             },

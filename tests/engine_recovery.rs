@@ -285,7 +285,6 @@ fn full_queue_rig() -> (Rig, Region, [Region; 3], Vec<u8>) {
 }
 
 #[test]
-#[ignore = "bug: first_error is \"\": a chunk that waited on a full queue past io_timeout is failed (chunk.rs Chunk::completed, QueueFull not within the deadline) with the empty message reactor.rs Reactor::issue passes for IssueError::Full"]
 fn a_job_that_fails_on_a_stopped_device_says_why() {
     let (rig, src, dests, _) = full_queue_rig();
     let client = Client::new(&rig.engine, 2048).unwrap();
@@ -297,7 +296,6 @@ fn a_job_that_fails_on_a_stopped_device_says_why() {
 }
 
 #[test]
-#[ignore = "bug: chunks waiting on a full queue fail at io_timeout (QueueFull deadline counts from the first post attempt) before the reset budget is spent; after resume_io the device ran no command and the job took 3 resets"]
 fn a_pause_longer_than_the_timeout_is_recovered_by_one_reset() {
     let (rig, src, dests, bytes) = full_queue_rig();
     let client = Client::new(&rig.engine, 2048).unwrap();
@@ -348,7 +346,6 @@ fn one_swallowed_read_is_recovered_by_one_reset() {
 }
 
 #[test]
-#[ignore = "bug: a Flush posted inside check_health (recover of ctrl 0) to ctrl 1's not-yet-rung queue looks expired (QueuePair::submit keeps the tracker's old `submitted` until ring), so the healthy ctrl 1 is reset: resets [(0, 3), (1, 1)]"]
 fn a_read_that_never_completes_exhausts_the_reset_budget() {
     // Source and destination on different controllers: only the source's budget runs out.
     let mut o = opts();

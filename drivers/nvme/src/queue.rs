@@ -46,8 +46,9 @@ struct Tracker {
     busy: bool,
     token: u64,
     /// When the doorbell that handed this command to the device rang; its deadline counts
-    /// from here, not from when it was written into the ring.
-    submitted: Instant,
+    /// from here, not from when it was written into the ring. None while posted but not
+    /// yet rung: such a command cannot be late.
+    submitted: Option<Instant>,
     opcode: u8,
     nsid: u32,
     slba: u64,
@@ -117,13 +118,12 @@ impl QueuePair {
         // A zeroed CQ has every phase tag clear, so the first pass looks for phase 1.
         let cq = pool.alloc_zeroed(entries as usize * CQE_SIZE)?;
         let slots = entries - 1;
-        let now = Instant::now();
         let slot_cid = vec![0; entries as usize];
         let trackers = (0..slots)
             .map(|_| Tracker {
                 busy: false,
                 token: 0,
-                submitted: now,
+                submitted: None,
                 opcode: 0,
                 nsid: 0,
                 slba: 0,
@@ -232,6 +232,7 @@ impl QueuePair {
         self.free.pop();
         tracker.busy = true;
         tracker.token = token;
+        tracker.submitted = None;
         tracker.opcode = sqe.opcode();
         tracker.nsid = sqe.nsid;
         tracker.slba = sqe.slba();
@@ -262,7 +263,7 @@ impl QueuePair {
             while slot != self.sq_tail {
                 let cid = self.slot_cid[slot as usize];
                 if let Some(t) = self.trackers.get_mut(cid as usize) {
-                    t.submitted = now;
+                    t.submitted = Some(now);
                 }
                 slot += 1;
                 if slot == self.entries {
@@ -400,17 +401,20 @@ impl QueuePair {
         }
     }
 
-    /// The oldest outstanding command past its timeout, if any.
+    /// The oldest outstanding command past its timeout, if any. Commands posted but not
+    /// yet rung are not counted: their deadline has not started.
     pub fn expired(&self, now: Instant) -> Option<Expired> {
         self.trackers
             .iter()
-            .filter(|t| t.busy && now.duration_since(t.submitted) > self.timeout)
-            .min_by_key(|t| t.submitted)
-            .map(|t| Expired {
+            .filter(|t| t.busy)
+            .filter_map(|t| Some((t, t.submitted?)))
+            .filter(|&(_, at)| now.saturating_duration_since(at) > self.timeout)
+            .min_by_key(|&(_, at)| at)
+            .map(|(t, at)| Expired {
                 opcode: t.opcode,
                 nsid: t.nsid,
                 slba: t.slba,
-                waited: now.duration_since(t.submitted),
+                waited: now.saturating_duration_since(at),
             })
     }
 }
@@ -555,8 +559,14 @@ mod tests {
         let mut s = Sqe::new(2, 3);
         s.set_slba(42);
         qp.post(s, None, 0).unwrap();
+        let later = Instant::now() + Duration::from_secs(6);
+        assert!(
+            qp.expired(later).is_none(),
+            "a command not yet rung has no deadline running"
+        );
+        qp.ring(&FakeBar::default());
         assert!(qp.expired(Instant::now()).is_none());
-        let late = qp.expired(Instant::now() + Duration::from_secs(6)).unwrap();
+        let late = qp.expired(later).unwrap();
         assert_eq!((late.opcode, late.nsid, late.slba), (2, 3, 42));
         qp.disable();
         assert!(matches!(

@@ -17,6 +17,9 @@ use crate::spec::reg::DOORBELL_BASE;
 
 struct Doorbells {
     values: Vec<AtomicU32>,
+    /// Set by every store to the doorbell: a write is an event, even of the value the
+    /// doorbell already had (a queue re-created after a reset rings the same tails again).
+    written: Vec<AtomicBool>,
     pending: AtomicBool,
     stop: AtomicBool,
 }
@@ -34,6 +37,7 @@ impl ThreadedSim {
         let count = sim.len().saturating_sub(DOORBELL_BASE) / 4;
         let doorbells = Arc::new(Doorbells {
             values: (0..count).map(|_| AtomicU32::new(0)).collect(),
+            written: (0..count).map(|_| AtomicBool::new(false)).collect(),
             pending: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
@@ -56,7 +60,6 @@ impl ThreadedSim {
 }
 
 fn device_loop(sim: &SimController, bells: &Doorbells) {
-    let mut last = vec![0u32; bells.values.len()];
     let mut idle = 0u32;
     while !bells.stop.load(Ordering::Acquire) {
         // Late and delayed commands land as soon as they are due, as on a device.
@@ -74,10 +77,8 @@ fn device_loop(sim: &SimController, bells: &Doorbells) {
         for (i, v) in bells.values.iter().enumerate() {
             // Acquire pairs with the driver's store, so the entries it wrote before
             // ringing are visible to the model.
-            let now = v.load(Ordering::Acquire);
-            if now != last[i] {
-                last[i] = now;
-                sim.write32(DOORBELL_BASE + i * 4, now);
+            if bells.written[i].swap(false, Ordering::AcqRel) {
+                sim.write32(DOORBELL_BASE + i * 4, v.load(Ordering::Acquire));
             }
         }
     }
@@ -92,6 +93,7 @@ impl Bar for ThreadedSim {
         match offset.checked_sub(DOORBELL_BASE).map(|o| o / 4) {
             Some(i) if i < self.doorbells.values.len() && offset % 4 == 0 => {
                 self.doorbells.values[i].store(value, Ordering::Release);
+                self.doorbells.written[i].store(true, Ordering::Release);
                 self.doorbells.pending.store(true, Ordering::Release);
             }
             _ => self.sim.write32(offset, value),
