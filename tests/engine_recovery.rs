@@ -5,157 +5,23 @@
 //! randomized mix of faults. Every test bounds the job's finish time.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::{ctrl, data, ok, opts, Rig, MIB};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvcopy::{Client, DestMask, Engine, EngineOptions, Flags, JobHandle, JobOutcome, Region};
-use nvcopy_nvme::sim::{
-    CommandFilter, MediaError, NamespaceConfig, SimConfig, SimController, ThreadedSim,
-};
+use nvcopy::{Client, DestMask, EngineOptions, Flags, JobHandle, JobOutcome, Region};
+use nvcopy_nvme::sim::{CommandFilter, MediaError};
 use nvcopy_nvme::spec::io;
-use nvcopy_nvme::{Bar, Controller, ControllerOptions, Status};
-use nvcopy_vfio::DmaPool;
+use nvcopy_nvme::Status;
 
-const MIB: u64 = 1 << 20;
 const KIB: u64 = 1 << 10;
 /// How long any job here may take; far more than any of them needs.
 const BOUND: Duration = Duration::from_secs(20);
 
-/// Reactors poll without yielding while they have I/O in flight; one rig at a time on a
-/// 2-core machine (as in tests/engine.rs).
-static RIG_IN_USE: AtomicBool = AtomicBool::new(false);
-
-struct Turn;
-
-impl Turn {
-    fn take() -> Turn {
-        while RIG_IN_USE.swap(true, Ordering::Acquire) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Turn
-    }
-}
-
-impl Drop for Turn {
-    fn drop(&mut self) {
-        RIG_IN_USE.store(false, Ordering::Release);
-    }
-}
-
-struct Rig {
-    engine: Engine,
-    devs: Vec<Arc<ThreadedSim>>,
-    _turn: Turn,
-}
-
-impl Rig {
-    fn new(cfgs: Vec<SimConfig>, opts: EngineOptions) -> Rig {
-        Rig::with_timeout(cfgs, opts, Duration::from_millis(300))
-    }
-
-    fn with_timeout(cfgs: Vec<SimConfig>, opts: EngineOptions, io_timeout: Duration) -> Rig {
-        let turn = Turn::take();
-        let pool = DmaPool::unmapped(96 << 20).unwrap();
-        let mut devs = Vec::new();
-        let mut ctrls = Vec::new();
-        for (i, cfg) in cfgs.into_iter().enumerate() {
-            let dev = ThreadedSim::start(SimController::new(cfg, pool.clone()));
-            let copts = ControllerOptions {
-                io_timeout,
-                admin_timeout: Duration::from_secs(5),
-                ..Default::default()
-            };
-            ctrls.push(
-                Controller::new(
-                    &format!("sim{i}"),
-                    dev.clone() as Arc<dyn Bar>,
-                    pool.clone(),
-                    copts,
-                )
-                .unwrap(),
-            );
-            devs.push(dev);
-        }
-        Rig {
-            engine: Engine::new(ctrls, pool, opts).unwrap(),
-            devs,
-            _turn: turn,
-        }
-    }
-
-    fn sim(&self, ctrl: usize) -> &Arc<SimController> {
-        self.devs[ctrl].sim()
-    }
-
-    fn region(&self, ctrl: usize, nsid: u32, offset: u64, len: u64) -> Region {
-        let ns = self.engine.controllers()[ctrl].namespace(nsid).unwrap();
-        Region {
-            ctrl,
-            nsid,
-            offset,
-            len,
-            lba_size: ns.lba_size,
-        }
-    }
-
-    fn put(&self, r: &Region, data: &[u8]) {
-        self.sim(r.ctrl).write_ns(r.nsid, r.offset, data).unwrap();
-    }
-
-    fn get(&self, r: &Region) -> Vec<u8> {
-        let mut v = vec![0u8; r.len as usize];
-        self.sim(r.ctrl).read_ns(r.nsid, r.offset, &mut v).unwrap();
-        v
-    }
-
-    fn io(&self, ctrl: usize, opcode: u8) -> u64 {
-        self.sim(ctrl).counters().io_commands(opcode)
-    }
-
-    fn no_violations(&self) {
-        for (i, d) in self.devs.iter().enumerate() {
-            let v = d.sim().page_violations();
-            assert!(v.is_empty(), "sim{i}: page guard violations: {v:?}");
-        }
-    }
-}
-
-fn opts() -> EngineOptions {
-    EngineOptions {
-        reactors: 2,
-        pin: false,
-        qd: 8,
-        chunk: 64 << 10,
-        ..Default::default()
-    }
-}
-
-fn ctrl(namespaces: &[(u32, u64)]) -> SimConfig {
-    namespaces
-        .iter()
-        .fold(SimConfig::new(), |c, &(lbs, bytes)| {
-            c.namespace(NamespaceConfig::new(lbs, bytes / lbs as u64))
-        })
-}
-
-fn data(seed: u64, len: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn ok(o: &JobOutcome) -> bool {
-    !o.read_err && !o.write_err.any() && o.failed_chunks == 0 && o.first_error.is_none()
-}
-
-/// The job's outcome, failing the test if it does not end within [`BOUND`].
 fn finish(h: &JobHandle) -> JobOutcome {
     h.wait_timeout(BOUND)
         .unwrap_or_else(|| panic!("the job did not finish within {BOUND:?}"))

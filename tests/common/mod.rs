@@ -44,6 +44,10 @@ pub struct Rig {
 
 impl Rig {
     pub fn new(cfgs: Vec<SimConfig>, opts: EngineOptions) -> Rig {
+        Rig::with_timeout(cfgs, opts, Duration::from_millis(300))
+    }
+
+    pub fn with_timeout(cfgs: Vec<SimConfig>, opts: EngineOptions, io_timeout: Duration) -> Rig {
         let turn = Turn::take();
         let pool = DmaPool::unmapped(96 << 20).unwrap();
         let mut devs = Vec::new();
@@ -51,7 +55,7 @@ impl Rig {
         for (i, cfg) in cfgs.into_iter().enumerate() {
             let dev = ThreadedSim::start(SimController::new(cfg, pool.clone()));
             let copts = ControllerOptions {
-                io_timeout: Duration::from_millis(300),
+                io_timeout,
                 admin_timeout: Duration::from_secs(5),
                 ..Default::default()
             };
@@ -100,6 +104,13 @@ impl Rig {
 
     pub fn io(&self, ctrl: usize, opcode: u8) -> u64 {
         self.sim(ctrl).counters().io_commands(opcode)
+    }
+
+    pub fn no_violations(&self) {
+        for (i, d) in self.devs.iter().enumerate() {
+            let v = d.sim().page_violations();
+            assert!(v.is_empty(), "sim{i}: page guard violations: {v:?}");
+        }
     }
 }
 
