@@ -36,6 +36,12 @@ pub struct JobRequest {
     pub map: Option<PathBuf>,
     /// With a map: copy its failed (`-`) areas again too.
     pub retry_failed: bool,
+    /// After the copy, read every destination back and compare it with the source.
+    pub verify: bool,
+    /// Write nothing: read the source and every destination and compare them.
+    pub verify_only: bool,
+    /// Print this digest of the source region.
+    pub digest: Option<crate::digest::DigestKind>,
 }
 
 /// How often the progress map is checkpointed.
@@ -68,9 +74,26 @@ pub struct Summary {
     pub bytes_todo: u64,
     /// The progress map, and what it records as copied and as failed.
     pub map: Option<MapSummary>,
+    /// The digest of the source region (`--hash`), as `(algorithm, hex)`.
+    pub digest: Option<(String, String)>,
+    /// What reading the destinations back found (`--verify`, `--verify-only`).
+    pub verify: Option<VerifySummary>,
     /// What the callback got, and the counts.
     #[serde(flatten)]
     pub outcome: JobOutcome,
+}
+
+/// What reading the destinations back found.
+#[derive(Debug, Serialize)]
+pub struct VerifySummary {
+    /// Bytes compared, over all destinations.
+    pub bytes_compared: u64,
+    /// Destinations that differ from the source, or could not be read back.
+    pub failed_destinations: Vec<String>,
+    /// The chunks that differ.
+    pub mismatches: Vec<crate::job::Mismatch>,
+    /// The first error, in words.
+    pub first_error: Option<String>,
 }
 
 /// What the progress map says at the end.
@@ -91,16 +114,20 @@ impl Summary {
             && !self.outcome.write_err.any()
             && self.outcome.failed_chunks == 0
             && !self.outcome.cancelled
+            && self
+                .verify
+                .as_ref()
+                .is_none_or(|v| v.failed_destinations.is_empty())
     }
 
     /// The human-readable form.
     pub fn to_text(&self) -> String {
         let mut t = format!(
             "{} {} to {} destination(s) in {:.2} s, {:.0} MB/s ({} reactor(s))\n",
-            if self.operation == "copy" {
-                "copied"
-            } else {
-                "zeroed"
+            match self.operation {
+                "copy" => "copied",
+                "verify" => "read",
+                _ => "zeroed",
             },
             human_bytes(self.outcome.bytes_ok),
             self.destinations.len(),
@@ -116,6 +143,33 @@ impl Summary {
         }
         if let Some(e) = &self.outcome.first_error {
             t += &format!("first error: {e}\n");
+        }
+        if let Some((alg, hex)) = &self.digest {
+            t += &format!("{alg}: {hex}  {}\n", self.source.as_deref().unwrap_or(""));
+        }
+        if let Some(v) = &self.verify {
+            if v.failed_destinations.is_empty() {
+                t += &format!(
+                    "verify: every destination matches the source ({} compared)\n",
+                    human_bytes(v.bytes_compared)
+                );
+            }
+            for m in &v.mismatches {
+                t += &format!(
+                    "verify: destination {} differs from the source in bytes {}..{}\n",
+                    self.destinations
+                        .get(m.destination)
+                        .map_or("?", |s| s.as_str()),
+                    m.offset,
+                    m.offset + m.len
+                );
+            }
+            for f in &v.failed_destinations {
+                t += &format!("verify FAILED on destination {f}\n");
+            }
+            if let (Some(e), false) = (&v.first_error, v.failed_destinations.is_empty()) {
+                t += &format!("verify: first error: {e}\n");
+            }
         }
         for (c, n) in &self.controller_resets {
             t += &format!(
@@ -231,6 +285,16 @@ fn check_num_pages(num_pages: usize) -> Result<()> {
 /// Refuses requests that are wrong whatever the devices say.
 pub fn precheck(req: &JobRequest) -> Result<()> {
     check_num_pages(req.num_pages)?;
+    if req.from.is_none() && (req.verify || req.verify_only || req.digest.is_some()) {
+        return Err(Error::Usage(
+            "--verify, --verify-only and --hash need a source: use them with `nvcopy copy`".into(),
+        ));
+    }
+    if req.verify_only && (req.map.is_some() || req.verify) {
+        return Err(Error::Usage(
+            "--verify-only copies nothing: leave out --map and --verify".into(),
+        ));
+    }
     if req.to.is_empty() {
         return Err(Error::Usage(
             "give at least one destination with --to".into(),
@@ -351,9 +415,17 @@ pub fn run(
         options.only = todo;
         keeper = Some(k);
     }
+    options.hash_chunks = req.verify || req.verify_only;
+    options.digest = req.digest;
+    if req.digest.is_some() && options.only.is_some() {
+        return Err(Error::Usage(
+            "--hash needs the whole source read in one run, but the map says part of it was copied already: run without --hash, or with a new --map file".into(),
+        ));
+    }
     let signals = Signals::install()?;
     let start = Instant::now();
     let handle = match &from {
+        Some(f) if req.verify_only => client.read(f, req.flags, &options, |_, _| {})?,
         Some(f) => client.copy_with(f, &to, req.flags, &options, |_, _| {})?,
         None => client.zero(&to, req.flags, |_, _| {})?,
     };
@@ -383,13 +455,39 @@ pub fn run(
     if let Some(k) = keeper.as_mut() {
         k.finish(&handle, !outcome.write_err.any())?;
     }
+    let verify = match handle.hashes() {
+        Some(hashes) if signals.received().is_none() => {
+            let v = client.verify(&to, hashes, |_, _| {})?;
+            let o = watch(&v, show_progress, &signals);
+            Some(VerifySummary {
+                bytes_compared: o.bytes_ok,
+                failed_destinations: req
+                    .to
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| o.write_err.contains(*i))
+                    .map(|(_, r)| r.to_string())
+                    .collect(),
+                mismatches: o.mismatches,
+                first_error: o.first_error,
+            })
+        }
+        _ => None,
+    };
     let elapsed = start.elapsed().as_secs_f64();
     let controller_resets = outcome
         .resets
         .iter()
         .map(|&(c, n)| (engine.controllers()[c].name().to_string(), n))
         .collect();
+    let digest = outcome
+        .digest
+        .clone()
+        .zip(req.digest)
+        .map(|(hex, kind)| (kind.name().to_string(), hex));
     Ok(Summary {
+        digest,
+        verify,
         controller_resets,
         interrupted_by: signals.received(),
         bytes_todo: handle.bytes_todo(),
@@ -398,7 +496,11 @@ pub fn run(
             finished_bytes: k.finished_bytes(),
             bad_bytes: k.bad_bytes(),
         }),
-        operation: if from.is_some() { "copy" } else { "zero" },
+        operation: match (&from, req.verify_only) {
+            (Some(_), true) => "verify",
+            (Some(_), false) => "copy",
+            (None, _) => "zero",
+        },
         source: req.from.map(|s| s.to_string()),
         destinations: req.to.iter().map(|r| r.to_string()).collect(),
         bytes_total: handle.len(),
@@ -487,6 +589,9 @@ mod tests {
             num_pages,
             map: None,
             retry_failed: false,
+            verify: false,
+            verify_only: false,
+            digest: None,
         }
     }
 

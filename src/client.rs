@@ -91,6 +91,10 @@ impl JobHandle {
     pub fn cell_state(&self, i: u64) -> Option<crate::job::CellState> {
         self.job.cell_state(i)
     }
+    /// The source chunks' hashes ([`JobOptions::hash_chunks`]), for [`Client::verify`].
+    pub fn hashes(&self) -> Option<Arc<crate::job::ChunkHashes>> {
+        self.job.hashes().cloned()
+    }
     /// Bytes this job set out to copy (less than its length when it resumes a map).
     pub fn bytes_todo(&self) -> u64 {
         self.job.bytes_todo()
@@ -113,6 +117,11 @@ pub struct JobOptions {
     /// Copy only the cells that meet one of these byte ranges of the job (a resumed
     /// copy); None: everything.
     pub only: Option<Vec<std::ops::Range<u64>>>,
+    /// Keep a hash of every source chunk, for a verify job ([`JobHandle::hashes`]).
+    pub hash_chunks: bool,
+    /// Compute this digest of the source region, in order (the job then runs on one
+    /// reactor). It is reported only when every chunk of the source was read.
+    pub digest: Option<crate::digest::DigestKind>,
 }
 
 /// A kcopyd client.
@@ -147,6 +156,17 @@ impl Client {
         self.shared.pages.available()
     }
 
+    /// For tests against the software controller: a function from a device address to
+    /// the owner generation of the client page holding it (None: not a client page). The
+    /// generation changes every time a page leaves a chunk, so a device write whose page
+    /// generation changed since its command was submitted went into memory that belonged
+    /// to someone else by then.
+    #[doc(hidden)]
+    pub fn page_guard(&self) -> Arc<dyn Fn(nvcopy_vfio::Iova) -> Option<u64> + Send + Sync> {
+        let shared = self.shared.clone();
+        Arc::new(move |iova| shared.pages.generation(iova))
+    }
+
     /// Jobs submitted and not finished.
     pub fn outstanding(&self) -> usize {
         self.shared.outstanding.load(Ordering::Acquire)
@@ -174,8 +194,58 @@ impl Client {
         options: &JobOptions,
         callback: impl FnOnce(bool, DestMask) + Send + 'static,
     ) -> Result<JobHandle> {
-        let plan = self.plan(Some(from), to, flags)?;
+        let plan = self.plan(Some(from), to, flags, false)?;
         Ok(self.submit(with_options(plan, options), Box::new(callback)))
+    }
+
+    /// Reads `from` without writing anything: to take its chunk hashes for
+    /// [`Client::verify`] (`--verify-only`) or its digest.
+    pub fn read(
+        &self,
+        from: &Region,
+        flags: Flags,
+        options: &JobOptions,
+        callback: impl FnOnce(bool, DestMask) + Send + 'static,
+    ) -> Result<JobHandle> {
+        let plan = self.plan(Some(from), &[], flags, true)?;
+        Ok(self.submit(with_options(plan, options), Box::new(callback)))
+    }
+
+    /// Reads every region of `to` back and compares each chunk with the source's hash in
+    /// `hashes` (taken by a copy or read job with [`JobOptions::hash_chunks`]). A chunk
+    /// that differs sets its destination's bit and is listed in
+    /// [`JobOutcome::mismatches`]; chunks whose source could not be read are skipped.
+    pub fn verify(
+        &self,
+        to: &[Region],
+        hashes: Arc<crate::job::ChunkHashes>,
+        callback: impl FnOnce(bool, DestMask) + Send + 'static,
+    ) -> Result<JobHandle> {
+        let mut plan = self.plan(None, to, Flags::IGNORE_ERRORS, false)?;
+        let chunk = hashes.chunk();
+        if chunk == 0 || plan.len.div_ceil(chunk as u64) != hashes.cells() {
+            return Err(Error::Usage(format!(
+                "the hashes cover {} chunks of {chunk} bytes, not the {} bytes to verify",
+                hashes.cells(),
+                plan.len
+            )));
+        }
+        if chunk.div_ceil(PAGE_SIZE) > self.num_pages() {
+            return Err(Error::Usage(format!(
+                "the client reserved {} pages but verifying one chunk needs {}; reserve more (--num-pages)",
+                self.num_pages(),
+                chunk.div_ceil(PAGE_SIZE)
+            )));
+        }
+        let ways = to.len() as u64;
+        plan.todo = Some(
+            (0..hashes.cells() * ways)
+                .map(|v| hashes.get(v / ways).is_some())
+                .collect(),
+        );
+        plan.chunk = chunk;
+        plan.kind = JobKind::Verify { hashes };
+        Ok(self.submit(plan, Box::new(callback)))
     }
 
     /// Sends a Flush to every region's namespace and calls back when all have completed:
@@ -186,7 +256,7 @@ impl Client {
         to: &[Region],
         callback: impl FnOnce(bool, DestMask) + Send + 'static,
     ) -> Result<JobHandle> {
-        let mut plan = self.plan(None, to, Flags::IGNORE_ERRORS)?;
+        let mut plan = self.plan(None, to, Flags::IGNORE_ERRORS, false)?;
         plan.kind = JobKind::Flush;
         plan.len = 0;
         Ok(self.submit(plan, Box::new(callback)))
@@ -200,7 +270,7 @@ impl Client {
         flags: Flags,
         callback: impl FnOnce(bool, DestMask) + Send + 'static,
     ) -> Result<JobHandle> {
-        let plan = self.plan(None, to, flags)?;
+        let plan = self.plan(None, to, flags, false)?;
         Ok(self.submit(plan, Box::new(callback)))
     }
 
@@ -224,10 +294,17 @@ impl Client {
         }
     }
 
-    /// Checks the regions and decides chunk size and offloads.
-    fn plan(&self, from: Option<&Region>, to: &[Region], flags: Flags) -> Result<JobPlan> {
+    /// Checks the regions and decides chunk size and offloads. `read_only`: a job that
+    /// reads `from` and writes nowhere.
+    fn plan(
+        &self,
+        from: Option<&Region>,
+        to: &[Region],
+        flags: Flags,
+        read_only: bool,
+    ) -> Result<JobPlan> {
         let e = &self.engine;
-        if to.is_empty() || to.len() > MAX_DESTS {
+        if (to.is_empty() && !(read_only && from.is_some())) || to.len() > MAX_DESTS {
             return Err(Error::Usage(format!(
                 "a job takes 1 to {MAX_DESTS} destinations, not {}",
                 to.len()
@@ -243,7 +320,10 @@ impl Client {
                 .map_err(|msg| Error::Usage(format!("{}: {msg}", c.name())))?;
             Ok(ns)
         };
-        let len = from.map_or(to[0].len, |f| f.len);
+        let len = match from {
+            Some(f) => f.len,
+            None => to.first().map_or(0, |r| r.len),
+        };
         let src_ns = from.map(ns_of).transpose()?;
         let dst_ns = to.iter().map(ns_of).collect::<Result<Vec<_>>>()?;
         for (i, d) in to.iter().enumerate() {
@@ -318,6 +398,8 @@ impl Client {
         Ok(JobPlan {
             todo: None,
             track_cells: false,
+            hash_chunks: false,
+            digest: None,
             base_gen,
             kind: match from {
                 Some(f) => JobKind::Copy { from: *f },
@@ -338,6 +420,8 @@ impl Client {
 /// Applies per-job options to a plan: the set of cells to copy.
 fn with_options(mut plan: JobPlan, options: &JobOptions) -> JobPlan {
     plan.track_cells = options.track_cells;
+    plan.hash_chunks = options.hash_chunks;
+    plan.digest = options.digest;
     if let Some(only) = &options.only {
         let chunk = plan.chunk.max(1) as u64;
         let cells = plan.len.div_ceil(chunk);

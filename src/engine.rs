@@ -87,7 +87,8 @@ pub(crate) struct EngineShared {
 
 impl EngineShared {
     /// Hands a job to every reactor that can reach all its controllers (one reactor for
-    /// WRITE_SEQUENTIAL jobs, whose writes must leave in order).
+    /// WRITE_SEQUENTIAL jobs, whose writes must leave in order, and for jobs that digest
+    /// their source, which must be fed in order).
     pub(crate) fn dispatch(&self, job: &Arc<Job>) {
         let mut ctrls: Vec<usize> = job.to.iter().map(|r| r.ctrl).collect();
         if let JobKind::Copy { from } = &job.kind {
@@ -95,7 +96,7 @@ impl EngineShared {
         }
         let eligible =
             (0..self.inboxes.len()).filter(|&r| ctrls.iter().all(|&c| self.has_queue[r][c]));
-        let take = if job.flags.contains(Flags::WRITE_SEQUENTIAL) {
+        let take = if job.flags.contains(Flags::WRITE_SEQUENTIAL) || job.wants_digest() {
             1
         } else {
             usize::MAX

@@ -15,6 +15,7 @@ use serde::Serialize;
 use nvcopy_nvme::Namespace;
 
 use crate::client::ClientShared;
+use crate::digest::{DigestKind, Digester};
 use crate::region::Region;
 
 /// One bit per destination, bit i for `to[i]`.
@@ -94,6 +95,65 @@ pub struct JobOutcome {
     /// Controller resets during the job, as `(engine controller index, resets)`, for the
     /// controllers that needed any.
     pub resets: Vec<(usize, u64)>,
+    /// The digest of the source region, when asked for and every chunk was read.
+    pub digest: Option<String>,
+    /// A verify job's findings: chunks of a destination that differ from the source.
+    pub mismatches: Vec<Mismatch>,
+}
+
+/// A chunk of a destination that differs from the source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Mismatch {
+    /// Index of the destination.
+    pub destination: usize,
+    /// Byte offset of the chunk within the job's regions.
+    pub offset: u64,
+    /// Bytes in the chunk.
+    pub len: u64,
+}
+
+/// Most mismatches a verify job lists (it counts them all as errors).
+pub const MAX_MISMATCHES: usize = 1024;
+
+/// One hash per cell of a job's grid, taken when the source chunk was read, for a verify
+/// job to compare the destinations against.
+#[derive(Debug)]
+pub struct ChunkHashes {
+    chunk: usize,
+    hash: Vec<AtomicU64>,
+    valid: Vec<AtomicBool>,
+}
+
+impl ChunkHashes {
+    fn new(cells: u64, chunk: usize) -> ChunkHashes {
+        ChunkHashes {
+            chunk,
+            hash: (0..cells).map(|_| AtomicU64::new(0)).collect(),
+            valid: (0..cells).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+    /// Bytes per cell.
+    pub fn chunk(&self) -> usize {
+        self.chunk
+    }
+    /// Cells.
+    pub fn cells(&self) -> u64 {
+        self.hash.len() as u64
+    }
+    /// The hash of cell `i`, if its source chunk was read.
+    pub fn get(&self, i: u64) -> Option<u64> {
+        let i = i as usize;
+        self.valid
+            .get(i)?
+            .load(Ordering::Acquire)
+            .then(|| self.hash[i].load(Ordering::Relaxed))
+    }
+    pub(crate) fn set(&self, i: u64, h: u64) {
+        if let (Some(v), Some(slot)) = (self.valid.get(i as usize), self.hash.get(i as usize)) {
+            slot.store(h, Ordering::Relaxed);
+            v.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// The completion callback: `(read_err, write_err)`.
@@ -112,6 +172,11 @@ pub enum JobKind {
     /// No data: only the Flush of every destination (a checkpoint: what completed before
     /// it was submitted is durable when it ends).
     Flush,
+    /// Read every destination back and compare each chunk's hash with the source's.
+    Verify {
+        /// The source's hashes.
+        hashes: Arc<ChunkHashes>,
+    },
 }
 
 /// Where one cell of the grid stands, for the progress map.
@@ -147,13 +212,23 @@ pub(crate) struct JobPlan {
     pub track_cells: bool,
     /// Each controller's reset generation when the job was planned, by engine index.
     pub base_gen: Vec<u64>,
+    /// Keep a hash of every source chunk read.
+    pub hash_chunks: bool,
+    /// Compute this digest of the source, in order.
+    pub digest: Option<DigestKind>,
 }
 
 /// How a claim went.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Claim {
-    /// A chunk: its cell, byte offset within the job, and length.
-    Chunk { cell: u64, offset: u64, len: usize },
+    /// A chunk: its cell of the grid, byte offset within the job, length, and for a
+    /// verify job the destination it reads.
+    Chunk {
+        cell: u64,
+        offset: u64,
+        len: usize,
+        way: u8,
+    },
     /// Nothing left to claim. `flush`: this caller is the one that must now flush the
     /// destinations and finish the job.
     Spent { flush: bool },
@@ -175,6 +250,14 @@ pub struct Job {
     pub(crate) write_zeroes: DestMask,
     pub(crate) client: Arc<ClientShared>,
     pub(crate) base_gen: Vec<u64>,
+    /// Hashes of the source chunks read, when asked for.
+    pub(crate) hashes: Option<Arc<ChunkHashes>>,
+    /// The digest of the source, fed in order by the job's one reactor.
+    digest: Option<Mutex<Option<Digester>>>,
+    mismatches: Mutex<Vec<Mismatch>>,
+    /// Claims per cell of the grid: the number of destinations for a verify job (each
+    /// reads one), else 1.
+    ways: u64,
     cells: u64,
     todo: Option<Vec<bool>>,
     cell_states: Option<Vec<AtomicU8>>,
@@ -211,8 +294,19 @@ impl std::fmt::Debug for Job {
 
 impl Job {
     pub(crate) fn new(plan: JobPlan, client: Arc<ClientShared>, callback: Callback) -> Job {
-        let cells = plan.len.div_ceil(plan.chunk.max(1) as u64);
+        let grid = plan.len.div_ceil(plan.chunk.max(1) as u64);
+        let ways = match plan.kind {
+            JobKind::Verify { .. } => plan.to.len().max(1) as u64,
+            _ => 1,
+        };
+        let cells = grid * ways;
         Job {
+            hashes: plan
+                .hash_chunks
+                .then(|| Arc::new(ChunkHashes::new(grid, plan.chunk))),
+            digest: plan.digest.map(|k| Mutex::new(Some(Digester::new(k)))),
+            mismatches: Mutex::new(Vec::new()),
+            ways,
             kind: plan.kind,
             src_ns: plan.src_ns,
             dst_ns: plan.dst_ns,
@@ -268,6 +362,48 @@ impl Job {
                 .sum(),
         }
     }
+    /// The source chunks' hashes, when the job was asked to keep them.
+    pub fn hashes(&self) -> Option<&Arc<ChunkHashes>> {
+        self.hashes.as_ref()
+    }
+    /// Whether the job computes an in-order digest of its source.
+    pub(crate) fn wants_digest(&self) -> bool {
+        self.digest.is_some()
+    }
+    /// Feeds the digest the next chunk of the source, in order; `None` when that chunk
+    /// could not be read, which leaves the job without a digest.
+    pub(crate) fn feed_digest(&self, data: Option<&[u8]>) {
+        if let Some(d) = &self.digest {
+            let mut d = d.lock().unwrap_or_else(PoisonError::into_inner);
+            match data {
+                Some(bytes) => {
+                    if let Some(h) = d.as_mut() {
+                        h.update(bytes);
+                    }
+                }
+                None => *d = None,
+            }
+        }
+    }
+    /// Records a destination chunk that differs from the source.
+    pub(crate) fn note_mismatch(&self, m: Mismatch, name: impl FnOnce() -> String) {
+        let mut list = self
+            .mismatches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if list.len() < MAX_MISMATCHES {
+            list.push(m);
+        }
+        drop(list);
+        self.note_error(false, Some(m.destination), || {
+            format!(
+                "{}: bytes {}..{} differ from the source",
+                name(),
+                m.offset,
+                m.offset + m.len
+            )
+        });
+    }
     /// Whether the callback has run.
     pub fn is_finished(&self) -> bool {
         self.finished.load(Ordering::Acquire)
@@ -322,7 +458,7 @@ impl Job {
     }
 
     fn cell_len(&self, cell: u64) -> usize {
-        let off = cell * self.chunk as u64;
+        let off = (cell / self.ways) * self.chunk as u64;
         self.chunk.min((self.len - off) as usize)
     }
 
@@ -364,8 +500,9 @@ impl Job {
         match claimed {
             Some(cell) => Claim::Chunk {
                 cell,
-                offset: cell * self.chunk as u64,
+                offset: (cell / self.ways) * self.chunk as u64,
                 len: self.cell_len(cell),
+                way: (cell % self.ways) as u8,
             },
             None => {
                 self.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -445,6 +582,19 @@ impl Job {
                 .clone(),
             cancelled: self.cancelled.load(Ordering::Acquire),
             resets,
+            digest: self.digest.as_ref().and_then(|d| {
+                let d = d.lock().unwrap_or_else(PoisonError::into_inner).take()?;
+                // A digest of part of the source names nothing: only whole reads count.
+                let whole = !self.read_err.load(Ordering::Acquire)
+                    && !self.cancelled.load(Ordering::Acquire);
+                whole.then(|| d.finish())
+            }),
+            mismatches: std::mem::take(
+                &mut *self
+                    .mismatches
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            ),
         };
         let (read_err, write_err) = (outcome.read_err, outcome.write_err);
         *self.outcome.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);

@@ -34,6 +34,7 @@
 mod chunk;
 pub mod cli;
 pub mod client;
+pub mod digest;
 pub mod engine;
 pub mod error;
 pub mod job;

@@ -118,6 +118,16 @@ struct JobArgs {
     /// With --map: copy the areas the map records as failed again too.
     #[arg(long, requires = "map")]
     retry_failed: bool,
+    /// After the copy, read every destination back and compare each chunk with a hash
+    /// of the source taken when it was read.
+    #[arg(long)]
+    verify: bool,
+    /// Copy nothing: read the source and every destination and compare them.
+    #[arg(long)]
+    verify_only: bool,
+    /// Print this digest of the source region: sha256 or blake3 (as sha256sum or b3sum).
+    #[arg(long = "hash", value_name = "ALGORITHM", value_parser = parse_digest)]
+    digest: Option<nvcopy::digest::DigestKind>,
     /// Machine-readable summary.
     #[arg(long)]
     json: bool,
@@ -189,6 +199,10 @@ fn json<T: serde::Serialize>(v: &T) -> Result<String> {
         .map_err(|e| Error::Output(std::io::Error::other(e)))
 }
 
+fn parse_digest(s: &str) -> std::result::Result<nvcopy::digest::DigestKind, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
 fn run_job(from: Option<RegionSpec>, to: Vec<RegionSpec>, a: JobArgs) -> Result<()> {
     let mut flags = Flags::NONE;
     if a.ignore_errors {
@@ -204,6 +218,9 @@ fn run_job(from: Option<RegionSpec>, to: Vec<RegionSpec>, a: JobArgs) -> Result<
         num_pages: a.num_pages,
         map: a.map,
         retry_failed: a.retry_failed,
+        verify: a.verify,
+        verify_only: a.verify_only,
+        digest: a.digest,
     };
     let eo = EngineOptions {
         reactors: a.cores as usize,

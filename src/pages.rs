@@ -3,7 +3,7 @@
 //! and handed out page by page. The free list is lock-free, so reactors take and return
 //! pages without a syscall or a lock.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crossbeam_queue::ArrayQueue;
 use nvcopy_vfio::{DmaBuf, DmaPool, Iova, PAGE_SIZE};
@@ -19,6 +19,13 @@ pub(crate) struct PageReserve {
     /// Pages a device may still write (its controller could not be proven quiet): never
     /// handed out again.
     quarantined: AtomicUsize,
+    /// Per page, bumped each time it leaves a chunk: a device write into a page whose
+    /// generation changed since the command was submitted is a write into memory that
+    /// belongs to someone else (the software controller checks this, see
+    /// [`PageReserve::generation`]).
+    generations: Vec<AtomicU64>,
+    /// (IOVA, page index), sorted by IOVA, to find a page from a device address.
+    by_iova: Vec<(u64, u32)>,
 }
 
 impl PageReserve {
@@ -39,8 +46,16 @@ impl PageReserve {
             // Cannot fail: the queue holds exactly `count` entries.
             let _ = free.push(i);
         }
+        let mut by_iova: Vec<(u64, u32)> = iovas
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.0, i as u32))
+            .collect();
+        by_iova.sort_unstable();
         Ok(PageReserve {
             _runs: runs,
+            generations: (0..count).map(|_| AtomicU64::new(0)).collect(),
+            by_iova,
             iovas,
             free,
             quarantined: AtomicUsize::new(0),
@@ -68,6 +83,15 @@ impl PageReserve {
         pages.clear();
     }
 
+    /// The owner generation of the reserved page holding `iova`, or None if it is not one
+    /// of this reservation's pages.
+    pub fn generation(&self, iova: Iova) -> Option<u64> {
+        let page = iova.0 - iova.0 % PAGE_SIZE as u64;
+        let i = self.by_iova.binary_search_by_key(&page, |&(v, _)| v).ok()?;
+        let index = self.by_iova[i].1 as usize;
+        Some(self.generations[index].load(Ordering::Acquire))
+    }
+
     /// Takes `n` pages into `out` (cleared first) with their IOVAs in `iovas`, or none at
     /// all when fewer are free: a chunk never holds half its pages while it waits.
     pub fn take(&self, n: usize, out: &mut Vec<u32>, iovas: &mut Vec<Iova>) -> bool {
@@ -89,6 +113,9 @@ impl PageReserve {
     /// Returns pages to the free list.
     pub fn give(&self, pages: &mut Vec<u32>) {
         for p in pages.drain(..) {
+            if let Some(g) = self.generations.get(p as usize) {
+                g.fetch_add(1, Ordering::AcqRel);
+            }
             // Cannot fail: only pages taken from this queue come back to it.
             let _ = self.free.push(p);
         }
@@ -116,5 +143,23 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), 10, "distinct pages");
+    }
+
+    #[test]
+    fn a_page_changes_generation_each_time_it_leaves_a_chunk() {
+        let pool = DmaPool::unmapped(64 * PAGE_SIZE).unwrap();
+        let r = PageReserve::new(&pool, 4).unwrap();
+        let (mut a, mut ai) = (Vec::new(), Vec::new());
+        assert!(r.take(1, &mut a, &mut ai));
+        let iova = ai[0];
+        let g = r.generation(iova.add(100)).unwrap();
+        assert_eq!(r.generation(iova), Some(g), "any byte of the page");
+        r.give(&mut a);
+        assert_eq!(r.generation(iova), Some(g + 1));
+        assert_eq!(
+            r.generation(Iova(u64::MAX - 4095)),
+            None,
+            "not a reserved page"
+        );
     }
 }

@@ -86,6 +86,12 @@ struct Slot {
     /// A command of this chunk was outstanding on a controller that could not be proven
     /// quiet: its pages must never be reused.
     quarantine: bool,
+    /// For a verify job: the destination this chunk reads.
+    way: u8,
+    /// The data did not match the source's hash (verify).
+    mismatch: bool,
+    /// Ended, but waits for the chunks before it to feed the job's digest in order.
+    deferred: bool,
 }
 
 /// A job this reactor works on.
@@ -121,6 +127,8 @@ pub(crate) struct Reactor {
     deadlines: Vec<Duration>,
     /// Per controller: what last made this reactor reset it, for error messages.
     faults: Vec<String>,
+    /// A chunk's data copied out of DMA memory, to hash it.
+    scratch: Vec<u8>,
     now: Instant,
     next_health: Instant,
     next_fatal: Instant,
@@ -148,6 +156,9 @@ impl Reactor {
                     iovas: Vec::with_capacity(max_pages),
                     descs: shared.pool.alloc(PAGE_SIZE)?,
                     quarantine: false,
+                    way: 0,
+                    mismatch: false,
+                    deferred: false,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -171,6 +182,7 @@ impl Reactor {
             _zero_page: zero_page,
             deadlines,
             faults: vec![String::new(); shared.controllers.len()],
+            scratch: vec![0; nvcopy_nvme::prp::MAX_TRANSFER],
             slots,
             shared,
             now,
@@ -330,7 +342,10 @@ impl Reactor {
         };
         let job = entry.job.clone();
         let needs_pages = match job.kind {
-            JobKind::Copy { .. } => job.offloaded.count() < job.to.len() as u32,
+            JobKind::Copy { .. } => {
+                job.offloaded.count() < job.to.len() as u32 || job.to.is_empty()
+            }
+            JobKind::Verify { .. } => true,
             JobKind::Zero | JobKind::Flush => false,
         };
         let want = job.chunk.div_ceil(PAGE_SIZE);
@@ -350,8 +365,14 @@ impl Reactor {
                 }
             }
             match job.claim() {
-                Claim::Chunk { cell, offset, len } => {
+                Claim::Chunk {
+                    cell,
+                    offset,
+                    len,
+                    way,
+                } => {
                     self.free.pop();
+                    self.slots[si as usize].way = way;
                     self.start_chunk(si, ji, cell, offset, len);
                     started = true;
                 }
@@ -378,7 +399,7 @@ impl Reactor {
         let sequential = job.flags.contains(Flags::WRITE_SEQUENTIAL);
         let plan = match job.kind {
             JobKind::Copy { .. } => Plan {
-                read: job.offloaded != all,
+                read: job.offloaded != all || job.to.is_empty(),
                 now: job.offloaded,
                 after: all.without(job.offloaded),
                 sequential,
@@ -389,9 +410,15 @@ impl Reactor {
                 after: all,
                 sequential,
             },
+            JobKind::Verify { .. } => Plan {
+                read: true,
+                now: DestMask::default(),
+                after: DestMask::default(),
+                sequential: false,
+            },
         };
         entry.live += 1;
-        let turn = if sequential {
+        let turn = if sequential || job.wants_digest() {
             entry.order.push_back(si);
             entry.order.len() == 1
         } else {
@@ -403,7 +430,9 @@ impl Reactor {
         slot.offset = offset;
         slot.len = len;
         slot.quarantine = false;
-        let fx = slot.chunk.begin(plan, turn, self.now);
+        slot.mismatch = false;
+        slot.deferred = false;
+        let fx = slot.chunk.begin(plan, turn || !sequential, self.now);
         self.apply(Owner::Slot(si), None, fx);
     }
 
@@ -463,11 +492,19 @@ impl Reactor {
     }
 
     /// The controller a command of `job` goes to.
-    fn ctrl_of(job: &Job, op: Op) -> Option<usize> {
+    fn ctrl_of(job: &Job, op: Op, way: u8) -> Option<usize> {
         match (op.dest(), &job.kind) {
             (Some(d), _) => job.to.get(d).map(|r| r.ctrl),
             (None, JobKind::Copy { from }) => Some(from.ctrl),
+            (None, JobKind::Verify { .. }) => job.to.get(way as usize).map(|r| r.ctrl),
             (None, _) => None,
+        }
+    }
+
+    fn way_of(&self, owner: Owner) -> u8 {
+        match owner {
+            Owner::Slot(si) => self.slots.get(si as usize).map_or(0, |s| s.way),
+            Owner::Job(_) => 0,
         }
     }
 
@@ -491,12 +528,86 @@ impl Reactor {
         let before = chunk.cmd(op.dest());
         let fx = chunk.completed(op, how, policy, now);
         let after = chunk.cmd(op.dest());
-        if after == Cmd::Done(Outcome::Failed) && before != after {
-            if let Some(job) = self.job_of(owner) {
-                job.note_error(op == Op::Read, op.dest(), msg);
+        if before != after {
+            match (after, owner) {
+                (Cmd::Done(Outcome::Failed), _) => self.note_failure(owner, op, msg),
+                (Cmd::Done(Outcome::Ok), Owner::Slot(si)) if op == Op::Read => self.read_done(si),
+                _ => {}
             }
         }
         self.apply(owner, Some(op), fx);
+    }
+
+    /// Records a command's failure on its job: a verify job's read is a destination's.
+    fn note_failure(&self, owner: Owner, op: Op, msg: impl FnOnce() -> String) {
+        let Some(job) = self.job_of(owner) else {
+            return;
+        };
+        match (&job.kind, op) {
+            (JobKind::Verify { .. }, Op::Read) => {
+                job.note_error(false, Some(self.way_of(owner) as usize), msg)
+            }
+            _ => job.note_error(op == Op::Read, op.dest(), msg),
+        }
+    }
+
+    /// A chunk's read completed: hash the data where the job asks for it (the source's
+    /// hash for a later verify, or a destination's to compare with it).
+    fn read_done(&mut self, si: u16) {
+        let Some(job) = self.job_of(Owner::Slot(si)).cloned() else {
+            return;
+        };
+        let (cell, offset, len, way) = {
+            let s = &self.slots[si as usize];
+            (s.cell, s.offset, s.len, s.way)
+        };
+        match &job.kind {
+            JobKind::Copy { .. } => {
+                if let Some(hashes) = job.hashes() {
+                    let h = crate::digest::chunk_hash(self.chunk_data(si));
+                    hashes.set(cell, h);
+                }
+            }
+            JobKind::Verify { hashes } => {
+                let ways = job.to.len().max(1) as u64;
+                let want = hashes.get(cell / ways);
+                let got = crate::digest::chunk_hash(self.chunk_data(si));
+                if want != Some(got) {
+                    self.slots[si as usize].mismatch = true;
+                    let name = job.to[way as usize].ctrl;
+                    let name = self.shared.controllers[name].name().to_string();
+                    let m = crate::job::Mismatch {
+                        destination: way as usize,
+                        offset,
+                        len: len as u64,
+                    };
+                    job.note_mismatch(m, || format!("destination {way} ({name})"));
+                }
+            }
+            JobKind::Zero | JobKind::Flush => {}
+        }
+    }
+
+    /// The chunk's data, copied out of its DMA pages (volatile copies; the device wrote
+    /// them) into the reactor's scratch buffer.
+    fn chunk_data(&mut self, si: u16) -> &[u8] {
+        let s = &self.slots[si as usize];
+        let len = s.len.min(self.scratch.len());
+        let mut done = 0;
+        for &iova in &s.iovas {
+            if done >= len {
+                break;
+            }
+            let n = PAGE_SIZE.min(len - done);
+            match self.shared.pool.slice_at(iova, n) {
+                Some(src) => {
+                    src.copy_to(&mut self.scratch[done..done + n]);
+                }
+                None => self.scratch[done..done + n].fill(0),
+            }
+            done += n;
+        }
+        &self.scratch[..len]
     }
 
     /// Carries out what a transition asked for. `op` is the command the transition was
@@ -525,7 +636,7 @@ impl Reactor {
             Owner::Slot(_) => match self.job_of(owner)?.kind {
                 JobKind::Copy { .. } if self.job_of(owner)?.offloaded.contains(d) => Op::Copy(d8),
                 JobKind::Copy { .. } => Op::Write(d8),
-                JobKind::Zero | JobKind::Flush => Op::Zero(d8),
+                JobKind::Zero | JobKind::Flush | JobKind::Verify { .. } => Op::Zero(d8),
             },
         })
     }
@@ -536,7 +647,7 @@ impl Reactor {
         let Some(job) = self.job_of(owner).cloned() else {
             return;
         };
-        let Some(ci) = Self::ctrl_of(&job, op) else {
+        let Some(ci) = Self::ctrl_of(&job, op, self.way_of(owner)) else {
             return;
         };
         let used = self.shared.controllers[ci].generation() - job.base_gen[ci];
@@ -592,6 +703,15 @@ impl Reactor {
                 let data = DataPtr::Pages { pages: iovas, len };
                 q.submit_read(ns, lba(from), data, token)
             }
+            (Op::Read, JobKind::Verify { .. }) => {
+                let way = match owner {
+                    Owner::Slot(si) => self.slots[si as usize].way as usize,
+                    Owner::Job(_) => return Err(IssueError::NoNamespace),
+                };
+                let (to, ns) = (&job.to[way], &job.dst_ns[way]);
+                let data = DataPtr::Pages { pages: iovas, len };
+                q.submit_read(ns, lba(to), data, token)
+            }
             (Op::Write(d), _) => {
                 let data = DataPtr::Pages { pages: iovas, len };
                 q.submit_write(
@@ -646,20 +766,54 @@ impl Reactor {
         }
     }
 
+    /// A chunk ended. A job that digests its source takes its chunks' data in offset
+    /// order: a chunk that ends before those ahead of it waits (keeping its pages) until
+    /// they have been fed.
     fn chunk_finished(&mut self, si: u16) {
-        let slot = &mut self.slots[si as usize];
-        let ji = slot.job;
-        let Some(entry) = self.jobs[ji as usize].as_mut() else {
+        let ji = self.slots[si as usize].job;
+        let Some(entry) = self.jobs[ji as usize].as_ref() else {
             return;
         };
+        if !entry.job.wants_digest() {
+            self.release_chunk(si);
+            return;
+        }
+        if entry.order.front() != Some(&si) {
+            self.slots[si as usize].deferred = true;
+            return;
+        }
+        let mut next = Some(si);
+        while let Some(s) = next {
+            let job = self.job_of(Owner::Slot(s)).cloned();
+            if let Some(job) = job {
+                if self.slots[s as usize].chunk.read_failed() {
+                    job.feed_digest(None);
+                } else {
+                    job.feed_digest(Some(self.chunk_data(s)));
+                }
+            }
+            next = self
+                .release_chunk(s)
+                .filter(|&n| self.slots[n as usize].deferred);
+        }
+    }
+
+    /// Gives a finished chunk's pages back (or quarantines them), frees its slot, passes
+    /// the WRITE_SEQUENTIAL turn on, and tells the job. Returns the slot now first in the
+    /// job's line, if any.
+    fn release_chunk(&mut self, si: u16) -> Option<u16> {
+        let slot = &mut self.slots[si as usize];
+        let ji = slot.job;
+        let entry = self.jobs[ji as usize].as_mut()?;
         let job = entry.job.clone();
         if slot.quarantine {
             job.client.pages.quarantine(&mut slot.pages);
         } else {
             job.client.pages.give(&mut slot.pages);
         }
-        let ok = !slot.chunk.read_failed() && !slot.chunk.failed().any();
+        let ok = !slot.chunk.read_failed() && !slot.chunk.failed().any() && !slot.mismatch;
         let (cell, len) = (slot.cell, slot.len);
+        slot.deferred = false;
         entry.live -= 1;
         let mut next = None;
         if entry.order.front() == Some(&si) {
@@ -667,7 +821,7 @@ impl Reactor {
             next = entry.order.front().copied();
         }
         self.free.push(si);
-        if let Some(n) = next {
+        if let (Some(n), true) = (next, job.flags.contains(Flags::WRITE_SEQUENTIAL)) {
             let fx = self.slots[n as usize].chunk.turn(self.now);
             self.apply(Owner::Slot(n), None, fx);
         }
@@ -675,6 +829,7 @@ impl Reactor {
             self.start_flush(ji);
         }
         self.maybe_release(ji);
+        next
     }
 
     /// The resets each controller of the job needed during it (no allocation when none).

@@ -51,6 +51,7 @@ fn write_sequential_with_a_read_error_finishes_in_lba_order() {
     o.reactors = 1;
     let rig = Rig::new(vec![ctrl(&[(512, 4 * MIB), (512, 4 * MIB)])], o);
     let client = Client::new(&rig.engine, 256).unwrap();
+    rig.guard_pages(&client);
     let src = rig.region(0, 1, 0, 2 * MIB);
     let dst = rig.region(0, 2, 0, 2 * MIB);
     let bytes = data(101, src.len);
@@ -106,6 +107,7 @@ fn a_full_queue_on_a_device_that_stops_answering_still_times_out() {
     o.qd = 64;
     let rig = Rig::new(vec![ctrl(&[(512, 4 * MIB); 4])], o);
     let client = Client::new(&rig.engine, 2048).unwrap();
+    rig.guard_pages(&client);
     let src = rig.region(0, 1, 0, 2 * MIB);
     let dests = [
         rig.region(0, 2, 0, 2 * MIB),
@@ -154,6 +156,7 @@ fn full_queue_rig() -> (Rig, Region, [Region; 3], Vec<u8>) {
 fn a_job_that_fails_on_a_stopped_device_says_why() {
     let (rig, src, dests, _) = full_queue_rig();
     let client = Client::new(&rig.engine, 2048).unwrap();
+    rig.guard_pages(&client);
     rig.sim(0).faults().pause_io();
     let out = finish(&client.copy(&src, &dests, Flags::NONE, |_, _| {}).unwrap());
     assert!(out.read_err, "{out:?}");
@@ -165,6 +168,7 @@ fn a_job_that_fails_on_a_stopped_device_says_why() {
 fn a_pause_longer_than_the_timeout_is_recovered_by_one_reset() {
     let (rig, src, dests, bytes) = full_queue_rig();
     let client = Client::new(&rig.engine, 2048).unwrap();
+    rig.guard_pages(&client);
     rig.sim(0).faults().pause_io();
     let h = client.copy(&src, &dests, Flags::NONE, |_, _| {}).unwrap();
     // The first timeout (300 ms after the doorbell) resets the controller; the pause,
@@ -183,6 +187,7 @@ fn a_pause_longer_than_the_timeout_is_recovered_by_one_reset() {
 fn one_swallowed_read_is_recovered_by_one_reset() {
     let rig = Rig::new(vec![ctrl(&[(512, 4 * MIB), (512, 4 * MIB)])], opts());
     let client = Client::new(&rig.engine, 256).unwrap();
+    rig.guard_pages(&client);
     let src = rig.region(0, 1, 0, MIB);
     let dst = rig.region(0, 2, 0, MIB);
     let bytes = data(103, src.len);
@@ -218,6 +223,7 @@ fn a_read_that_never_completes_exhausts_the_reset_budget() {
     o.max_resets = 2;
     let rig = Rig::new(vec![ctrl(&[(512, 4 * MIB)]), ctrl(&[(512, 4 * MIB)])], o);
     let client = Client::new(&rig.engine, 256).unwrap();
+    rig.guard_pages(&client);
     let src = rig.region(0, 1, 0, MIB);
     let dst = rig.region(1, 1, 0, MIB);
     let bytes = data(105, src.len);
@@ -261,6 +267,7 @@ fn a_controller_fatal_status_during_a_copy_fails_its_commands() {
         opts(),
     );
     let client = Client::new(&rig.engine, 256).unwrap();
+    rig.guard_pages(&client);
     let src = rig.region(0, 1, 0, 2 * MIB);
     let dst = rig.region(1, 1, 0, 2 * MIB);
     let bytes = data(106, src.len);
@@ -308,6 +315,7 @@ fn two_controller_rig(io_timeout: Duration) -> (Rig, Region, [Region; 2], Vec<u8
 fn one_flush_per_destination_after_its_last_write_and_before_the_callback() {
     let (rig, src, dests, bytes) = two_controller_rig(Duration::from_secs(2));
     let client = Client::new(&rig.engine, 256).unwrap();
+    rig.guard_pages(&client);
     for c in 0..2 {
         rig.sim(c).faults().delay(
             CommandFilter::io().opcode(io::FLUSH),
@@ -358,6 +366,7 @@ fn one_flush_per_destination_after_its_last_write_and_before_the_callback() {
 fn a_failed_flush_marks_only_its_destination() {
     let (rig, src, dests, bytes) = two_controller_rig(Duration::from_millis(300));
     let client = Client::new(&rig.engine, 256).unwrap();
+    rig.guard_pages(&client);
     rig.sim(1).faults().fail(
         CommandFilter::io().opcode(io::FLUSH),
         Status::new(0, 0x06).with_dnr(true),
@@ -376,6 +385,7 @@ fn a_failed_flush_marks_only_its_destination() {
 fn an_idle_gap_longer_than_the_timeout_is_not_a_timeout() {
     let rig = Rig::new(vec![ctrl(&[(512, 4 * MIB), (512, 4 * MIB)])], opts());
     let client = Client::new(&rig.engine, 256).unwrap();
+    rig.guard_pages(&client);
     for round in 0..2u64 {
         if round == 1 {
             std::thread::sleep(Duration::from_millis(500));
@@ -400,6 +410,7 @@ fn a_late_read_after_a_reset_does_not_land_in_reused_pages() {
     o.reactors = 1;
     let rig = Rig::new(vec![ctrl(&[(512, 4 * MIB), (512, 4 * MIB)])], o);
     let client = Client::new(&rig.engine, 32).unwrap();
+    rig.guard_pages(&client);
     let src = rig.region(0, 1, 0, 2 * MIB);
     let dst = rig.region(0, 2, 0, 2 * MIB);
     let bytes = data(110, src.len);
@@ -453,6 +464,7 @@ fn schedule(seed: u64) {
         o,
     );
     let client = Client::new(&rig.engine, 256).unwrap();
+    rig.guard_pages(&client);
     let len = (64 + rng.below(192)) * 4096; // 256 KiB .. 1 MiB
     let src = rig.region(0, 1, 0, len);
     let bytes = data(seed, len);
@@ -593,4 +605,40 @@ fn randomized_fault_schedules_keep_the_invariants() {
         schedule(seed);
     }
     eprintln!("40 schedules in {:?}", start.elapsed());
+}
+
+#[test]
+fn pages_of_a_controller_that_cannot_be_proven_quiet_are_never_reused() {
+    let cfg = ctrl(&[(512, 4 * MIB), (512, 4 * MIB)]).cap_timeout(1);
+    let rig = Rig::with_timeout(vec![cfg], opts(), Duration::from_millis(300));
+    let client = Client::new(&rig.engine, 256).unwrap();
+    rig.guard_pages(&client);
+    let src = rig.region(0, 1, 0, MIB);
+    let dst = rig.region(0, 2, 0, MIB);
+    rig.put(&src, &data(77, MIB));
+    // The read of the first chunk answers only after the host gave up on it, and the
+    // controller can neither be disabled nor have its bus mastering turned off.
+    let faults = rig.sim(0).faults();
+    faults.late(
+        CommandFilter::io().opcode(io::READ).lbas(0..1).times(1),
+        Duration::from_millis(1200),
+    );
+    faults.stuck_ready(true);
+    faults.quiesce_fails(true);
+    let free_before = client.free_pages();
+    let h = client
+        .copy(&src, &[dst], Flags::IGNORE_ERRORS, |_, _| {})
+        .unwrap();
+    let o = h.wait_timeout(BOUND).unwrap();
+    assert!(o.read_err, "{o:?}");
+    let err = o.first_error.clone().unwrap();
+    assert!(err.contains("quarantined"), "{err}");
+    // Let the late read land: it must hit only pages nobody was given since.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(rig.sim(0).held_commands(), 0, "the late read ran");
+    rig.no_violations();
+    assert!(
+        client.free_pages() < free_before,
+        "the pages of the command that never completed went back to the pool"
+    );
 }

@@ -40,7 +40,7 @@ fn a_cancelled_copy_resumes_from_its_map_and_copies_only_the_rest() {
     assert!(todo.is_none(), "a new map");
     let options = JobOptions {
         track_cells: true,
-        only: None,
+        ..JobOptions::default()
     };
     let h = client
         .copy_with(&src, &dests, Flags::NONE, &options, |_, _| {})
@@ -87,6 +87,7 @@ fn a_cancelled_copy_resumes_from_its_map_and_copies_only_the_rest() {
     let options = JobOptions {
         track_cells: true,
         only: Some(todo),
+        ..JobOptions::default()
     };
     let h = client
         .copy_with(&src, &dests, Flags::NONE, &options, |_, _| {})

@@ -106,6 +106,15 @@ impl Rig {
         self.sim(ctrl).counters().io_commands(opcode)
     }
 
+    /// Makes every software controller check its DMA writes against `client`'s page
+    /// ownership: a write into a page that left its chunk since the command was submitted
+    /// is recorded as a violation (see [`Rig::no_violations`]).
+    pub fn guard_pages(&self, client: &nvcopy::Client) {
+        for d in &self.devs {
+            d.sim().set_page_guard(client.page_guard());
+        }
+    }
+
     pub fn no_violations(&self) {
         for (i, d) in self.devs.iter().enumerate() {
             let v = d.sim().page_violations();
