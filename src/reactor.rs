@@ -821,12 +821,15 @@ impl Reactor {
             next = entry.order.front().copied();
         }
         self.free.push(si);
+        // The job hears of this chunk before the turn passes on: the next chunk may end
+        // at once (its writes refused), and its end must not be taken for the last one
+        // while this one is still counted in flight.
+        if job.chunk_ended(cell, len, ok) {
+            self.start_flush(ji);
+        }
         if let (Some(n), true) = (next, job.flags.contains(Flags::WRITE_SEQUENTIAL)) {
             let fx = self.slots[n as usize].chunk.turn(self.now);
             self.apply(Owner::Slot(n), None, fx);
-        }
-        if job.chunk_ended(cell, len, ok) {
-            self.start_flush(ji);
         }
         self.maybe_release(ji);
         next

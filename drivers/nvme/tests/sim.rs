@@ -1204,3 +1204,52 @@ fn a_failed_flush_reports_its_retry_delay() {
     );
     q.flush_sync(&ns).expect("the retry succeeds");
 }
+
+#[test]
+fn a_device_retry_delay_is_capped_so_a_copier_never_looks_hung() {
+    let pool = DmaPool::unmapped(32 << 20).expect("pool");
+    let sim = SimController::new(cfg_512(), pool.clone());
+    // CRDT1 at its largest: 65535 units of 100 ms, 1h49m.
+    sim.faults().command_retry_delays([65535, 3, 0]);
+    let ctrl = Controller::new("sim0", sim.clone() as Arc<dyn Bar>, pool.clone(), quick())
+        .expect("controller comes up");
+    let ns = ctrl.namespace(1).expect("ns").clone();
+    let mut q = ctrl.create_io_qpair(8).expect("qpair");
+    let buf = pool.alloc_zeroed(4096).expect("buf");
+    let mut completions = vec![];
+    for (crd, dnr) in [(1u8, false), (2, false), (0, false), (1, true)] {
+        sim.faults().fail(
+            CommandFilter::io().opcode(io::READ).times(1),
+            nvcopy_nvme::Status::new(0, 0x06)
+                .with_crd(crd)
+                .with_dnr(dnr),
+        );
+        q.submit_read(
+            &ns,
+            0,
+            DataPtr::Contig {
+                iova: buf.iova(),
+                len: 512,
+            },
+            0,
+        )
+        .expect("submit");
+        q.ring();
+        let mut got = None;
+        while got.is_none() {
+            q.poll(8, |c| got = Some(c)).expect("poll");
+        }
+        completions.push(got.expect("completion"));
+    }
+    let delays: Vec<_> = completions.iter().map(|c| q.retry_after(c)).collect();
+    assert_eq!(
+        delays,
+        vec![
+            Some(nvcopy_nvme::MAX_RETRY_DELAY),
+            Some(Duration::from_millis(300)),
+            Some(Duration::ZERO),
+            None
+        ]
+    );
+    assert_eq!(nvcopy_nvme::MAX_RETRY_DELAY, Duration::from_secs(10));
+}
