@@ -99,6 +99,14 @@ if [ "${NVCOPY_SKIP_VM:-0}" != 1 ]; then
         --nvme "file=$COPYIMG/zero-whole.img,lbs=4096" \
         -- /tests/nvcopy-vm_copy --ignored guest_ --test-threads=1
     tests vm-copy-host env NVCOPY_COPY_IMAGES="$COPYIMG" cargo test --test vm_copy -- --ignored host_
+    # What `result: ok`, --map and signals promise (tests/vm_trust.rs; the layout is in
+    # scripts/vm-trust-suite.sh): kill -9 and SIGINT mid-copy, then a resume from the map;
+    # a blkdebug read error as a `-` area ddrescuelog sees; a Flush to every destination,
+    # counted in QEMU's trace. The host then checks the images, maps and trace.
+    TRUSTIMG=$VMWORK/trust-images
+    check vm-trust-images bash scripts/vm-trust-suite.sh prepare "$TRUSTIMG"
+    tests vm-trust timeout -k 10 900 bash scripts/vm-trust-suite.sh run "$TRUSTIMG" --timeout 600
+    tests vm-trust-host env NVCOPY_TRUST_IMAGES="$TRUSTIMG" cargo test --test vm_trust -- --ignored host_
 fi
 
 echo

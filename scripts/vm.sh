@@ -135,6 +135,9 @@ Options:
                                  lbs=512|4096 logical=physical block size (512)
                                  ns=N        N namespaces, nsid 1..N (1)
                                  mdts=N      max transfer 2^N * 4 KiB (QEMU default 7)
+                                 blkdebug=SECTOR  reads that touch 512-byte sector
+                                             SECTOR of the image fail with EIO, every
+                                             time (QEMU blkdebug; ns=1 only)
   --qemu-arg ARG               pass ARG to QEMU unchanged (repeatable)
   --noiommu                    no emulated IOMMU; vfio in unsafe no-IOMMU mode
                                (uses a vfio.ko rebuilt with CONFIG_VFIO_NOIOMMU)
@@ -700,12 +703,26 @@ vm_drive_cache_opts() {
     fi
 }
 
+# The -drive options that name the image $1: the file itself, or with a sector $2, the
+# file under a blkdebug node whose rule fails every read touching that 512-byte sector
+# with EIO.  The raw format on top matters: blkdebug rules fire on events that format
+# drivers raise, and raw raises read_aio before each read it passes down.
+vm_drive_backing() {
+    local img=${1//,/,,} sector=$2
+    if [[ -z $sector ]]; then
+        printf 'file=%s' "$img"
+        return
+    fi
+    printf 'file.driver=blkdebug,file.image.driver=file,file.image.filename=%s' "$img"
+    printf ',file.inject-error.0.%s' event=read_aio iotype=read errno=5 once=off "sector=$sector"
+}
+
 # Turn --nvme spec number $1 ($2) into QEMU arguments appended to VM_QEMU_NVME,
 # creating fresh images in $3 (the run directory).  With an empty $3 only
 # validate the spec, so that typos fail before minutes of building.
 vm_add_nvme() {
     local i=$1 spec=$2 rundir=$3 kv key val
-    local size=256M file='' lbs=512 ns=1 mdts='' have_size=0
+    local size=256M file='' lbs=512 ns=1 mdts='' blkdebug='' have_size=0
     local -a kvs=()
     [[ -n $spec ]] && IFS=, read -r -a kvs <<<"$spec"
     for kv in "${kvs[@]}"; do
@@ -718,7 +735,8 @@ vm_add_nvme() {
             lbs) lbs=$val ;;
             ns) ns=$val ;;
             mdts) mdts=$val ;;
-            *) vm_usage_error "--nvme '$spec': unknown key '$key' (known: size, file, lbs, ns, mdts)" ;;
+            blkdebug) blkdebug=$val ;;
+            *) vm_usage_error "--nvme '$spec': unknown key '$key' (known: size, file, lbs, ns, mdts, blkdebug)" ;;
         esac
     done
     [[ $lbs == 512 || $lbs == 4096 ]] || vm_usage_error "--nvme '$spec': lbs must be 512 or 4096"
@@ -739,6 +757,13 @@ vm_add_nvme() {
         ((have_size == 0)) || vm_usage_error "--nvme '$spec': give size= or file=, not both"
         [[ -f $file ]] || vm_usage_error "--nvme '$spec': $file is not an existing file"
         file=$(realpath "$file")
+        bytes=$(stat -c %s "$file")
+    fi
+    if [[ -n $blkdebug ]]; then
+        [[ $blkdebug =~ ^[0-9]{1,15}$ ]] || vm_usage_error "--nvme '$spec': blkdebug wants a sector number, got '$blkdebug'"
+        ((ns == 1)) || vm_usage_error "--nvme '$spec': blkdebug= works with one namespace only"
+        ((blkdebug < bytes / 512)) ||
+            vm_usage_error "--nvme '$spec': blkdebug sector $blkdebug is beyond the image's $((bytes / 512)) sectors"
     fi
     [[ -n $rundir ]] || return 0
 
@@ -754,7 +779,7 @@ vm_add_nvme() {
             rm -f "$img"
             truncate -s "$bytes" "$img" || vm_die "cannot create $img"
         fi
-        VM_QEMU_NVME+=(-drive "file=${img//,/,,},if=none,id=$drive,format=raw,$(vm_drive_cache_opts "$img")"
+        VM_QEMU_NVME+=(-drive "$(vm_drive_backing "$img" "$blkdebug"),if=none,id=$drive,format=raw,$(vm_drive_cache_opts "$img")"
             -device "nvme-ns,drive=$drive,bus=$ctrl,nsid=$j,logical_block_size=$lbs,physical_block_size=$lbs")
     done
 }
