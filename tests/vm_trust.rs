@@ -502,6 +502,92 @@ fn guest_copy_to_two_destinations_ends_ok() {
     assert_eq!(s["cancelled"], false, "{run}");
 }
 
+/// Where on bad-dest.img the verify test copies (after the bad copy's 32 MiB), and which
+/// byte of it is changed behind nvcopy's back.
+const VERIFY_AT: u64 = 40 * MIB;
+const VERIFY_LEN: u64 = 8 * MIB;
+const VERIFY_CHANGED: u64 = 5 * MIB + 123;
+
+#[test]
+#[ignore = "needs the VM"]
+fn guest_verify_passes_after_a_copy_and_catches_a_byte_changed_behind_nvcopys_back() {
+    let from = format!("{SRC}+{VERIFY_LEN}");
+    let to = format!("{BAD_DST}@{VERIFY_AT}+{VERIFY_LEN}");
+    let copy = nvcopy(
+        &strings(&[
+            "copy", "--from", &from, "--to", &to, "--verify", "--hash", "sha256",
+        ]),
+        Duration::from_secs(300),
+    );
+    assert!(copy.status.success(), "{copy}");
+    assert!(
+        copy.stdout
+            .contains("verify: every destination matches the source"),
+        "{copy}"
+    );
+    assert!(copy.stdout.contains("sha256: "), "{copy}");
+
+    // Change one byte of the destination through the kernel driver, not nvcopy.
+    setup_sh(&["reset", BAD_DST]);
+    let dev = setup_sh(&["blockdev", BAD_DST]).trim().to_string();
+    let change = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)?;
+        let at = VERIFY_AT + VERIFY_CHANGED;
+        let mut b = [0u8; 512];
+        let sector = at - at % 512;
+        f.seek(SeekFrom::Start(sector))?;
+        f.read_exact(&mut b)?;
+        b[(at - sector) as usize] ^= 0x5a;
+        f.seek(SeekFrom::Start(sector))?;
+        f.write_all(&b)?;
+        f.sync_all()
+    };
+    let changed = change();
+    setup_sh(&["bind", BAD_DST]);
+    changed.unwrap_or_else(|e| panic!("changing a byte of {dev}: {e}"));
+
+    let check = nvcopy(
+        &strings(&[
+            "copy",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--verify-only",
+            "--json",
+        ]),
+        Duration::from_secs(300),
+    );
+    assert_eq!(
+        check.status.code(),
+        Some(1),
+        "a difference is a failure: {check}"
+    );
+    let s = json(&check);
+    let v = &s["verify"];
+    assert_eq!(v["failed_destinations"][0], to.as_str(), "{check}");
+    let m = &v["mismatches"];
+    assert_eq!(
+        m.as_array().map(|a| a.len()),
+        Some(1),
+        "one chunk differs: {check}"
+    );
+    let (off, len) = (field(&m[0], "offset"), field(&m[0], "len"));
+    assert!(
+        off <= VERIFY_CHANGED && VERIFY_CHANGED < off + len,
+        "the mismatch {off}+{len} does not cover byte {VERIFY_CHANGED}: {check}"
+    );
+    assert_eq!(field(&m[0], "destination"), 0, "{check}");
+    // --verify-only wrote nothing: the copy's data and the changed byte are still there.
+    assert_eq!(
+        s["bytes_ok"], VERIFY_LEN,
+        "the source was read whole: {check}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Host tests: the images, maps and trace, after the guest exited
 // ---------------------------------------------------------------------------------------
@@ -744,4 +830,20 @@ fn map_parser_reads_nvcopy_maps() {
     assert_eq!(b.bytes_with('-'), 0x20000);
     assert_eq!(b.bytes_with('+'), 32 * MIB - 0x20000);
     assert!((0x380000..0x3A0000).contains(&BAD_MAP_POS));
+}
+
+#[test]
+#[ignore = "runs on the host after the VM suite"]
+fn host_verify_copy_matches_the_source_but_for_the_changed_byte() {
+    let dir = image_dir();
+    let src = read_at(&dir.join("source.img"), 0, VERIFY_LEN);
+    let mut dst = read_at(&dir.join("bad-dest.img"), VERIFY_AT, VERIFY_LEN);
+    let i = VERIFY_CHANGED as usize;
+    assert_eq!(dst[i], src[i] ^ 0x5a, "the guest changed exactly that byte");
+    dst[i] = src[i];
+    assert_eq!(
+        first_difference(&dst, &src),
+        None,
+        "the verified copy differs elsewhere"
+    );
 }
