@@ -74,8 +74,9 @@ pub struct Summary {
     pub bytes_todo: u64,
     /// The progress map, and what it records as copied and as failed.
     pub map: Option<MapSummary>,
-    /// The digest of the source region (`--hash`), as `(algorithm, hex)`.
-    pub digest: Option<(String, String)>,
+    /// The digest of the source region (`--hash`), as `(algorithm, hex)`; the outcome's
+    /// `digest` is the same hex.
+    pub hash: Option<(String, String)>,
     /// What reading the destinations back found (`--verify`, `--verify-only`).
     pub verify: Option<VerifySummary>,
     /// What the callback got, and the counts.
@@ -144,7 +145,7 @@ impl Summary {
         if let Some(e) = &self.outcome.first_error {
             t += &format!("first error: {e}\n");
         }
-        if let Some((alg, hex)) = &self.digest {
+        if let Some((alg, hex)) = &self.hash {
             t += &format!("{alg}: {hex}  {}\n", self.source.as_deref().unwrap_or(""));
         }
         if let Some(v) = &self.verify {
@@ -480,13 +481,13 @@ pub fn run(
         .iter()
         .map(|&(c, n)| (engine.controllers()[c].name().to_string(), n))
         .collect();
-    let digest = outcome
+    let hash = outcome
         .digest
         .clone()
         .zip(req.digest)
         .map(|(hex, kind)| (kind.name().to_string(), hex));
     Ok(Summary {
-        digest,
+        hash,
         verify,
         controller_resets,
         interrupted_by: signals.received(),
