@@ -856,6 +856,9 @@ impl Reactor {
         if fatal_due {
             self.next_fatal = self.now + FATAL_INTERVAL;
         }
+        // A reset can keep this thread away from its other queues for up to CAP.TO; their
+        // completions are reaped before their deadlines are judged again.
+        let mut reset_done = false;
         for ci in 0..self.queues.len() {
             let Some(q) = self.queues[ci].as_ref() else {
                 continue;
@@ -864,7 +867,7 @@ impl Reactor {
                 self.recover(ci);
                 continue;
             }
-            if !q.is_usable() || q.outstanding() == 0 {
+            if reset_done || !q.is_usable() || q.outstanding() == 0 {
                 continue;
             }
             let ctrl = &self.shared.controllers[ci];
@@ -885,7 +888,9 @@ impl Reactor {
                 let gen = q.generation();
                 self.faults[ci] = f;
                 ctrl.reset(gen);
+                self.now = Instant::now();
                 self.recover(ci);
+                reset_done = true;
             }
         }
     }
