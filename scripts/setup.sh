@@ -15,7 +15,8 @@
 set -u
 
 PROG=${0##*/}
-SYS=/sys
+# NVCOPY_SETUP_SYSFS points the script at a fake sysfs tree, for its own tests only.
+SYS=${NVCOPY_SETUP_SYSFS:-/sys}
 PCI_DEVICES=$SYS/bus/pci/devices
 NVME_CLASS=0x010802   # PCI class: mass storage / NVM / NVMe I/O controller
 HUGEMNT=/dev/hugepages
@@ -28,15 +29,17 @@ Commands:
   status                 List every NVMe PCI function (class $NVME_CLASS): address,
                          vendor:device, driver, IOMMU group, /dev/vfio node and,
                          for kernel-bound ones, their block devices.
-  bind [--force] [BDF..] Load vfio-pci and bind the given functions (default: all
-                         NVMe functions) to it.  Refuses to take a controller away
+  bind [--force] BDF...|--all
+                         Load vfio-pci and bind the given functions (--all: every
+                         NVMe function) to it.  Refuses to take a controller away
                          from the kernel nvme driver while one of its namespaces or
                          partitions is mounted, used as swap or has holders
-                         (dm/md...), unless --force or FORCE=1.
-  reset [BDF...]         Give the functions (default: all NVMe functions) back to
+                         (dm/md...), unless --force.
+  reset BDF...|--all     Give the functions (--all: every NVMe function) back to
                          the kernel nvme driver.
                          A BDF that is not an NVMe function is refused unless
-                         --force is given.
+                         --force is given.  With no BDF and no --all, bind and
+                         reset do nothing and say so.
   hugepages              Reserve HUGEMEM MiB of 2 MiB hugepages and mount hugetlbfs
                          at $HUGEMNT (without HUGEMEM: show the current state).
   list                   Print the NVMe function addresses, one per line.
@@ -50,7 +53,8 @@ BDF is a PCI address, 0000:00:10.0 or the short form 00:10.0.
 Environment:
   HUGEMEM=MiB   also reserve hugepages during 'bind' (HUGEMEM/2 pages of 2 MiB,
                 rounded up).
-  FORCE=1       same as --force.
+--force is only ever taken from the command line: a FORCE variable left in the
+environment forces nothing.
 EOF
 }
 
@@ -116,10 +120,16 @@ normalize_bdf() {
 collect_bdfs() {
     BDFS=
     if [ $# -eq 0 ]; then
+        [ "$all" = 1 ] || {
+            printf '%s: %s: name the functions (e.g. %s %s 0000:00:10.0), or give --all for every NVMe function; nothing was changed\n' \
+                "$PROG" "$cmd" "$PROG" "$cmd" >&2
+            exit 2
+        }
         BDFS=$(list_nvme | tr '\n' ' ')
         [ -n "$BDFS" ] || die "no NVMe PCI functions (class $NVME_CLASS) found"
         return 0
     fi
+    [ "$all" = 0 ] || die "give either BDFs or --all, not both"
     for cb_arg in "$@"; do
         cb_bdf=$(normalize_bdf "$cb_arg") || exit 1
         cb_class=$(cat "$PCI_DEVICES/$cb_bdf/class")
@@ -445,7 +455,7 @@ cmd_blockdev() {
 # --- main --------------------------------------------------------------------
 
 force=0
-[ "${FORCE:-0}" = 1 ] && force=1
+all=0
 [ $# -gt 0 ] || { usage >&2; exit 2; }
 cmd=$1
 shift
@@ -455,6 +465,7 @@ args=
 for a in "$@"; do
     case $a in
         -f|--force) force=1 ;;
+        --all) all=1 ;;
         -h|--help) usage; exit 0 ;;
         -*) printf '%s: unknown option %s\n' "$PROG" "$a" >&2; usage >&2; exit 2 ;;
         *) args="$args $a" ;;

@@ -565,14 +565,14 @@ export NVCOPY_DEVS
 # controllers that go to vfio-pci (driver_override keeps it off them), which
 # saves boot time and leaves them as QEMU created them.
 if [ "$VM_BIND" = 1 ] && [ -n "$NVCOPY_DEVS" ]; then
-    setup.sh bind || vm_fail "setup.sh bind"
+    setup.sh bind --all || vm_fail "setup.sh bind --all"
 fi
 modprobe nvme || vm_fail "modprobe nvme"
 # Without binding, the kernel driver owns the controllers and creates the
 # block devices asynchronously; `reset` waits until they exist, so that CMD
 # can open /dev/nvmeXnY right away.
 if [ "$VM_BIND" != 1 ] && [ -n "$NVCOPY_DEVS" ]; then
-    setup.sh reset || vm_fail "setup.sh reset (--no-bind)"
+    setup.sh reset --all || vm_fail "setup.sh reset --all (--no-bind)"
 fi
 for m in $VM_KMODS; do
     modprobe "$m" || vm_fail "modprobe $m (--kmod)"
