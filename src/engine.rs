@@ -43,7 +43,11 @@ pub struct EngineOptions {
     pub max_resets: u32,
     /// Use the Copy and Write Zeroes commands where the controllers support them.
     pub offload: bool,
-    /// Hook run on each reactor before it starts polling.
+    /// Run each reactor under a seccomp filter ([`crate::confine::Profile::Reactor`]):
+    /// a syscall outside it kills the process. Off by default for the library, since job
+    /// callbacks run on reactors; the CLI turns it on (`--no-seccomp` to turn it off).
+    pub seccomp: bool,
+    /// Hook run on each reactor before it starts polling (after the seccomp filter).
     pub reactor_init: Option<ReactorInit>,
 }
 
@@ -58,6 +62,7 @@ impl Default for EngineOptions {
             retries: 3,
             max_resets: 2,
             offload: true,
+            seccomp: false,
             reactor_init: None,
         }
     }
@@ -157,23 +162,40 @@ impl Engine {
             stop: AtomicBool::new(false),
         });
         let mut handles = Vec::with_capacity(n);
+        // Each reactor says whether it could confine itself before it takes any work.
+        let (ready, started) = std::sync::mpsc::channel();
         for (id, queues) in reactor_queues.into_iter().enumerate() {
             let reactor = Reactor::new(id, shared.clone(), queues)?;
+            let ready = ready.clone();
             let h = std::thread::Builder::new()
                 .name(format!("nvcopy-reactor-{id}"))
-                .spawn(move || reactor.run())
+                .spawn(move || reactor.run(ready))
                 .map_err(|e| {
                     Error::Output(std::io::Error::other(format!("starting reactor {id}: {e}")))
                 })?;
             handles.push(h);
         }
+        drop(ready);
         let _ = shared
             .threads
             .set(handles.iter().map(|h| h.thread().clone()).collect());
         for t in shared.threads.get().into_iter().flatten() {
             t.unpark();
         }
-        Ok(Engine { shared, handles })
+        let engine = Engine { shared, handles };
+        for _ in 0..n {
+            match started.recv() {
+                Ok((_, Ok(()))) => {}
+                // Dropping the engine stops and joins the reactors that did start.
+                Ok((reactor, Err(reason))) => return Err(Error::Seccomp { reactor, reason }),
+                Err(_) => {
+                    return Err(Error::Output(std::io::Error::other(
+                        "a reactor thread ended before it started polling",
+                    )))
+                }
+            }
+        }
+        Ok(engine)
     }
 
     /// Opens the controllers at `addrs` through VFIO and starts the engine on them.

@@ -25,6 +25,14 @@ pub enum Error {
         /// The signal number.
         signal: i32,
     },
+    /// A reactor could not install its seccomp filter.
+    #[error("reactor {reactor} could not install its seccomp filter: {reason}; run with --no-seccomp to copy without it")]
+    Seccomp {
+        /// The reactor.
+        reactor: usize,
+        /// What seccompiler or the kernel said.
+        reason: String,
+    },
     /// Writing output failed.
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),

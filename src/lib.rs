@@ -34,6 +34,7 @@
 mod chunk;
 pub mod cli;
 pub mod client;
+pub mod confine;
 pub mod digest;
 pub mod engine;
 pub mod error;

@@ -128,6 +128,10 @@ struct JobArgs {
     /// Print this digest of the source region: sha256 or blake3 (as sha256sum or b3sum).
     #[arg(long = "hash", value_name = "ALGORITHM", value_parser = parse_digest)]
     digest: Option<nvcopy::digest::DigestKind>,
+    /// Run the reactors without their seccomp filter (for debugging: with it, a reactor
+    /// that makes an unexpected syscall ends the process with SIGSYS).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Machine-readable summary.
     #[arg(long)]
     json: bool,
@@ -228,6 +232,7 @@ fn run_job(from: Option<RegionSpec>, to: Vec<RegionSpec>, a: JobArgs) -> Result<
         chunk: a.chunk,
         offload: !a.no_offload,
         max_resets: a.max_resets,
+        seccomp: !a.no_seccomp,
         ..Default::default()
     };
     let summary = cli::run(&req, &a.hw.options(), &eo, !a.json)?;

@@ -192,11 +192,27 @@ impl Reactor {
         })
     }
 
-    pub(crate) fn run(mut self) {
+    /// Polls until the engine stops. `ready` hears, once, whether the reactor could
+    /// confine itself (seccomp) before it takes any work.
+    pub(crate) fn run(
+        mut self,
+        ready: std::sync::mpsc::Sender<(usize, std::result::Result<(), String>)>,
+    ) {
         if self.shared.opts.pin {
-            let cpu = self.id % nvcopy_vfio::threads::available_cpus();
             // Pinning is a placement hint: an unpinned reactor still copies correctly.
-            let _ = nvcopy_vfio::threads::pin_current_thread(cpu);
+            let _ = crate::confine::pin_current_thread(self.id);
+        }
+        let confined = if self.shared.opts.seccomp {
+            crate::confine::confine_current_thread(crate::confine::Profile::Reactor)
+                .map_err(|e| e.to_string())
+        } else {
+            Ok(())
+        };
+        let failed = confined.is_err();
+        let _ = ready.send((self.id, confined));
+        drop(ready);
+        if failed {
+            return;
         }
         if let Some(init) = self.shared.opts.reactor_init.clone() {
             init(self.id);

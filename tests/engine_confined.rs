@@ -7,10 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use nvcopy::confine::{confine_current_thread, Profile};
 use nvcopy::{Client, Engine, EngineOptions, Flags, Region};
 use nvcopy_nvme::sim::{CountingAllocator, NamespaceConfig, SimConfig, SimController, ThreadedSim};
 use nvcopy_nvme::{Bar, Controller, ControllerOptions};
-use nvcopy_vfio::threads::{restrict_current_thread_syscalls, IDLE_SYSCALLS};
 use nvcopy_vfio::DmaPool;
 
 #[global_allocator]
@@ -40,7 +40,7 @@ fn reactors_copy_without_syscalls_or_allocations_per_chunk() {
             // Anything the thread allocates lazily (its malloc arena) comes before counting.
             drop(vec![0u8; 4096]);
             CountingAllocator::count_this_thread();
-            restrict_current_thread_syscalls(IDLE_SYSCALLS).unwrap();
+            confine_current_thread(Profile::DataPath).unwrap();
         })),
         ..Default::default()
     };

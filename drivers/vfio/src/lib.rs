@@ -16,7 +16,6 @@ mod ioctl;
 mod iova;
 mod mmio;
 mod pci;
-pub mod threads;
 
 pub use container::{IommuMode, Vfio};
 pub use device::PciDevice;

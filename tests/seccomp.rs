@@ -1,0 +1,70 @@
+//! Reactors under their production seccomp filter (`EngineOptions::seccomp`, on in the
+//! CLI): a copy works, and a syscall the filter does not allow, made on a reactor, kills
+//! the process with SIGSYS. The second check runs this test binary again as a child, since
+//! the kill takes the whole process down.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{ctrl, data, ok, opts, Rig, MIB};
+use nvcopy::{Client, EngineOptions, Flags};
+
+const CHILD: &str = "NVCOPY_SECCOMP_CHILD";
+
+fn confined(init: Option<nvcopy::engine::ReactorInit>) -> EngineOptions {
+    EngineOptions {
+        seccomp: true,
+        reactor_init: init,
+        ..opts()
+    }
+}
+
+#[test]
+fn a_copy_runs_under_the_reactor_filter() {
+    let rig = Rig::new(vec![ctrl(&[(512, 4 * MIB); 3])], confined(None));
+    let client = Client::new(&rig.engine, 256).unwrap();
+    let src = rig.region(0, 1, 0, 2 * MIB);
+    let dests = [rig.region(0, 2, 0, 2 * MIB), rig.region(0, 3, 0, 2 * MIB)];
+    let bytes = data(41, src.len);
+    rig.put(&src, &bytes);
+    let o = client.copy_blocking(&src, &dests, Flags::NONE).unwrap();
+    assert!(ok(&o), "{o:?}");
+    for d in &dests {
+        assert!(rig.get(d) == bytes);
+    }
+}
+
+#[test]
+fn a_forbidden_syscall_on_a_reactor_kills_the_process() {
+    if std::env::var_os(CHILD).is_some() {
+        // The child: a reactor that opens a file after its filter is on.
+        let init: nvcopy::engine::ReactorInit = Arc::new(|_| {
+            let _ = std::fs::metadata("/");
+        });
+        let _rig = Rig::new(vec![ctrl(&[(512, MIB)])], confined(Some(init)));
+        std::thread::sleep(Duration::from_secs(5));
+        println!("the forbidden syscall was allowed");
+        return;
+    }
+    let me = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(me)
+        .args([
+            "--exact",
+            "a_forbidden_syscall_on_a_reactor_kills_the_process",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGSYS),
+        "the child should die of SIGSYS: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
