@@ -22,7 +22,7 @@
 #      plus a per-run uncompressed payload (/init, binaries, tests, the command);
 #   5. boot QEMU under `timeout`, map its exit code back to the command's.
 #
-# Reuse from other scripts (e.g. the future `demo` and `bench` subcommands):
+# Reuse from other scripts (as the `demo` and `bench` subcommands below do):
 #   source scripts/vm.sh          # defines functions only, runs nothing
 #   vm_boot [OPTIONS] -- CMD ...  # one full run; returns CMD's status
 # vm_boot prepares the host only once per process (packages, kernel, cargo
@@ -957,11 +957,9 @@ vm_boot() {
 # Subcommands
 # ----------------------------------------------------------------------------
 
-# Placeholders for the next subcommands.  A new subcommand X is a function
-# vm_cmd_X "$@" (dispatched automatically by vm_main); it typically calls
-# vm_boot with its own --nvme layout and command, e.g.
-#   vm_cmd_demo() { vm_boot --nvme size=1G --nvme size=1G "$@" -- nvcopy ...; }
-# and may call vm_boot several times (the build happens once per process).
+# A subcommand X is a function vm_cmd_X "$@" (dispatched automatically by
+# vm_main); it calls vm_boot with its own --nvme layout and command, and may
+# call vm_boot several times (the build happens once per process).
 # The README's main job: three 1 GiB drives; the guest fills the first with random data
 # through the kernel driver, nvcopy copies it to the other two, and the kernel driver reads
 # all three back for checksums (scripts/demo-guest.sh). DEMO_MB changes the size copied.

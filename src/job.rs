@@ -61,6 +61,14 @@ impl Flags {
     pub const IGNORE_ERRORS: Flags = Flags(1);
     /// Each destination receives its writes in LBA order, one chunk at a time
     /// (DM_KCOPYD_WRITE_SEQ, for zoned drives).
+    ///
+    /// With IGNORE_ERRORS as well, both hold. dm-kcopyd drops IGNORE_ERROR under
+    /// WRITE_SEQ, because a skipped write would leave a hole that a zone's write pointer
+    /// cannot jump. nvcopy keeps going instead: a chunk that failed still takes its turn,
+    /// so every later write still lands in offset order, and the failed chunk's
+    /// destinations are reported in `write_err` (tests/engine_recovery.rs,
+    /// `write_sequential_with_a_read_error_finishes_in_lba_order`). On a zoned
+    /// destination the writes after the hole then fail, and are reported too.
     pub const WRITE_SEQUENTIAL: Flags = Flags(2);
 
     /// Whether every flag of `other` is set.

@@ -210,8 +210,11 @@ impl From<&PciFunction> for ListEntry {
     }
 }
 
-/// The `nvcopy list` table.
+/// The `nvcopy list` table, or a line saying there is nothing to list and what to check.
 pub fn list_text(entries: &[ListEntry]) -> String {
+    if entries.is_empty() {
+        return "no NVMe controllers found (no PCI function of class 0x010802): check `lspci -d ::0108`, or, in a VM, that the NVMe devices are attached\n".to_string();
+    }
     let mut s = format!(
         "{:<14} {:<11} {:<10} {}\n",
         "PCI ADDRESS", "VENDOR:DEV", "DRIVER", "IOMMU GROUP"
@@ -267,6 +270,11 @@ mod tests {
                 .unwrap()
                 .starts_with("0000:00:10.0   1b36:0010   vfio-pci   4"),
             "{t}"
+        );
+        let none = list_text(&[]);
+        assert!(
+            none.starts_with("no NVMe controllers found") && none.lines().count() == 1,
+            "{none}"
         );
     }
 }

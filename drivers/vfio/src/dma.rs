@@ -49,7 +49,7 @@ enum Translation {
     PerUnit { shift: u32, table: Vec<u64> },
 }
 
-/// Which pages are free: one bit a page.
+/// Which pages are in use: one flag a page, and how many are free.
 #[derive(Debug)]
 struct FreeMap {
     used: Vec<bool>,
