@@ -11,7 +11,7 @@ use crossbeam_queue::ArrayQueue;
 use nvcopy_nvme::Controller;
 use nvcopy_vfio::{DmaPool, PciAddress};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Refusal, Result};
 use crate::job::{Flags, Job, JobKind};
 use crate::platform::{Platform, PlatformOptions};
 use crate::reactor::Reactor;
@@ -128,9 +128,7 @@ impl Engine {
         opts: EngineOptions,
     ) -> Result<Engine> {
         if controllers.is_empty() {
-            return Err(Error::Usage(
-                "an engine needs at least one controller".into(),
-            ));
+            return Err(Refusal::NoControllers.into());
         }
         let n = opts.reactors.max(1);
         let mut has_queue = vec![vec![false; controllers.len()]; n];
@@ -162,8 +160,9 @@ impl Engine {
             let h = std::thread::Builder::new()
                 .name(format!("nvcopy-reactor-{id}"))
                 .spawn(move || reactor.run())
-                .map_err(|e| {
-                    Error::Output(std::io::Error::other(format!("starting reactor {id}: {e}")))
+                .map_err(|source| Error::Spawn {
+                    what: format!("reactor {id}"),
+                    source,
                 })?;
             handles.push(h);
         }
@@ -218,9 +217,7 @@ impl Engine {
             .controllers
             .iter()
             .position(|c| c.name() == name)
-            .ok_or_else(|| {
-                Error::Usage(format!("{name} is not one of the engine's controllers"))
-            })?;
+            .ok_or(Refusal::NotInEngine { ctrl: name })?;
         let ns = self.shared.controllers[i].namespace(spec.nsid)?;
         Region::check(spec, i, ns.lba_size, ns.blocks, default_len)
     }
