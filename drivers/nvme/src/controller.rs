@@ -586,16 +586,11 @@ impl Controller {
                 qid: qp.qid(),
             });
         }
-        let (qid, size) = (qp.qid(), (qp.entries() as u32 - 1) << 16);
-        let mut cq = Sqe::new(admin::CREATE_CQ, 0);
-        cq.prp1 = qp.cq_iova().0;
-        cq.cdw10 = qid as u32 | size;
-        cq.cdw11 = 1; // physically contiguous, interrupts off
+        let (qid, entries) = (qp.qid(), qp.entries());
+        let cq = Sqe::create_io_cq(qid, entries, qp.cq_iova());
         self.admin_locked(&mut aq, cq, None)?;
-        let mut sq = Sqe::new(admin::CREATE_SQ, 0);
-        sq.prp1 = qp.sq_iova().0;
-        sq.cdw10 = qid as u32 | size;
-        sq.cdw11 = 1 | (qid as u32) << 16; // contiguous, bound to the CQ of the same id
+        // Bound to the CQ of the same id.
+        let sq = Sqe::create_io_sq(qid, entries, qp.sq_iova(), qid);
         if let Err(e) = self.admin_locked(&mut aq, sq, None) {
             let mut d = Sqe::new(admin::DELETE_CQ, 0);
             d.cdw10 = qid as u32;
