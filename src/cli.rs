@@ -13,12 +13,12 @@ use serde::Serialize;
 
 use crate::client::{Client, JobHandle, JobOptions};
 use crate::engine::{Engine, EngineOptions};
-use crate::error::{Error, Result};
+use crate::error::{Error, OptionConflict, Refusal, Result};
 use crate::job::{Flags, JobOutcome};
 use crate::mapfile::MapHeader;
 use crate::platform::PlatformOptions;
 use crate::progress::MapKeeper;
-use crate::region::{Region, RegionSpec, MAX_DESTS};
+use crate::region::{self, Region, RegionSpec, Role};
 use crate::report::human_bytes;
 
 /// A copy or zero as the command line asked for it.
@@ -276,9 +276,11 @@ pub const MAX_NUM_PAGES: usize = u32::MAX as usize;
 
 fn check_num_pages(num_pages: usize) -> Result<()> {
     if num_pages > MAX_NUM_PAGES {
-        return Err(Error::Usage(format!(
-            "--num-pages {num_pages} is too many: a client reserves at most {MAX_NUM_PAGES} 4 KiB pages (16 TiB), and they must fit in memory; give fewer, or leave --num-pages out for enough for every chunk in flight"
-        )));
+        return Err(Refusal::TooManyPages {
+            given: num_pages,
+            max: MAX_NUM_PAGES,
+        }
+        .into());
     }
     Ok(())
 }
@@ -287,30 +289,19 @@ fn check_num_pages(num_pages: usize) -> Result<()> {
 pub fn precheck(req: &JobRequest) -> Result<()> {
     check_num_pages(req.num_pages)?;
     if req.from.is_none() && (req.verify || req.verify_only || req.digest.is_some()) {
-        return Err(Error::Usage(
-            "--verify, --verify-only and --hash need a source: use them with `nvcopy copy`".into(),
-        ));
+        return Err(Refusal::BadOptions(OptionConflict::CheckNeedsSource).into());
     }
     if req.verify_only && (req.map.is_some() || req.verify) {
-        return Err(Error::Usage(
-            "--verify-only copies nothing: leave out --map and --verify".into(),
-        ));
+        return Err(Refusal::BadOptions(OptionConflict::VerifyOnlyCopiesNothing).into());
     }
-    if req.to.is_empty() {
-        return Err(Error::Usage(
-            "give at least one destination with --to".into(),
-        ));
-    }
-    if req.to.len() > MAX_DESTS {
-        return Err(Error::Usage(format!(
-            "{} destinations given; a job takes at most {MAX_DESTS}",
-            req.to.len()
-        )));
-    }
+    region::check_destination_count(req.to.len(), false)?;
     Ok(())
 }
 
-/// Resolves every region, refusing bad ones, before the job is submitted.
+/// Resolves every region, refusing bad ones, before the job is submitted: each against
+/// its namespace ([`Engine::region`]), then the job's cross-region checks
+/// ([`region::check_destination`], which [`Client`] applies too), naming regions as the
+/// command line wrote them.
 pub fn resolve(engine: &Engine, req: &JobRequest) -> Result<(Option<Region>, Vec<Region>)> {
     let from = req
         .from
@@ -318,33 +309,17 @@ pub fn resolve(engine: &Engine, req: &JobRequest) -> Result<(Option<Region>, Vec
         .map(|s| engine.region(s, None))
         .transpose()?;
     let default_len = from.map(|f| f.len);
+    let name = |role: Role| {
+        match role {
+            Role::Source => req.from.map(|s| s.to_string()),
+            Role::Destination(i) => req.to.get(i).map(|s| s.to_string()),
+        }
+        .unwrap_or_default()
+    };
     let mut to = Vec::with_capacity(req.to.len());
     for spec in &req.to {
         let d = engine.region(spec, default_len)?;
-        if let (Some(f), Some(src)) = (&from, &req.from) {
-            if d.len != f.len {
-                return Err(Error::Usage(format!(
-                    "destination {spec} is {} bytes but the source {src} is {}: give them the same length",
-                    d.len, f.len
-                )));
-            }
-            if d.overlaps_in(f, engine.controllers()) {
-                return Err(Error::Usage(format!("destination {spec} overlaps the source {src}: nvcopy never writes over the data it reads")));
-            }
-        } else if let Some(first) = to.first().map(|r: &Region| r.len) {
-            if d.len != first {
-                return Err(Error::Usage(format!("destination {spec} is {} bytes but the first is {first}: give them the same length", d.len)));
-            }
-        }
-        if let Some(j) = to
-            .iter()
-            .position(|o: &Region| o.overlaps_in(&d, engine.controllers()))
-        {
-            return Err(Error::Usage(format!(
-                "destinations {} and {spec} overlap",
-                req.to[j]
-            )));
-        }
+        region::check_destination(from.as_ref(), &to, &d, engine.controllers(), &name)?;
         to.push(d);
     }
     Ok((from, to))
@@ -368,10 +343,12 @@ pub fn pool_bytes(num_pages: usize, eo: &EngineOptions, controllers: usize) -> R
         .and_then(|(pages, reactors)| pages.checked_add(reactors))
         .and_then(|b| b.checked_add(4 << 20))
         .ok_or_else(|| {
-            Error::Usage(format!(
-                "a DMA pool for {num_pages} pages, {} reactor(s) of queue depth {} and {controllers} controller(s) does not fit in memory: lower --num-pages, --cores or --qd",
-                eo.reactors, eo.qd
-            ))
+            Error::from(Refusal::PoolTooLarge {
+                num_pages,
+                reactors: eo.reactors,
+                qd: eo.qd,
+                controllers,
+            })
         })
 }
 
@@ -419,9 +396,7 @@ pub fn run(
     options.hash_chunks = req.verify || req.verify_only;
     options.digest = req.digest;
     if req.digest.is_some() && options.only.is_some() {
-        return Err(Error::Usage(
-            "--hash needs the whole source read in one run, but the map says part of it was copied already: run without --hash, or with a new --map file".into(),
-        ));
+        return Err(Refusal::BadOptions(OptionConflict::HashNeedsWholeSource).into());
     }
     let signals = Signals::install()?;
     let start = Instant::now();
@@ -447,8 +422,8 @@ pub fn run(
         });
         let outcome = watch(&handle, show_progress, &signals);
         if let Some(t) = saver {
-            t.join().map_err(|_| {
-                Error::Output(std::io::Error::other("the map-saving thread panicked"))
+            t.join().map_err(|_| Error::Panicked {
+                what: "the map-saving thread".into(),
             })??;
         }
         Ok(outcome)
@@ -602,7 +577,11 @@ mod tests {
         let huge = 1usize << 52;
         for n in [huge, usize::MAX, MAX_NUM_PAGES + 1] {
             let e = pool_bytes(n, &eo, 2).unwrap_err();
-            assert!(matches!(e, Error::Usage(_)), "{e}");
+            assert!(
+                matches!(e, Error::Refused(Refusal::TooManyPages { given, max: MAX_NUM_PAGES }) if given == n)
+                    || matches!(e, Error::Refused(Refusal::PoolTooLarge { num_pages, .. }) if num_pages == n),
+                "{e}"
+            );
             assert!(e.to_string().contains("--num-pages"), "{e}");
             let e = precheck(&request(n)).unwrap_err();
             let msg = e.to_string();
@@ -620,6 +599,9 @@ mod tests {
             reactors: usize::MAX,
             ..EngineOptions::default()
         };
-        assert!(matches!(pool_bytes(16, &wild, 2), Err(Error::Usage(_))));
+        assert!(matches!(
+            pool_bytes(16, &wild, 2),
+            Err(Error::Refused(Refusal::PoolTooLarge { num_pages: 16, .. }))
+        ));
     }
 }

@@ -11,10 +11,10 @@ use std::time::Duration;
 use nvcopy_vfio::PAGE_SIZE;
 
 use crate::engine::Engine;
-use crate::error::{Error, Result};
+use crate::error::{Refusal, Result};
 use crate::job::{Callback, DestMask, Flags, Job, JobKind, JobOutcome, JobPlan};
 use crate::pages::PageReserve;
-use crate::region::{Region, MAX_DESTS};
+use crate::region::{self, Region, Role};
 
 /// What a client's jobs share with the reactors.
 pub(crate) struct ClientShared {
@@ -224,18 +224,20 @@ impl Client {
         let mut plan = self.plan(None, to, Flags::IGNORE_ERRORS, false)?;
         let chunk = hashes.chunk();
         if chunk == 0 || plan.len.div_ceil(chunk as u64) != hashes.cells() {
-            return Err(Error::Usage(format!(
-                "the hashes cover {} chunks of {chunk} bytes, not the {} bytes to verify",
-                hashes.cells(),
-                plan.len
-            )));
+            return Err(Refusal::HashesDoNotCover {
+                cells: hashes.cells(),
+                chunk,
+                len: plan.len,
+            }
+            .into());
         }
         if chunk.div_ceil(PAGE_SIZE) > self.num_pages() {
-            return Err(Error::Usage(format!(
-                "the client reserved {} pages but verifying one chunk needs {}; reserve more (--num-pages)",
-                self.num_pages(),
-                chunk.div_ceil(PAGE_SIZE)
-            )));
+            return Err(Refusal::TooFewPages {
+                reserved: self.num_pages(),
+                needed: chunk.div_ceil(PAGE_SIZE),
+                verifying: true,
+            }
+            .into());
         }
         let ways = to.len() as u64;
         plan.todo = Some(
@@ -304,20 +306,16 @@ impl Client {
         read_only: bool,
     ) -> Result<JobPlan> {
         let e = &self.engine;
-        if (to.is_empty() && !(read_only && from.is_some())) || to.len() > MAX_DESTS {
-            return Err(Error::Usage(format!(
-                "a job takes 1 to {MAX_DESTS} destinations, not {}",
-                to.len()
-            )));
-        }
+        region::check_destination_count(to.len(), read_only && from.is_some())?;
         let ns_of = |r: &Region| -> Result<nvcopy_nvme::Namespace> {
             let c = e
                 .controllers
                 .get(r.ctrl)
-                .ok_or_else(|| Error::Usage(format!("no controller {} in this engine", r.ctrl)))?;
+                .ok_or_else(|| Refusal::NotInEngine {
+                    ctrl: format!("#{}", r.ctrl),
+                })?;
             let ns = c.namespace(r.nsid)?.clone();
-            Region::check_against(r, &ns)
-                .map_err(|msg| Error::Usage(format!("{}: {msg}", c.name())))?;
+            Region::check_against(r, &ns, c.name())?;
             Ok(ns)
         };
         let len = match from {
@@ -326,21 +324,15 @@ impl Client {
         };
         let src_ns = from.map(ns_of).transpose()?;
         let dst_ns = to.iter().map(ns_of).collect::<Result<Vec<_>>>()?;
+        let name = |role: Role| {
+            match role {
+                Role::Source => from.map(|f| f.name_in(&e.controllers)),
+                Role::Destination(i) => to.get(i).map(|d| d.name_in(&e.controllers)),
+            }
+            .unwrap_or_default()
+        };
         for (i, d) in to.iter().enumerate() {
-            if d.len != len {
-                return Err(Error::Usage(format!("destination {i} is {} bytes, but the job is {len}: give every region the same length", d.len)));
-            }
-            if let Some(f) = from {
-                if d.overlaps_in(f, &e.controllers) {
-                    return Err(Error::Usage(format!("destination {i} overlaps the source: nvcopy never writes over the data it reads")));
-                }
-            }
-            if let Some(j) = to[..i]
-                .iter()
-                .position(|o| o.overlaps_in(d, &e.controllers))
-            {
-                return Err(Error::Usage(format!("destinations {j} and {i} overlap")));
-            }
+            region::check_destination(from, &to[..i], d, &e.controllers, &name)?;
         }
         let block = from
             .into_iter()
@@ -388,11 +380,12 @@ impl Client {
         let unit = block.max(PAGE_SIZE);
         let chunk = (chunk / unit * unit).max(unit);
         if from.is_some() && chunk / PAGE_SIZE > self.num_pages() {
-            return Err(Error::Usage(format!(
-                "the client reserved {} pages but one chunk needs {}; reserve more (--num-pages)",
-                self.num_pages(),
-                chunk / PAGE_SIZE
-            )));
+            return Err(Refusal::TooFewPages {
+                reserved: self.num_pages(),
+                needed: chunk / PAGE_SIZE,
+                verifying: false,
+            }
+            .into());
         }
         let base_gen = e.controllers.iter().map(|c| c.generation()).collect();
         Ok(JobPlan {

@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use sha2::Digest as _;
 
-use crate::error::Error;
+use crate::error::{Error, Refusal};
 
 /// The per-chunk hash compared by `--verify`: xxh3, 64 bits. A mismatch between a
 /// destination and the source is missed with probability 2^-64 per chunk; it is a check
@@ -47,9 +47,10 @@ impl FromStr for DigestKind {
         match s {
             "sha256" => Ok(DigestKind::Sha256),
             "blake3" => Ok(DigestKind::Blake3),
-            _ => Err(Error::Usage(format!(
-                "unknown digest {s:?}: use sha256 or blake3"
-            ))),
+            _ => Err(Refusal::UnknownDigest {
+                text: s.to_string(),
+            }
+            .into()),
         }
     }
 }

@@ -11,7 +11,7 @@ use crossbeam_queue::ArrayQueue;
 use nvcopy_nvme::Controller;
 use nvcopy_vfio::{DmaPool, PciAddress};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Refusal, Result};
 use crate::job::{Flags, Job, JobKind};
 use crate::platform::{Platform, PlatformOptions};
 use crate::reactor::Reactor;
@@ -133,9 +133,7 @@ impl Engine {
         opts: EngineOptions,
     ) -> Result<Engine> {
         if controllers.is_empty() {
-            return Err(Error::Usage(
-                "an engine needs at least one controller".into(),
-            ));
+            return Err(Refusal::NoControllers.into());
         }
         let n = opts.reactors.max(1);
         let mut has_queue = vec![vec![false; controllers.len()]; n];
@@ -170,8 +168,9 @@ impl Engine {
             let h = std::thread::Builder::new()
                 .name(format!("nvcopy-reactor-{id}"))
                 .spawn(move || reactor.run(ready))
-                .map_err(|e| {
-                    Error::Output(std::io::Error::other(format!("starting reactor {id}: {e}")))
+                .map_err(|source| Error::Spawn {
+                    what: format!("reactor {id}"),
+                    source,
                 })?;
             handles.push(h);
         }
@@ -189,9 +188,9 @@ impl Engine {
                 // Dropping the engine stops and joins the reactors that did start.
                 Ok((reactor, Err(reason))) => return Err(Error::Seccomp { reactor, reason }),
                 Err(_) => {
-                    return Err(Error::Output(std::io::Error::other(
-                        "a reactor thread ended before it started polling",
-                    )))
+                    return Err(Error::Panicked {
+                        what: "a reactor, before it started polling".into(),
+                    })
                 }
             }
         }
@@ -240,9 +239,7 @@ impl Engine {
             .controllers
             .iter()
             .position(|c| c.name() == name)
-            .ok_or_else(|| {
-                Error::Usage(format!("{name} is not one of the engine's controllers"))
-            })?;
+            .ok_or(Refusal::NotInEngine { ctrl: name })?;
         let ns = self.shared.controllers[i].namespace(spec.nsid)?;
         Region::check(spec, i, ns.lba_size, ns.blocks, default_len)
     }

@@ -50,6 +50,6 @@ pub mod report;
 
 pub use client::{Client, JobHandle, JobOptions};
 pub use engine::{Engine, EngineOptions};
-pub use error::{Error, Result};
+pub use error::{Error, OptionConflict, Refusal, Result};
 pub use job::{CellState, DestMask, Flags, JobOutcome};
 pub use region::{Region, RegionSpec};

@@ -111,9 +111,9 @@ impl Platform {
             match r {
                 Ok(dev) => devices.push(dev?),
                 Err(_) => {
-                    return Err(crate::Error::Usage(format!(
-                        "{a}: opening the device panicked"
-                    )))
+                    return Err(crate::Error::Panicked {
+                        what: format!("{a}: opening the device"),
+                    })
                 }
             }
         }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use nvcopy_nvme::Controller;
 use nvcopy_vfio::PciAddress;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Refusal, Result};
 
 /// Most destinations one job may have (kcopyd allows 8; nvcopy's mask is 64 bits).
 pub const MAX_DESTS: usize = 64;
@@ -31,9 +31,9 @@ pub struct RegionSpec {
 /// Parses `4096`, `64K`, `1M`, `2G`, `1T` (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64> {
     let bad = || {
-        Error::Usage(format!(
-            "invalid size {s:?}: use a number with an optional K, M, G or T suffix"
-        ))
+        Error::from(Refusal::BadSize {
+            text: s.to_string(),
+        })
     };
     let (num, mult) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -68,18 +68,25 @@ impl FromStr for RegionSpec {
             Some((b, n)) => (
                 b,
                 n.parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| {
-                    Error::Usage(format!(
-                        "invalid namespace id {n:?} in {s:?}: use 1 or more"
-                    ))
+                    Refusal::BadNamespaceId {
+                        text: n.to_string(),
+                        region: s.to_string(),
+                    }
                 })?,
             ),
             None => (rest, 1),
         };
         let addr = bdf
             .parse()
-            .map_err(|e: nvcopy_vfio::Error| Error::Usage(format!("in region {s:?}: {e}")))?;
+            .map_err(|source: nvcopy_vfio::Error| Refusal::BadAddress {
+                region: s.to_string(),
+                source,
+            })?;
         if len == Some(0) {
-            return Err(Error::Usage(format!("region {s:?} has zero length")));
+            return Err(Refusal::ZeroLength {
+                region: s.to_string(),
+            }
+            .into());
         }
         Ok(RegionSpec {
             addr,
@@ -125,34 +132,22 @@ impl Region {
         blocks: u64,
         default_len: Option<u64>,
     ) -> Result<Region> {
-        let capacity = blocks.checked_mul(lba_size as u64).ok_or_else(|| {
-            Error::Usage(format!(
-                "{}/{}: {blocks} blocks of {lba_size} bytes is more than 2^64 bytes; the device's Identify data is not believable",
-                spec.addr, spec.nsid
-            ))
-        })?;
+        let namespace = || format!("{}/{}", spec.addr, spec.nsid);
+        let capacity =
+            blocks
+                .checked_mul(lba_size as u64)
+                .ok_or_else(|| Refusal::NamespaceTooLarge {
+                    namespace: namespace(),
+                    blocks,
+                    lba_size,
+                })?;
         let len = spec
             .len
             .or(default_len)
             .unwrap_or(capacity.saturating_sub(spec.offset));
-        let bs = lba_size as u64;
-        if spec.offset % bs != 0 || len % bs != 0 {
-            return Err(Error::Usage(format!(
-                "region {spec}: offset {} and length {len} must be multiples of the namespace's {bs}-byte block size",
-                spec.offset
-            )));
-        }
-        if len == 0
-            || spec
-                .offset
-                .checked_add(len)
-                .is_none_or(|end| end > capacity)
-        {
-            return Err(Error::Usage(format!(
-                "region {spec} (length {len}) does not fit in {}/{}, which holds {capacity} bytes",
-                spec.addr, spec.nsid
-            )));
-        }
+        check_extent(spec.offset, len, lba_size, capacity, || {
+            (spec.to_string(), namespace())
+        })?;
         Ok(Region {
             ctrl,
             nsid: spec.nsid,
@@ -162,37 +157,38 @@ impl Region {
         })
     }
 
-    /// Checks a region built in code (not parsed) against its namespace.
+    /// Checks a region built in code (not parsed) against its namespace, `ctrl` being its
+    /// controller's name: the same bounds and alignment checks as [`Region::check`], and
+    /// that the region's block size is the namespace's.
     pub fn check_against(
         r: &Region,
         ns: &nvcopy_nvme::Namespace,
-    ) -> std::result::Result<(), String> {
-        let bs = ns.lba_size as u64;
+        ctrl: &str,
+    ) -> std::result::Result<(), Refusal> {
         if r.lba_size != ns.lba_size {
-            return Err(format!(
-                "region says {}-byte blocks, namespace {} has {bs}",
-                r.lba_size, ns.nsid
-            ));
+            return Err(Refusal::BlockSizeMismatch {
+                region: r.name_on(ctrl),
+                region_lba: r.lba_size,
+                ns_lba: ns.lba_size,
+            });
         }
-        if r.offset % bs != 0 || r.len % bs != 0 || r.len == 0 {
-            return Err(format!(
-                "region {}+{} is not whole {bs}-byte blocks of namespace {}",
-                r.offset, r.len, ns.nsid
-            ));
+        check_extent(r.offset, r.len, ns.lba_size, ns.bytes(), || {
+            (r.name_on(ctrl), format!("{ctrl}/{}", ns.nsid))
+        })
+    }
+
+    /// The region written `CONTROLLER/NSID@OFFSET+LENGTH`, `ctrl` being its controller's
+    /// name: how refusals name regions built in code.
+    pub fn name_on(&self, ctrl: &str) -> String {
+        format!("{ctrl}/{}@{}+{}", self.nsid, self.offset, self.len)
+    }
+
+    /// [`Region::name_on`] its controller in `controllers` (or `#INDEX` if it is not there).
+    pub fn name_in(&self, controllers: &[Arc<Controller>]) -> String {
+        match controllers.get(self.ctrl) {
+            Some(c) => self.name_on(c.name()),
+            None => self.name_on(&format!("#{}", self.ctrl)),
         }
-        if r.offset
-            .checked_add(r.len)
-            .is_none_or(|end| end > ns.bytes())
-        {
-            return Err(format!(
-                "region {}+{} runs past the end of namespace {} ({} bytes)",
-                r.offset,
-                r.len,
-                ns.nsid,
-                ns.bytes()
-            ));
-        }
-        Ok(())
     }
 
     /// Whether two regions on the same namespace of the same controller share a byte.
@@ -229,6 +225,114 @@ impl Region {
     }
 }
 
+/// The one bounds and alignment check: `len` bytes at `offset` must be whole blocks of
+/// `lba_size` bytes and lie, not empty, within `capacity` bytes. `names` gives the region
+/// and namespace as refusals name them.
+fn check_extent(
+    offset: u64,
+    len: u64,
+    lba_size: u32,
+    capacity: u64,
+    names: impl Fn() -> (String, String),
+) -> std::result::Result<(), Refusal> {
+    let block = lba_size as u64;
+    if offset % block != 0 || len % block != 0 {
+        return Err(Refusal::Misaligned {
+            region: names().0,
+            offset,
+            len,
+            block,
+        });
+    }
+    if len == 0 || offset.checked_add(len).is_none_or(|end| end > capacity) {
+        let (region, namespace) = names();
+        return Err(Refusal::OutOfRange {
+            region,
+            len,
+            namespace,
+            capacity,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a job of `n` destinations: 1 to [`MAX_DESTS`], or none when `none_ok` (a job
+/// that only reads its source).
+pub fn check_destination_count(n: usize, none_ok: bool) -> std::result::Result<(), Refusal> {
+    if n == 0 && !none_ok {
+        return Err(Refusal::NoDestination);
+    }
+    if n > MAX_DESTS {
+        return Err(Refusal::TooManyDestinations {
+            given: n,
+            max: MAX_DESTS,
+        });
+    }
+    Ok(())
+}
+
+/// A region of a job, as [`check_destination`] asks for its name: the source, or
+/// destination `i`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The source.
+    Source,
+    /// The destination at this index.
+    Destination(usize),
+}
+
+/// The cross-region checks of one job, for destination `i` (`d`) against the source and
+/// the destinations before it (`earlier`): the job's length (the source's, or the first
+/// destination's), no byte shared with the source, none with another destination.
+/// Regions on namespaces that are one media through two controllers overlap too
+/// ([`Region::overlaps_in`]). `name` names a region for the refusal.
+pub fn check_destination(
+    from: Option<&Region>,
+    earlier: &[Region],
+    d: &Region,
+    controllers: &[Arc<Controller>],
+    name: &dyn Fn(Role) -> String,
+) -> std::result::Result<(), Refusal> {
+    let i = earlier.len();
+    let reference = match (from, earlier.first()) {
+        (Some(f), _) => Some((f, format!("the source {}", name(Role::Source)))),
+        (None, Some(first)) => Some((
+            first,
+            format!("destination 0 ({})", name(Role::Destination(0))),
+        )),
+        (None, None) => None,
+    };
+    if let Some((r, job)) = reference {
+        if d.len != r.len {
+            return Err(Refusal::LengthMismatch {
+                dest: i,
+                region: name(Role::Destination(i)),
+                dest_len: d.len,
+                job,
+                job_len: r.len,
+            });
+        }
+    }
+    if let Some(f) = from {
+        if d.overlaps_in(f, controllers) {
+            return Err(Refusal::OverlapsSource {
+                dest: i,
+                region: name(Role::Destination(i)),
+                source: name(Role::Source),
+            });
+        }
+    }
+    if let Some(j) = earlier.iter().position(|o| o.overlaps_in(d, controllers)) {
+        return Err(Refusal::DestinationsOverlap {
+            a: j,
+            a_region: name(Role::Destination(j)),
+            b: i,
+            b_region: name(Role::Destination(i)),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,19 +347,21 @@ mod tests {
             ("0000:00:11.0", 2, 1 << 20, Some(512 << 10))
         );
         assert_eq!(parse_size("3G").unwrap(), 3 << 30);
-        for bad in [
-            "00:10.0/0",
-            "00:10.0/x",
-            "00:10.0@1Q",
-            "00:10.0+0",
-            "zz",
-            "00:10.0+99999999999T",
-        ] {
+        let kind = |bad: &str| match bad.parse::<RegionSpec>() {
+            Err(Error::Refused(r)) => r,
+            other => panic!("{bad}: {other:?}"),
+        };
+        for bad in ["00:10.0/0", "00:10.0/x"] {
             assert!(
-                matches!(bad.parse::<RegionSpec>(), Err(Error::Usage(_))),
+                matches!(kind(bad), Refusal::BadNamespaceId { ref region, .. } if region == bad),
                 "{bad}"
             );
         }
+        for bad in ["00:10.0@1Q", "00:10.0+99999999999T"] {
+            assert!(matches!(kind(bad), Refusal::BadSize { .. }), "{bad}");
+        }
+        assert!(matches!(kind("00:10.0+0"), Refusal::ZeroLength { .. }));
+        assert!(matches!(kind("zz"), Refusal::BadAddress { .. }));
     }
 
     #[test]
@@ -266,9 +372,32 @@ mod tests {
         let whole = Region::check(&"00:10.0@4096".parse().unwrap(), 0, 512, 64, None).unwrap();
         assert_eq!(whole.len, 64 * 512 - 4096);
         let e = Region::check(&"00:10.0@512+4096".parse().unwrap(), 0, 4096, 4, None).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Refused(Refusal::Misaligned {
+                    offset: 512,
+                    len: 4096,
+                    block: 4096,
+                    ..
+                })
+            ),
+            "{e}"
+        );
         assert!(e.to_string().contains("multiples"), "{e}");
         let e =
             Region::check(&"00:10.0@8192+12288".parse().unwrap(), 0, 4096, 4, None).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Refused(Refusal::OutOfRange {
+                    len: 12288,
+                    capacity: 16384,
+                    ..
+                })
+            ),
+            "{e}"
+        );
         assert!(e.to_string().contains("does not fit"), "{e}");
         let a = Region::check(&"00:10.0+8192".parse().unwrap(), 0, 4096, 4, None).unwrap();
         assert!(r.overlaps(&a) && a.overlaps(&r));
@@ -281,8 +410,10 @@ mod tests {
     fn a_namespace_too_large_for_u64_bytes_is_refused() {
         let spec: RegionSpec = "00:10.0".parse().unwrap();
         let e = Region::check(&spec, 0, 4096, u64::MAX, None).unwrap_err();
-        assert!(matches!(e, Error::Usage(_)), "{e}");
-        assert!(e.to_string().contains("00:10.0"), "{e}");
+        assert!(
+            matches!(e, Error::Refused(Refusal::NamespaceTooLarge { ref namespace, .. }) if namespace == "0000:00:10.0/1"),
+            "{e}"
+        );
         // The largest block count whose bytes fit is still usable.
         let r = Region::check(&spec, 0, 4096, u64::MAX / 4096, None).unwrap();
         assert_eq!(r.len, u64::MAX / 4096 * 4096);

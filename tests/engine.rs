@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{ctrl, data, ok, opts, Rig, MIB};
-use nvcopy::{Client, DestMask, Flags, Region};
+use nvcopy::{Client, DestMask, Error, Flags, Refusal, Region};
 use nvcopy_nvme::sim::{CommandFilter, MediaError, NamespaceConfig, SimConfig};
 use nvcopy_nvme::spec::io;
 
@@ -471,41 +471,77 @@ fn bad_regions_are_refused_before_any_io() {
     let rig = Rig::new(vec![ctrl(&[(512, 4 * MIB), (4096, 4 * MIB)])], opts());
     let client = Client::new(&rig.engine, 16).unwrap();
     let src = rig.region(0, 1, 0, MIB);
-    let cases: Vec<(Vec<Region>, &str)> = vec![
-        (vec![rig.region(0, 1, MIB / 2, MIB)], "overlaps the source"),
-        (vec![rig.region(0, 1, 0, MIB)], "overlaps the source"),
+    type Kind = fn(&Refusal) -> bool;
+    let cases: Vec<(Vec<Region>, &str, Kind)> = vec![
+        (
+            vec![rig.region(0, 1, MIB / 2, MIB)],
+            "overlaps the source",
+            |r| matches!(r, Refusal::OverlapsSource { dest: 0, .. }),
+        ),
+        (vec![rig.region(0, 1, 0, MIB)], "overlaps the source", |r| {
+            matches!(r, Refusal::OverlapsSource { dest: 0, .. })
+        }),
         (
             vec![rig.region(0, 2, 0, MIB), rig.region(0, 2, MIB / 2, MIB)],
             "overlap",
+            |r| matches!(r, Refusal::DestinationsOverlap { a: 0, b: 1, .. }),
         ),
-        (vec![rig.region(0, 2, 0, MIB / 2)], "same length"),
+        (vec![rig.region(0, 2, 0, MIB / 2)], "same length", |r| {
+            matches!(
+                r,
+                Refusal::LengthMismatch {
+                    dest: 0,
+                    dest_len,
+                    job_len,
+                    ..
+                } if *dest_len == MIB / 2 && *job_len == MIB
+            )
+        }),
         (
             vec![Region {
                 offset: 4 * MIB - 4096,
                 ..rig.region(0, 2, 0, MIB)
             }],
-            "past the end",
+            "does not fit",
+            |r| matches!(r, Refusal::OutOfRange { capacity, .. } if *capacity == 4 * MIB),
         ),
         (
             vec![Region {
                 offset: 512,
                 ..rig.region(0, 2, 0, MIB)
             }],
-            "whole 4096-byte blocks",
+            "4096-byte block size",
+            |r| {
+                matches!(
+                    r,
+                    Refusal::Misaligned {
+                        offset: 512,
+                        block: 4096,
+                        ..
+                    }
+                )
+            },
         ),
         (
             (0..65).map(|i| rig.region(0, 2, i * 4096, MIB)).collect(),
-            "1 to 64 destinations",
+            "at most 64",
+            |r| matches!(r, Refusal::TooManyDestinations { given: 65, max: 64 }),
         ),
-        (vec![], "1 to 64 destinations"),
+        (vec![], "at least one destination", |r| {
+            matches!(r, Refusal::NoDestination)
+        }),
     ];
-    for (to, why) in cases {
+    for (to, why, kind) in cases {
         let err = client
             .copy(&src, &to, Flags::NONE, |_, _| {})
             .err()
-            .expect(why)
-            .to_string();
-        assert!(err.contains(why), "expected {why:?} in {err:?}");
+            .expect(why);
+        match &err {
+            Error::Refused(r) => assert!(kind(r), "{why}: refused with {r:?}"),
+            e => panic!("{why}: not a refusal: {e:?}"),
+        }
+        let msg = err.to_string();
+        assert!(msg.contains(why), "expected {why:?} in {msg:?}");
     }
     assert_eq!(
         rig.io(0, io::READ) + rig.io(0, io::WRITE),
@@ -530,14 +566,13 @@ fn one_namespace_through_two_controllers_is_one_media_for_overlaps() {
         (0..2).all(|c| rig.io(c, io::READ) + rig.io(c, io::WRITE) + rig.io(c, io::COPY) == 0)
     };
     let src = rig.region(0, 1, 0, MIB);
-    let refused: Vec<(Region, Vec<Region>, &str)> = vec![
+    type Kind = fn(&Refusal) -> bool;
+    let overlaps_source: Kind = |r| matches!(r, Refusal::OverlapsSource { dest: 0, .. });
+    let dests_overlap: Kind = |r| matches!(r, Refusal::DestinationsOverlap { a: 0, b: 1, .. });
+    let refused: Vec<(Region, Vec<Region>, Kind)> = vec![
         // Source and destination overlap on the shared media.
-        (
-            src,
-            vec![rig.region(1, 1, MIB / 2, MIB)],
-            "overlaps the source",
-        ),
-        (src, vec![rig.region(1, 1, 0, MIB)], "overlaps the source"),
+        (src, vec![rig.region(1, 1, MIB / 2, MIB)], overlaps_source),
+        (src, vec![rig.region(1, 1, 0, MIB)], overlaps_source),
         // Two destinations overlap on it, through different controllers.
         (
             rig.region(0, 2, 0, MIB),
@@ -545,26 +580,22 @@ fn one_namespace_through_two_controllers_is_one_media_for_overlaps() {
                 rig.region(0, 1, 4 * MIB, MIB),
                 rig.region(1, 1, 4 * MIB + 4096, MIB),
             ],
-            "destinations 0 and 1 overlap",
+            dests_overlap,
         ),
     ];
-    for (from, to, why) in refused {
-        let err = client
-            .copy(&from, &to, Flags::NONE, |_, _| {})
-            .err()
-            .expect(why)
-            .to_string();
-        assert!(err.contains(why), "expected {why:?} in {err:?}");
+    for (from, to, kind) in refused {
+        match client.copy(&from, &to, Flags::NONE, |_, _| {}) {
+            Err(Error::Refused(r)) => assert!(kind(&r), "{r:?}"),
+            Err(e) => panic!("not a refusal: {e:?}"),
+            Ok(_) => panic!("{from:?} -> {to:?} was accepted"),
+        }
     }
     let twice = [rig.region(1, 1, 0, MIB), rig.region(0, 1, 0, MIB)];
-    let err = client
-        .zero(&twice, Flags::NONE, |_, _| {})
-        .err()
-        .expect("zero");
-    assert!(
-        err.to_string().contains("destinations 0 and 1 overlap"),
-        "{err}"
-    );
+    match client.zero(&twice, Flags::NONE, |_, _| {}) {
+        Err(Error::Refused(r)) => assert!(dests_overlap(&r), "{r:?}"),
+        Err(e) => panic!("not a refusal: {e:?}"),
+        Ok(_) => panic!("overlapping zero destinations were accepted"),
+    }
     assert!(no_io(&rig), "nothing was read or written");
 
     // Disjoint ranges of the shared namespace, and the same range of the unshared nsid 2

@@ -119,9 +119,8 @@ fn wait_ready(name: &str, bar: &dyn Bar, cap: Cap, ready: bool, what: &'static s
     loop {
         let s = bar.read32(reg::CSTS);
         if s == u32::MAX {
-            return Err(Error::Unsupported {
+            return Err(Error::NotResponding {
                 ctrl: name.to_string(),
-                reason: "registers read as all ones: the device is not responding (surprise removal or a failed reset)".into(),
             });
         }
         if ready && s & csts::CFS != 0 {
@@ -267,9 +266,9 @@ fn admin_sync(
     wait_until(name, bar, cap, qp, 0, |c| done = Some(c))?;
     match done {
         Some(c) => check(name, true, &c),
-        None => Err(Error::Unsupported {
+        None => Err(Error::ProtocolViolation {
             ctrl: name.to_string(),
-            reason: "admin command vanished without a completion".into(),
+            what: "an admin command vanished without a completion",
         }),
     }
 }
@@ -283,41 +282,35 @@ impl Controller {
         opts: ControllerOptions,
     ) -> Result<Arc<Controller>> {
         let name = name.to_string();
-        let unsupported = |reason: String| Error::Unsupported {
-            ctrl: name.clone(),
-            reason,
-        };
+        let ctrl = || name.clone();
         let cap = Cap(bar.read64(reg::CAP));
         if cap.0 == u64::MAX {
-            return Err(unsupported(
-                "registers read as all ones: the device is not responding".into(),
-            ));
+            return Err(Error::NotResponding { ctrl: ctrl() });
         }
         if !cap.supports_nvm() {
-            return Err(unsupported(
-                "does not support the NVM command set (CAP.CSS)".into(),
-            ));
+            return Err(Error::NotNvm { ctrl: ctrl() });
         }
         if cap.mps_min() > PAGE_SIZE {
-            return Err(unsupported(format!(
-                "smallest memory page is {} bytes; nvcopy uses 4096",
-                cap.mps_min()
-            )));
+            return Err(Error::PageSizeUnsupported {
+                ctrl: ctrl(),
+                min: cap.mps_min(),
+            });
         }
         if cap.mqes() < 2 {
             // MQES is 0-based, so 0 means one-entry queues: the spec's minimum is 2, and a
             // queue of one entry could never hold a command (it is full when empty).
-            return Err(unsupported(format!(
-                "CAP.MQES reports queues of at most {} entry; the NVMe specification requires at least 2. The device is out of spec: update its firmware or use another controller",
-                cap.mqes()
-            )));
+            return Err(Error::QueueTooSmall {
+                ctrl: ctrl(),
+                entries: cap.mqes(),
+            });
         }
         let stride = cap.doorbell_stride();
         if doorbell_offset(1, true, stride) + 4 > bar.len() {
-            return Err(unsupported(format!(
-                "BAR0 ({:#x} bytes) has no room for I/O doorbells",
-                bar.len()
-            )));
+            return Err(Error::BarTooSmall {
+                ctrl: ctrl(),
+                bar_len: bar.len(),
+                qid: 1,
+            });
         }
 
         disable(&name, bar.as_ref(), cap)?;
@@ -558,11 +551,10 @@ impl Controller {
             let up = enable(&self.name, b, self.cap, &aq).and_then(|()| {
                 negotiate_queues(&self.name, b, self.cap, &mut aq, want).and_then(|granted| {
                     if granted < want as usize {
-                        Err(Error::Unsupported {
+                        Err(Error::QueuesShrank {
                             ctrl: self.name.clone(),
-                            reason: format!(
-                                "granted {granted} I/O queue pairs after a reset, {want} before"
-                            ),
+                            granted,
+                            before: want as usize,
                         })
                     } else {
                         Ok(())
@@ -594,16 +586,11 @@ impl Controller {
                 qid: qp.qid(),
             });
         }
-        let (qid, size) = (qp.qid(), (qp.entries() as u32 - 1) << 16);
-        let mut cq = Sqe::new(admin::CREATE_CQ, 0);
-        cq.prp1 = qp.cq_iova().0;
-        cq.cdw10 = qid as u32 | size;
-        cq.cdw11 = 1; // physically contiguous, interrupts off
+        let (qid, entries) = (qp.qid(), qp.entries());
+        let cq = Sqe::create_io_cq(qid, entries, qp.cq_iova());
         self.admin_locked(&mut aq, cq, None)?;
-        let mut sq = Sqe::new(admin::CREATE_SQ, 0);
-        sq.prp1 = qp.sq_iova().0;
-        sq.cdw10 = qid as u32 | size;
-        sq.cdw11 = 1 | (qid as u32) << 16; // contiguous, bound to the CQ of the same id
+        // Bound to the CQ of the same id.
+        let sq = Sqe::create_io_sq(qid, entries, qp.sq_iova(), qid);
         if let Err(e) = self.admin_locked(&mut aq, sq, None) {
             let mut d = Sqe::new(admin::DELETE_CQ, 0);
             d.cdw10 = qid as u32;
@@ -620,12 +607,9 @@ impl Controller {
         let qid = {
             let mut q = lock(&self.qids);
             let Some(i) = q.iter().position(|used| !used) else {
-                return Err(Error::Unsupported {
+                return Err(Error::NoFreeQueue {
                     ctrl: self.name.clone(),
-                    reason: format!(
-                        "all {} I/O queue pairs the controller granted are in use",
-                        q.len()
-                    ),
+                    granted: q.len(),
                 });
             };
             q[i] = true;
@@ -635,9 +619,10 @@ impl Controller {
         let entries = entries.clamp(2, self.cap.mqes().clamp(2, u16::MAX as u32) as u16);
         let made = (|| {
             if doorbell_offset(qid, true, stride) + 4 > self.bar.len() {
-                return Err(Error::Unsupported {
+                return Err(Error::BarTooSmall {
                     ctrl: self.name.clone(),
-                    reason: format!("doorbell of queue {qid} lies outside BAR0"),
+                    bar_len: self.bar.len(),
+                    qid,
                 });
             }
             let qp = QueuePair::new(

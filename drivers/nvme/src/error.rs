@@ -12,13 +12,89 @@ pub enum Error {
     #[error(transparent)]
     Platform(#[from] nvcopy_vfio::Error),
 
-    /// The controller does not offer what nvcopy needs.
-    #[error("{ctrl}: unsupported controller: {reason}")]
-    Unsupported {
+    /// Registers read as all ones: the device is gone or not responding.
+    #[error("{ctrl}: registers read as all ones: the device is not responding (surprise removal or a failed reset); check it is still there (`nvcopy list`), reset it with `scripts/setup.sh reset` and bind it again")]
+    NotResponding {
         /// Controller.
         ctrl: String,
-        /// What is missing.
-        reason: String,
+    },
+
+    /// CAP.CSS does not offer the NVM command set.
+    #[error("{ctrl}: unsupported controller: does not support the NVM command set (CAP.CSS); nvcopy copies NVM namespaces only")]
+    NotNvm {
+        /// Controller.
+        ctrl: String,
+    },
+
+    /// CAP.MPSMIN is above the 4 KiB pages nvcopy uses.
+    #[error(
+        "{ctrl}: unsupported controller: smallest memory page is {min} bytes; nvcopy uses 4096"
+    )]
+    PageSizeUnsupported {
+        /// Controller.
+        ctrl: String,
+        /// CAP.MPSMIN in bytes.
+        min: usize,
+    },
+
+    /// CAP.MQES below the specification's minimum of two entries.
+    #[error("{ctrl}: unsupported controller: CAP.MQES reports queues of at most {entries} entry; the NVMe specification requires at least 2. The device is out of spec: update its firmware or use another controller")]
+    QueueTooSmall {
+        /// Most entries per queue, as reported (MQES + 1).
+        entries: u32,
+        /// Controller.
+        ctrl: String,
+    },
+
+    /// BAR0 is too small to hold a queue's doorbells.
+    #[error("{ctrl}: unsupported controller: BAR0 ({bar_len:#x} bytes) has no room for the doorbells of queue {qid}")]
+    BarTooSmall {
+        /// Controller.
+        ctrl: String,
+        /// BAR0's length.
+        bar_len: usize,
+        /// The queue whose doorbells lie outside it.
+        qid: u16,
+    },
+
+    /// Every I/O queue pair the controller granted is in use.
+    #[error("{ctrl}: all {granted} I/O queue pairs the controller granted are in use: use fewer reactors (--cores) or close other queue pairs")]
+    NoFreeQueue {
+        /// Controller.
+        ctrl: String,
+        /// Queue pairs granted by Set Features (Number of Queues).
+        granted: usize,
+    },
+
+    /// After a reset the controller granted fewer I/O queue pairs than before, so the
+    /// queues in use cannot all be recreated.
+    #[error("{ctrl}: granted {granted} I/O queue pairs after a reset, {before} before; the controller cannot carry on the job: reset it with `scripts/setup.sh reset` and run again")]
+    QueuesShrank {
+        /// Controller.
+        ctrl: String,
+        /// Granted now.
+        granted: usize,
+        /// In use before the reset.
+        before: usize,
+    },
+
+    /// The controller broke the protocol in a way nvcopy cannot recover from.
+    #[error("{ctrl}: protocol violation: {what} (device bug); reset the controller")]
+    ProtocolViolation {
+        /// Controller.
+        ctrl: String,
+        /// What it did.
+        what: &'static str,
+    },
+
+    /// An optional command the controller does not offer (ONCS, or Copy without
+    /// descriptor format 0).
+    #[error("{ctrl}: {cmd} is not supported (ONCS)")]
+    CommandUnsupported {
+        /// Controller.
+        ctrl: String,
+        /// The command.
+        cmd: &'static str,
     },
 
     /// A register wait ran past the deadline the spec allows.
@@ -81,11 +157,10 @@ pub enum Error {
         cid: u16,
     },
 
-    /// The submission queue is full.
-    #[error("{ctrl}: submission queue {qid} is full")]
+    /// The submission queue is full: reap completions before posting more. Carries no
+    /// controller name, so that returning it on the hot path allocates nothing.
+    #[error("submission queue {qid} is full: reap completions before posting more")]
     QueueFull {
-        /// Controller.
-        ctrl: String,
         /// Queue.
         qid: u16,
     },

@@ -238,10 +238,10 @@ impl IoQpair {
         self.qp.post(Sqe::new(io::FLUSH, ns.nsid), None, token)
     }
 
-    fn unsupported(&self, what: &str) -> Error {
-        Error::Unsupported {
+    fn unsupported(&self, cmd: &'static str) -> Error {
+        Error::CommandUnsupported {
             ctrl: self.ctrl.name().to_string(),
-            reason: format!("{what} is not supported (ONCS)"),
+            cmd,
         }
     }
 

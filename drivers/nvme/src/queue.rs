@@ -199,10 +199,7 @@ impl QueuePair {
             });
         }
         let Some(&cid) = self.free.last() else {
-            return Err(Error::QueueFull {
-                ctrl: self.ctrl.clone(),
-                qid: self.qid,
-            });
+            return Err(Error::QueueFull { qid: self.qid });
         };
         let tracker = &mut self.trackers[cid as usize];
         if let Some(data) = data {

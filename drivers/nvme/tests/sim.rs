@@ -674,7 +674,10 @@ fn a_controller_reporting_one_queue_entry_is_refused() {
     let sim = SimController::new(cfg_512().max_queue_entries(1), pool.clone());
     assert_eq!(sim.read64(reg::CAP) & 0xffff, 0, "CAP.MQES is 0");
     let err = Controller::new("sim0", sim.clone() as Arc<dyn Bar>, pool, quick()).unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    assert!(
+        matches!(err, Error::QueueTooSmall { entries: 1, .. }),
+        "{err}"
+    );
     let msg = err.to_string();
     assert!(msg.contains("sim0") && msg.contains("CAP.MQES"), "{msg}");
     assert!(!sim.is_ready(), "refused before the controller was enabled");
@@ -799,11 +802,32 @@ fn unsupported_optional_commands_are_refused_by_the_driver() {
     let info = rig.ctrl.info();
     assert!(!info.supports_copy() && !info.supports_write_zeroes() && !info.supports_dsm());
     let err = q.copy_sync(&ns, 0, 8, 100).unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    assert!(
+        matches!(err, Error::CommandUnsupported { cmd: "Copy", .. }),
+        "{err}"
+    );
     let err = q.write_zeroes_sync(&ns, 0, 8).unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::CommandUnsupported {
+                cmd: "Write Zeroes",
+                ..
+            }
+        ),
+        "{err}"
+    );
     let err = q.deallocate_sync(&ns, 0, 8).unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::CommandUnsupported {
+                cmd: "Dataset Management",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(
         rig.sim.counters().total_io_commands(),
         0,
@@ -816,7 +840,10 @@ fn copy_offered_without_format_0_is_unsupported() {
     let rig = Rig::new(cfg_512().ocfs(0));
     let mut q = rig.qpair();
     let err = q.copy_sync(&rig.ns(1), 0, 8, 100).unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    assert!(
+        matches!(err, Error::CommandUnsupported { cmd: "Copy", .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -828,7 +855,10 @@ fn queue_pairs_use_the_doorbell_stride_and_the_granted_count() {
     let mut b = rig.qpair();
     assert_eq!((a.qid(), b.qid()), (1, 2));
     let err = rig.ctrl.create_io_qpair(8).unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    assert!(
+        matches!(err, Error::NoFreeQueue { granted: 2, .. }),
+        "{err}"
+    );
     let buf = rig.buf(4096);
     buf.write_at(0, &pattern(3, 4096));
     a.write_sync(&ns, 0, &buf, 4096).expect("write on 1");
