@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use nvcopy_vfio::{DmaPool, PAGE_SIZE};
+use nvcopy_vfio::{DmaBuf, DmaPool, PAGE_SIZE};
 
 use crate::error::{Error, Result};
 use crate::identify::{parse_ns_list, ControllerInfo, Namespace};
@@ -273,6 +273,128 @@ fn admin_sync(
     }
 }
 
+/// Refuses a controller nvcopy cannot drive, from CAP alone (base spec 3.1.1): not
+/// responding, no NVM command set, a smallest page above 4 KiB, queues of one entry, or a
+/// BAR with no room for the first I/O doorbells.
+fn check_capabilities(name: &str, bar: &dyn Bar) -> Result<Cap> {
+    let ctrl = || name.to_string();
+    let cap = Cap(bar.read64(reg::CAP));
+    if cap.0 == u64::MAX {
+        return Err(Error::NotResponding { ctrl: ctrl() });
+    }
+    if !cap.supports_nvm() {
+        return Err(Error::NotNvm { ctrl: ctrl() });
+    }
+    if cap.mps_min() > PAGE_SIZE {
+        return Err(Error::PageSizeUnsupported {
+            ctrl: ctrl(),
+            min: cap.mps_min(),
+        });
+    }
+    if cap.mqes() < 2 {
+        // MQES is 0-based, so 0 means one-entry queues: the spec's minimum is 2, and a
+        // queue of one entry could never hold a command (it is full when empty).
+        return Err(Error::QueueTooSmall {
+            ctrl: ctrl(),
+            entries: cap.mqes(),
+        });
+    }
+    if doorbell_offset(1, true, cap.doorbell_stride()) + 4 > bar.len() {
+        return Err(Error::BarTooSmall {
+            ctrl: ctrl(),
+            bar_len: bar.len(),
+            qid: 1,
+        });
+    }
+    Ok(cap)
+}
+
+/// Base spec 3.5.1 steps 1 to 5: disable, create the admin queue pair, program it and
+/// enable.
+fn enable_admin_queue(
+    name: &str,
+    bar: &dyn Bar,
+    cap: Cap,
+    pool: &DmaPool,
+    opts: &ControllerOptions,
+) -> Result<QueuePair> {
+    disable(name, bar, cap)?;
+    let entries = opts.admin_entries.clamp(2, cap.mqes().min(4096) as u16);
+    let stride = cap.doorbell_stride();
+    let aq = QueuePair::new(name, 0, entries, stride, pool, opts.admin_timeout)?;
+    enable(name, bar, cap, &aq)?;
+    Ok(aq)
+}
+
+/// Runs Identify commands into one page of DMA memory, read back after each.
+struct Identifier<'a> {
+    name: &'a str,
+    bar: &'a dyn Bar,
+    cap: Cap,
+    aq: &'a mut QueuePair,
+    buf: DmaBuf,
+    page: Vec<u8>,
+}
+
+impl<'a> Identifier<'a> {
+    fn new(
+        name: &'a str,
+        bar: &'a dyn Bar,
+        cap: Cap,
+        aq: &'a mut QueuePair,
+        pool: &DmaPool,
+    ) -> Result<Self> {
+        Ok(Identifier {
+            name,
+            bar,
+            cap,
+            aq,
+            buf: pool.alloc(PAGE_SIZE)?,
+            page: vec![0u8; PAGE_SIZE],
+        })
+    }
+
+    /// Identify with this CNS (base spec 5.17) for `nsid`; the returned page is the data.
+    fn run(&mut self, nsid: u32, cns: u32) -> Result<&[u8]> {
+        let mut sqe = Sqe::new(admin::IDENTIFY, nsid);
+        sqe.cdw10 = cns;
+        let data = Some(DataPtr::Contig {
+            iova: self.buf.iova(),
+            len: PAGE_SIZE,
+        });
+        admin_sync(self.name, self.bar, self.cap, self.aq, sqe, data)?;
+        self.buf.read_at(0, &mut self.page);
+        Ok(&self.page)
+    }
+}
+
+/// The active namespace list (CNS 02h, 1024 ids a page, continued after the last id of a
+/// full page), then Identify Namespace for each.
+fn discover_namespaces(id: &mut Identifier<'_>) -> Result<Vec<Namespace>> {
+    let mut nsids = Vec::new();
+    let mut after = 0u32;
+    loop {
+        let ids = parse_ns_list(id.run(after, admin::CNS_ACTIVE_NS_LIST)?);
+        let full = ids.len() == PAGE_SIZE / 4;
+        // Ids must ascend past `after`; anything else would loop forever.
+        let fresh: Vec<u32> = ids.into_iter().filter(|&i| i > after).collect();
+        match fresh.last() {
+            Some(&last) if full => {
+                after = last;
+                nsids.extend(fresh);
+            }
+            _ => {
+                nsids.extend(fresh);
+                break;
+            }
+        }
+    }
+    nsids
+        .into_iter()
+        .map(|nsid| Ok(Namespace::parse(nsid, id.run(nsid, admin::CNS_NAMESPACE)?)))
+        .collect()
+}
+
 impl Controller {
     /// Brings up the controller behind `bar`. `name` (the PCI address) labels every error.
     pub fn new(
@@ -282,89 +404,12 @@ impl Controller {
         opts: ControllerOptions,
     ) -> Result<Arc<Controller>> {
         let name = name.to_string();
-        let ctrl = || name.clone();
-        let cap = Cap(bar.read64(reg::CAP));
-        if cap.0 == u64::MAX {
-            return Err(Error::NotResponding { ctrl: ctrl() });
-        }
-        if !cap.supports_nvm() {
-            return Err(Error::NotNvm { ctrl: ctrl() });
-        }
-        if cap.mps_min() > PAGE_SIZE {
-            return Err(Error::PageSizeUnsupported {
-                ctrl: ctrl(),
-                min: cap.mps_min(),
-            });
-        }
-        if cap.mqes() < 2 {
-            // MQES is 0-based, so 0 means one-entry queues: the spec's minimum is 2, and a
-            // queue of one entry could never hold a command (it is full when empty).
-            return Err(Error::QueueTooSmall {
-                ctrl: ctrl(),
-                entries: cap.mqes(),
-            });
-        }
-        let stride = cap.doorbell_stride();
-        if doorbell_offset(1, true, stride) + 4 > bar.len() {
-            return Err(Error::BarTooSmall {
-                ctrl: ctrl(),
-                bar_len: bar.len(),
-                qid: 1,
-            });
-        }
-
-        disable(&name, bar.as_ref(), cap)?;
-        let admin_entries = opts.admin_entries.clamp(2, cap.mqes().min(4096) as u16);
-        let mut aq = QueuePair::new(&name, 0, admin_entries, stride, &pool, opts.admin_timeout)?;
-        enable(&name, bar.as_ref(), cap, &aq)?;
-
-        let b = bar.as_ref();
-        let idbuf = pool.alloc(PAGE_SIZE)?;
-        let idptr = Some(DataPtr::Contig {
-            iova: idbuf.iova(),
-            len: PAGE_SIZE,
-        });
-        let mut page = vec![0u8; PAGE_SIZE];
-
-        let mut id = Sqe::new(admin::IDENTIFY, 0);
-        id.cdw10 = admin::CNS_CONTROLLER;
-        admin_sync(&name, b, cap, &mut aq, id, idptr)?;
-        idbuf.read_at(0, &mut page);
-        let info = ControllerInfo::parse(&page);
-
-        let io_queues = negotiate_queues(&name, b, cap, &mut aq, opts.io_queues)?;
-
-        let mut nsids = Vec::new();
-        let mut after = 0u32;
-        loop {
-            let mut list = Sqe::new(admin::IDENTIFY, after);
-            list.cdw10 = admin::CNS_ACTIVE_NS_LIST;
-            admin_sync(&name, b, cap, &mut aq, list, idptr)?;
-            idbuf.read_at(0, &mut page);
-            let ids = parse_ns_list(&page);
-            let full = ids.len() == PAGE_SIZE / 4;
-            // Ids must ascend past `after`; anything else would loop forever.
-            let fresh: Vec<u32> = ids.into_iter().filter(|&i| i > after).collect();
-            match fresh.last() {
-                Some(&last) if full => {
-                    after = last;
-                    nsids.extend(fresh);
-                }
-                _ => {
-                    nsids.extend(fresh);
-                    break;
-                }
-            }
-        }
-        let mut namespaces = Vec::with_capacity(nsids.len());
-        for nsid in nsids {
-            let mut ns = Sqe::new(admin::IDENTIFY, nsid);
-            ns.cdw10 = admin::CNS_NAMESPACE;
-            admin_sync(&name, b, cap, &mut aq, ns, idptr)?;
-            idbuf.read_at(0, &mut page);
-            namespaces.push(Namespace::parse(nsid, &page));
-        }
-
+        let cap = check_capabilities(&name, bar.as_ref())?;
+        let mut aq = enable_admin_queue(&name, bar.as_ref(), cap, &pool, &opts)?;
+        let mut id = Identifier::new(&name, bar.as_ref(), cap, &mut aq, &pool)?;
+        let info = ControllerInfo::parse(id.run(0, admin::CNS_CONTROLLER)?);
+        let io_queues = negotiate_queues(&name, bar.as_ref(), cap, id.aq, opts.io_queues)?;
+        let namespaces = discover_namespaces(&mut id)?;
         Ok(Arc::new(Controller {
             name,
             bar,
