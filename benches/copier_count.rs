@@ -9,8 +9,8 @@
 use std::sync::Arc;
 
 use nvcopy::{Client, Engine, EngineOptions, Flags, Region};
-use nvcopy_nvme::sim::{NamespaceConfig, SimConfig, SimController};
 use nvcopy_nvme::{Bar, Controller, ControllerOptions};
+use nvcopy_nvme_sim::{NamespaceConfig, SimConfig, SimController};
 use nvcopy_vfio::DmaPool;
 
 fn main() {

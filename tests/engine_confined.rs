@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nvcopy::{Client, Engine, EngineOptions, Flags, Region};
-use nvcopy_nvme::sim::{CountingAllocator, NamespaceConfig, SimConfig, SimController, ThreadedSim};
 use nvcopy_nvme::{Bar, Controller, ControllerOptions};
+use nvcopy_nvme_sim::{CountingAllocator, NamespaceConfig, SimConfig, SimController, ThreadedSim};
 use nvcopy_vfio::threads::{restrict_current_thread_syscalls, IDLE_SYSCALLS};
 use nvcopy_vfio::DmaPool;
 

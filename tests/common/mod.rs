@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nvcopy::{Engine, EngineOptions, Region};
-use nvcopy_nvme::sim::{NamespaceConfig, SimConfig, SimController, ThreadedSim};
 use nvcopy_nvme::{Bar, Controller, ControllerOptions};
+use nvcopy_nvme_sim::{NamespaceConfig, SimConfig, SimController, ThreadedSim};
 use nvcopy_vfio::DmaPool;
 
 pub const MIB: u64 = 1 << 20;

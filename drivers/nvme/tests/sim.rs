@@ -2,18 +2,16 @@
 //! against the software controller. Data is checked byte for byte through the
 //! controller's backdoor, independently of the driver.
 
-#![cfg(feature = "sim")]
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvcopy_nvme::sim::{
-    CommandFilter, MediaError, NamespaceConfig, SimConfig, SimController, SIM_VID,
-};
 use nvcopy_nvme::spec::{admin, csts, io, reg, Sqe};
 use nvcopy_nvme::{
     Bar, Completion, Controller, ControllerOptions, DataPtr, Error, Health, IoQpair, Namespace,
     Recovery, StatusCodeType, StatusKind,
+};
+use nvcopy_nvme_sim::{
+    CommandFilter, MediaError, NamespaceConfig, SimConfig, SimController, SIM_VID,
 };
 use nvcopy_vfio::{DmaBuf, DmaPool, Iova, PAGE_SIZE};
 

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use nvcopy_nvme::sim::{NamespaceConfig, SimConfig, SimController};
 use nvcopy_nvme::{Bar, Controller, ControllerOptions, DataPtr, IoQpair, Namespace};
+use nvcopy_nvme_sim::{NamespaceConfig, SimConfig, SimController};
 use nvcopy_vfio::{DmaBuf, DmaPool};
 
 /// Bytes per I/O.

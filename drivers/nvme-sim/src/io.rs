@@ -15,8 +15,8 @@ use super::status::{
     finish, Done, Exec, COMMAND_SIZE_LIMIT_EXCEEDED, INTERNAL_ERROR, INVALID_FIELD,
     INVALID_NAMESPACE, INVALID_OPCODE,
 };
-use crate::spec::{io, oncs, Sqe};
-use crate::status::Status;
+use nvcopy_nvme::spec::{io, oncs, Sqe};
+use nvcopy_nvme::Status;
 
 /// Bytes of one DSM range.
 const DSM_RANGE: usize = 16;
