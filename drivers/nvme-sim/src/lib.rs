@@ -45,7 +45,6 @@
 //! ```
 
 mod admin;
-mod alloc_count;
 mod config;
 mod counters;
 mod dma;
@@ -66,7 +65,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use nvcopy_vfio::DmaPool;
 
-pub use alloc_count::CountingAllocator;
 pub use config::{NamespaceConfig, SimConfig, SIM_VID};
 pub use counters::Counters;
 pub use faults::{CommandFilter, FaultId, Faults, MediaError};
