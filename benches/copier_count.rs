@@ -6,12 +6,10 @@
 //! into the driver's (submit, poll) and the copier's (everything else in the loop).
 #![allow(clippy::unwrap_used)] // a measurement harness: a panic is the report
 
-use std::sync::Arc;
-
 use nvcopy::{Client, Engine, EngineOptions, Flags, Region};
-use nvcopy_nvme::sim::{NamespaceConfig, SimConfig, SimController};
-use nvcopy_nvme::{Bar, Controller, ControllerOptions};
-use nvcopy_vfio::DmaPool;
+use nvcopy_nvme::ControllerOptions;
+use nvcopy_nvme_sim::{NamespaceConfig, SimConfig, SimController};
+use nvcopy_testkit::bring_up;
 
 fn main() {
     let chunks: u64 = std::env::var("NVCOPY_CHUNKS")
@@ -21,7 +19,7 @@ fn main() {
     let chunk: u64 = 4096;
     let len = chunks * chunk;
     let blocks = len / 512 + 8;
-    let pool = DmaPool::unmapped(64 << 20).unwrap();
+    let pool = nvcopy_testkit::pool(64 << 20);
     let cfg = SimConfig::new()
         .namespace(NamespaceConfig::new(512, blocks))
         .namespace(NamespaceConfig::new(512, blocks));
@@ -29,13 +27,7 @@ fn main() {
     // Touch every page once so that the controller's sparse store does not grow mid-run.
     sim.write_ns(1, 0, &vec![1u8; len as usize]).unwrap();
     sim.write_ns(2, 0, &vec![2u8; len as usize]).unwrap();
-    let ctrl = Controller::new(
-        "sim0",
-        sim.clone() as Arc<dyn Bar>,
-        pool.clone(),
-        ControllerOptions::default(),
-    )
-    .unwrap();
+    let ctrl = bring_up("sim0", &sim, &pool, ControllerOptions::default());
     let opts = EngineOptions {
         reactors: 1,
         pin: false,

@@ -29,7 +29,7 @@ F=$OUT/copier.callgrind
 rm -f "$F" "$F.annotate"
 NVCOPY_CHUNKS=$N valgrind --tool=callgrind --collect-atstart=no \
     --toggle-collect='nvcopy::reactor::Reactor::run*' \
-    --toggle-collect='<nvcopy_nvme::sim::SimController as nvcopy_nvme::regs::Bar>::write32*' \
+    --toggle-collect='<nvcopy_nvme_sim::SimController as nvcopy_nvme::regs::Bar>::write32*' \
     --callgrind-out-file="$F" "$BIN" >"$OUT/copier.stdout" 2>"$OUT/copier.stderr" || { cat "$OUT/copier.stderr" >&2; die "valgrind failed"; }
 grep -q "chunks=$N " "$OUT/copier.stdout" || die "the copier_count run did not finish its copy"
 callgrind_annotate --inclusive=yes --threshold=100 "$F" >"$F.annotate" 2>/dev/null || die "callgrind_annotate failed"

@@ -5,14 +5,14 @@
 #   scripts/callgrind-io.sh            # N=100000 4 KiB read cycles
 #   NVCOPY_IO_COUNT=20000 scripts/callgrind-io.sh
 #
-# What it runs: drivers/nvme/benches/io_count.rs (a harness-less bench target, feature
-# "sim"), which brings the real driver up against the in-process software controller and
-# does N cycles of: submit one 4 KiB Read (io_submit), ring the SQ doorbell (io_ring),
-# reap the completion (io_complete). Each phase is a never-inlined function.
+# What it runs: drivers/nvme/benches/io_count.rs (a harness-less bench target), which
+# brings the real driver up against the in-process software controller (the
+# nvcopy-nvme-sim crate, a dev-dependency) and does N cycles of: submit one 4 KiB Read
+# (io_submit), ring the SQ doorbell (io_ring), reap the completion (io_complete). Each phase is a never-inlined function.
 #
 # How the controller's work is left out: the software controller is synchronous and does
 # everything inside the doorbell stores, i.e. inside
-# `<nvcopy_nvme::sim::SimController as nvcopy_nvme::regs::Bar>::write32`. callgrind starts
+# `<nvcopy_nvme_sim::SimController as nvcopy_nvme::regs::Bar>::write32`. callgrind starts
 # with collection off (--collect-atstart=no) and --toggle-collect flips it on entry and
 # again on exit of each named function, so toggling on the three phases and on write32
 # (which runs nested inside io_ring and io_complete) collects exactly the driver's
@@ -51,7 +51,7 @@ mkdir -p "$OUT"
 # Build the bench target (profile "bench" = release with the workspace's debug info, so
 # the functions keep their names) and find its executable.
 log "building the io_count bench target"
-BIN=$(cargo bench --manifest-path "$REPO/Cargo.toml" -p nvcopy-nvme --features sim \
+BIN=$(cargo bench --manifest-path "$REPO/Cargo.toml" -p nvcopy-nvme \
     --bench io_count --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
@@ -62,14 +62,14 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "io_count":
         print(m["executable"])
 ') || true
-[[ -n $BIN && -x $BIN ]] || die "building the io_count bench failed; run: cargo bench -p nvcopy-nvme --features sim --bench io_count --no-run"
+[[ -n $BIN && -x $BIN ]] || die "building the io_count bench failed; run: cargo bench -p nvcopy-nvme --bench io_count --no-run"
 
 # Symbol patterns as callgrind shows them (demangled Rust paths; * matches anything, so
 # the legacy mangling's ::h<hash> suffix and the v0 scheme's forms both match).
 SUBMIT='io_count::io_submit*'
 RING='io_count::io_ring*'
 COMPLETE='io_count::io_complete*'
-SIM='<nvcopy_nvme::sim::SimController as nvcopy_nvme::regs::Bar>::write32*'
+SIM='<nvcopy_nvme_sim::SimController as nvcopy_nvme::regs::Bar>::write32*'
 
 run() { # run NAME EXTRA-ARGS...: one callgrind run, prints the output file
     local name=$1 f=$OUT/$1.callgrind

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::{ctrl, data, ok, opts, Rig, MIB};
 use nvcopy::{Client, DestMask, Error, Flags, Refusal, Region};
-use nvcopy_nvme::sim::{CommandFilter, MediaError, NamespaceConfig, SimConfig};
 use nvcopy_nvme::spec::io;
+use nvcopy_nvme_sim::{CommandFilter, MediaError, NamespaceConfig, SimConfig};
 
 #[test]
 fn copies_byte_exact_to_one_two_and_eight_destinations() {

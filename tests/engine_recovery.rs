@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvcopy::{Client, DestMask, EngineOptions, Flags, JobHandle, JobOutcome, Region};
-use nvcopy_nvme::sim::{CommandFilter, MediaError};
 use nvcopy_nvme::spec::io;
 use nvcopy_nvme::Status;
+use nvcopy_nvme_sim::{CommandFilter, MediaError};
 
 const KIB: u64 = 1 << 10;
 /// How long any job here may take; far more than any of them needs.

@@ -11,8 +11,8 @@ use common::{ctrl, data, ok, opts, Rig, MIB};
 use nvcopy::mapfile::MapHeader;
 use nvcopy::progress::MapKeeper;
 use nvcopy::{Client, Flags, JobOptions};
-use nvcopy_nvme::sim::CommandFilter;
 use nvcopy_nvme::spec::io;
+use nvcopy_nvme_sim::CommandFilter;
 
 fn header(len: u64) -> MapHeader {
     MapHeader::new("src", vec!["d0".into(), "d1".into()], len, 64 << 10).unwrap()

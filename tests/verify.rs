@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{ctrl, data, ok, opts, Rig, MIB};
 use nvcopy::digest::DigestKind;
 use nvcopy::{Client, DestMask, Flags, JobOptions};
-use nvcopy_nvme::sim::MediaError;
+use nvcopy_nvme_sim::MediaError;
 use sha2::Digest as _;
 
 const BOUND: Duration = Duration::from_secs(20);

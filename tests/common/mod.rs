@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nvcopy::{Engine, EngineOptions, Region};
-use nvcopy_nvme::sim::{NamespaceConfig, SimConfig, SimController, ThreadedSim};
-use nvcopy_nvme::{Bar, Controller, ControllerOptions};
-use nvcopy_vfio::DmaPool;
+use nvcopy_nvme::ControllerOptions;
+use nvcopy_nvme_sim::{NamespaceConfig, SimConfig, SimController, ThreadedSim};
+use nvcopy_testkit::bring_up;
 
 pub const MIB: u64 = 1 << 20;
 
@@ -49,7 +49,7 @@ impl Rig {
 
     pub fn with_timeout(cfgs: Vec<SimConfig>, opts: EngineOptions, io_timeout: Duration) -> Rig {
         let turn = Turn::take();
-        let pool = DmaPool::unmapped(96 << 20).unwrap();
+        let pool = nvcopy_testkit::pool(96 << 20);
         let mut devs = Vec::new();
         let mut ctrls = Vec::new();
         for (i, cfg) in cfgs.into_iter().enumerate() {
@@ -59,15 +59,7 @@ impl Rig {
                 admin_timeout: Duration::from_secs(5),
                 ..Default::default()
             };
-            ctrls.push(
-                Controller::new(
-                    &format!("sim{i}"),
-                    dev.clone() as Arc<dyn Bar>,
-                    pool.clone(),
-                    copts,
-                )
-                .unwrap(),
-            );
+            ctrls.push(bring_up(&format!("sim{i}"), &dev, &pool, copts));
             devs.push(dev);
         }
         Rig {
@@ -141,16 +133,9 @@ pub fn ctrl(namespaces: &[(u32, u64)]) -> SimConfig {
         })
 }
 
+/// [`nvcopy_testkit::pattern`] for a length in bytes as the copier counts them.
 pub fn data(seed: u64, len: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    nvcopy_testkit::pattern(seed, len as usize)
 }
 
 pub fn ok(o: &nvcopy::JobOutcome) -> bool {

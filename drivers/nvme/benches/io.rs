@@ -1,9 +1,9 @@
-//! Driver cost per I/O against the software controller (feature `sim`): submit, ring and
+//! Driver cost per I/O against the software controller (nvcopy-nvme-sim): submit, ring and
 //! complete a 4 KiB read, one at a time (QD1) and in batches of 32 with one doorbell per
 //! batch. The time includes the software controller's own work, which runs inside the
 //! doorbell store; `scripts/callgrind-io.sh` counts the driver's instructions alone.
 //!
-//!     cargo bench -p nvcopy-nvme --features sim --bench io
+//!     cargo bench -p nvcopy-nvme --bench io
 //!
 //! The copier's per-chunk overhead (engine, reactors) gets its own bench once the engine
 //! lands (issue 3); this one measures only the driver layer.

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::identify::Namespace;
 use crate::prp::DataPtr;
 use crate::queue::{Completion, Expired, QueuePair};
-use crate::spec::{admin, io, Sqe};
+use crate::spec::{admin, io, CopyRange, DsmRange, Sqe};
 
 /// Most blocks one Read/Write/Write Zeroes carries: NLB is a 16-bit, 0-based field.
 pub const MAX_NLB: u32 = 1 << 16;
@@ -406,26 +406,23 @@ impl IoQpair {
             return Err(self.unsupported("Dataset Management"));
         }
         let ranges = self.ctrl.pool().alloc(PAGE_SIZE)?;
-        // One range of at most u32::MAX blocks per 16-byte descriptor, 256 per command
-        // (NVM command set spec 3.2.3: context attributes, length, starting LBA).
+        // One range of at most u32::MAX blocks per descriptor, 256 per command.
         let mut done = 0u64;
         while done < blocks {
             let mut nr = 0usize;
             while done < blocks && nr < 256 {
                 let n = (blocks - done).min(u32::MAX as u64) as u32;
-                let mut d = [0u8; 16];
-                d[4..8].copy_from_slice(&n.to_le_bytes());
-                d[8..16].copy_from_slice(&(lba + done).to_le_bytes());
-                ranges.write_at(nr * 16, &d);
+                let d = DsmRange::new(lba + done, n);
+                ranges.write_at(nr * DsmRange::SIZE, &d.to_le_bytes());
                 nr += 1;
                 done += n as u64;
             }
             let mut s = Sqe::new(io::DSM, ns.nsid);
             s.cdw10 = nr as u32 - 1;
-            s.cdw11 = 1 << 2; // Attribute - Deallocate
+            s.cdw11 = io::DSM_DEALLOCATE;
             let data = DataPtr::Contig {
                 iova: ranges.iova(),
-                len: nr * 16,
+                len: nr * DsmRange::SIZE,
             };
             let mut once = Some(data);
             self.run(|q| once.take().map(|d| q.qp.post(s, Some(d), 0)))?;
@@ -459,10 +456,8 @@ impl IoQpair {
         let mut off = 0u64;
         while off < blocks {
             let n = (blocks - off).min(range_max);
-            let mut d = [0u8; 32];
-            d[8..16].copy_from_slice(&(src + off).to_le_bytes());
-            d[16..18].copy_from_slice(&((n - 1) as u16).to_le_bytes());
-            descs.write_at(nr * 32, &d);
+            let d = CopyRange::new(src + off, n as u32);
+            descs.write_at(nr * CopyRange::SIZE, &d.to_le_bytes());
             nr += 1;
             off += n;
         }
@@ -471,7 +466,7 @@ impl IoQpair {
         s.cdw12 = nr as u32 - 1; // number of ranges, 0-based; descriptor format 0
         let data = DataPtr::Contig {
             iova: descs.iova(),
-            len: nr * 32,
+            len: nr * CopyRange::SIZE,
         };
         self.qp.post(s, Some(data), token)
     }
@@ -493,7 +488,7 @@ impl IoQpair {
             return Err(self.unsupported("Copy"));
         }
         let range_max = (ns.mssrl.max(1) as u64).min(MAX_NLB as u64);
-        let max_ranges = (ns.msrc.max(1) as u64).min((PAGE_SIZE / 32) as u64);
+        let max_ranges = (ns.msrc.max(1) as u64).min((PAGE_SIZE / CopyRange::SIZE) as u64);
         let per_cmd = (ns.mcl.max(1) as u64).min(range_max * max_ranges);
         let descs = self.ctrl.pool().alloc(PAGE_SIZE)?;
         let mut done = 0u64;

@@ -10,8 +10,6 @@ mod io;
 pub mod prp;
 mod queue;
 mod regs;
-#[cfg(feature = "sim")]
-pub mod sim;
 pub mod spec;
 mod status;
 

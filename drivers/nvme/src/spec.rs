@@ -193,6 +193,140 @@ const _: () = assert!(std::mem::offset_of!(Cqe, status) == CQE_STATUS_OFFSET);
 const _: () = assert!(reg::CC == 0x14 && reg::CSTS == 0x1c && reg::AQA == 0x24);
 const _: () = assert!(reg::ASQ == 0x28 && reg::ACQ == 0x30 && reg::DOORBELL_BASE == 0x1000);
 
+/// One Dataset Management range (NVM command set spec 3.2.3, figure "Dataset Management -
+/// Range Definition"): 16 bytes, little-endian.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DsmRange {
+    /// Context attributes (bytes 0-3).
+    pub cattr: u32,
+    /// Length in logical blocks (bytes 4-7; not 0-based, 0 is an empty range).
+    pub nlb: u32,
+    /// Starting LBA (bytes 8-15).
+    pub slba: u64,
+}
+
+impl DsmRange {
+    /// Bytes of one range.
+    pub const SIZE: usize = 16;
+
+    /// A range of `nlb` blocks from `slba`, without context attributes.
+    pub fn new(slba: u64, nlb: u32) -> Self {
+        DsmRange {
+            cattr: 0,
+            nlb,
+            slba,
+        }
+    }
+
+    /// The range as the controller reads it.
+    pub fn to_le_bytes(&self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        b[0..4].copy_from_slice(&self.cattr.to_le_bytes());
+        b[4..8].copy_from_slice(&self.nlb.to_le_bytes());
+        b[8..16].copy_from_slice(&self.slba.to_le_bytes());
+        b
+    }
+
+    /// A range as the host wrote it.
+    pub fn from_le_bytes(b: &[u8; Self::SIZE]) -> Self {
+        DsmRange {
+            cattr: le::u32(b, 0),
+            nlb: le::u32(b, 4),
+            slba: le::u64(b, 8),
+        }
+    }
+}
+
+/// One Copy source range descriptor, format 0h (NVM command set spec 3.2.2, "Source Range
+/// Entries Copy Descriptor Format 0h"): 32 bytes, little-endian.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyRange {
+    /// Reserved (bytes 0-7).
+    pub rsvd0: u64,
+    /// Starting LBA of the source range (bytes 8-15).
+    pub slba: u64,
+    /// Number of logical blocks, 0-based (bytes 16-17).
+    pub nlb: u16,
+    /// Command extension type, bits 3:0 (byte 18).
+    pub cetype: u8,
+    /// Reserved (byte 19).
+    pub rsvd19: u8,
+    /// Command extension value (bytes 20-21).
+    pub cev: u16,
+    /// Reserved (bytes 22-23).
+    pub rsvd22: u16,
+    /// Expected initial logical block reference tag / storage tag (bytes 24-27).
+    pub elbt: u32,
+    /// Expected logical block application tag (bytes 28-29).
+    pub elbat: u16,
+    /// Expected logical block application tag mask (bytes 30-31).
+    pub elbatm: u16,
+}
+
+impl CopyRange {
+    /// Bytes of one descriptor.
+    pub const SIZE: usize = 32;
+
+    /// A source range of `blocks` blocks (1 to 65536) from `slba`, no protection information.
+    pub fn new(slba: u64, blocks: u32) -> Self {
+        debug_assert!((1..=1 << 16).contains(&blocks));
+        CopyRange {
+            slba,
+            nlb: (blocks - 1) as u16,
+            ..Default::default()
+        }
+    }
+
+    /// Number of logical blocks of the range (NLB is 0-based).
+    pub fn blocks(&self) -> u64 {
+        self.nlb as u64 + 1
+    }
+
+    /// The descriptor as the controller reads it.
+    pub fn to_le_bytes(&self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        b[0..8].copy_from_slice(&self.rsvd0.to_le_bytes());
+        b[8..16].copy_from_slice(&self.slba.to_le_bytes());
+        b[16..18].copy_from_slice(&self.nlb.to_le_bytes());
+        b[18] = self.cetype;
+        b[19] = self.rsvd19;
+        b[20..22].copy_from_slice(&self.cev.to_le_bytes());
+        b[22..24].copy_from_slice(&self.rsvd22.to_le_bytes());
+        b[24..28].copy_from_slice(&self.elbt.to_le_bytes());
+        b[28..30].copy_from_slice(&self.elbat.to_le_bytes());
+        b[30..32].copy_from_slice(&self.elbatm.to_le_bytes());
+        b
+    }
+
+    /// A descriptor as the host wrote it.
+    pub fn from_le_bytes(b: &[u8; Self::SIZE]) -> Self {
+        CopyRange {
+            rsvd0: le::u64(b, 0),
+            slba: le::u64(b, 8),
+            nlb: le::u16(b, 16),
+            cetype: b[18],
+            rsvd19: b[19],
+            cev: le::u16(b, 20),
+            rsvd22: le::u16(b, 22),
+            elbt: le::u32(b, 24),
+            elbat: le::u16(b, 28),
+            elbatm: le::u16(b, 30),
+        }
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<DsmRange>() == DsmRange::SIZE);
+const _: () = assert!(std::mem::offset_of!(DsmRange, nlb) == 4);
+const _: () = assert!(std::mem::offset_of!(DsmRange, slba) == 8);
+const _: () = assert!(std::mem::size_of::<CopyRange>() == CopyRange::SIZE);
+const _: () = assert!(std::mem::offset_of!(CopyRange, slba) == 8);
+const _: () = assert!(std::mem::offset_of!(CopyRange, nlb) == 16);
+const _: () = assert!(std::mem::offset_of!(CopyRange, cev) == 20);
+const _: () = assert!(std::mem::offset_of!(CopyRange, elbt) == 24);
+const _: () = assert!(std::mem::offset_of!(CopyRange, elbatm) == 30);
+
 /// Admin command opcodes (base spec 5).
 pub mod admin {
     /// Delete I/O Submission Queue.
@@ -233,6 +367,8 @@ pub mod io {
     pub const DSM: u8 = 0x09;
     /// Copy.
     pub const COPY: u8 = 0x19;
+    /// Dataset Management CDW11: Attribute - Deallocate (AD).
+    pub const DSM_DEALLOCATE: u32 = 1 << 2;
 }
 
 /// A human name for an opcode, for errors.

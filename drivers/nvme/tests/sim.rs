@@ -2,77 +2,19 @@
 //! against the software controller. Data is checked byte for byte through the
 //! controller's backdoor, independently of the driver.
 
-#![cfg(feature = "sim")]
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvcopy_nvme::sim::{
-    CommandFilter, MediaError, NamespaceConfig, SimConfig, SimController, SIM_VID,
-};
 use nvcopy_nvme::spec::{admin, csts, io, reg, Sqe};
 use nvcopy_nvme::{
     Bar, Completion, Controller, ControllerOptions, DataPtr, Error, Health, IoQpair, Namespace,
     Recovery, StatusCodeType, StatusKind,
 };
+use nvcopy_nvme_sim::{
+    CommandFilter, MediaError, NamespaceConfig, SimConfig, SimController, SIM_VID,
+};
+use nvcopy_testkit::{pattern, quick, Rig};
 use nvcopy_vfio::{DmaBuf, DmaPool, Iova, PAGE_SIZE};
-
-/// Timeouts short enough for tests that wait on them.
-fn quick() -> ControllerOptions {
-    ControllerOptions {
-        admin_timeout: Duration::from_secs(5),
-        io_timeout: Duration::from_millis(200),
-        ..ControllerOptions::default()
-    }
-}
-
-struct Rig {
-    sim: Arc<SimController>,
-    ctrl: Arc<Controller>,
-    pool: DmaPool,
-}
-
-impl Rig {
-    fn new(cfg: SimConfig) -> Rig {
-        let pool = DmaPool::unmapped(32 << 20).expect("pool");
-        let sim = SimController::new(cfg, pool.clone());
-        let ctrl = Controller::new("sim0", sim.clone() as Arc<dyn Bar>, pool.clone(), quick())
-            .expect("controller comes up");
-        Rig { sim, ctrl, pool }
-    }
-
-    fn ns(&self, nsid: u32) -> Namespace {
-        self.ctrl.namespace(nsid).expect("usable namespace").clone()
-    }
-
-    fn qpair(&self) -> IoQpair {
-        self.ctrl.create_io_qpair(32).expect("I/O queue pair")
-    }
-
-    fn buf(&self, len: usize) -> DmaBuf {
-        self.pool.alloc_zeroed(len).expect("DMA buffer")
-    }
-
-    /// Namespace bytes, read through the backdoor.
-    fn backdoor(&self, nsid: u32, off: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.sim.read_ns(nsid, off, &mut v).expect("backdoor read");
-        v
-    }
-}
-
-/// Deterministic, position-dependent bytes (xorshift), different per seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn read_buf(buf: &DmaBuf, off: usize, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];

@@ -2,18 +2,16 @@
 //! controller with a sparse 512-byte-LBA namespace, one I/O queue pair and a 4 KiB DMA
 //! buffer per slot.
 
-use std::sync::Arc;
-
-use nvcopy_nvme::sim::{NamespaceConfig, SimConfig, SimController};
-use nvcopy_nvme::{Bar, Controller, ControllerOptions, DataPtr, IoQpair, Namespace};
-use nvcopy_vfio::{DmaBuf, DmaPool};
+use nvcopy_nvme::{ControllerOptions, DataPtr, IoQpair, Namespace};
+use nvcopy_nvme_sim::{NamespaceConfig, SimConfig};
+use nvcopy_vfio::DmaBuf;
 
 /// Bytes per I/O.
 pub const IO_BYTES: usize = 4096;
 
 pub struct Rig {
     // Kept alive for the queue pair; the benches never touch it directly.
-    _sim: Arc<SimController>,
+    _dev: nvcopy_testkit::Rig,
     pub ns: Namespace,
     pub q: IoQpair,
     pub bufs: Vec<DmaBuf>,
@@ -24,30 +22,19 @@ pub struct Rig {
 impl Rig {
     /// A controller whose queue pair holds `depth` commands in flight.
     pub fn new(depth: usize) -> Rig {
-        let pool = DmaPool::unmapped(32 << 20).expect("DMA pool");
         // 64 MiB namespace: reads of never-written LBAs return zeroes without a copy of
         // a backing store, so the controller's own work per read stays small and steady.
-        let sim = SimController::new(
+        let dev = nvcopy_testkit::Rig::with(
             SimConfig::new().namespace(NamespaceConfig::new(512, 1 << 17)),
-            pool.clone(),
-        );
-        let ctrl = Controller::new(
-            "bench",
-            sim.clone() as Arc<dyn Bar>,
-            pool.clone(),
+            32 << 20,
             ControllerOptions::default(),
-        )
-        .expect("controller comes up");
-        let ns = ctrl.namespace(1).expect("namespace 1").clone();
-        let q = ctrl
-            .create_io_qpair((depth + 1) as u16)
-            .expect("I/O queue pair");
-        let bufs = (0..depth)
-            .map(|_| pool.alloc_zeroed(IO_BYTES).expect("DMA buffer"))
-            .collect();
+        );
+        let ns = dev.ns(1);
+        let q = dev.qpair_of((depth + 1) as u16);
+        let bufs = (0..depth).map(|_| dev.buf(IO_BYTES)).collect();
         let lbas = ns.blocks;
         Rig {
-            _sim: sim,
+            _dev: dev,
             ns,
             q,
             bufs,

@@ -14,8 +14,8 @@ use super::status::{
     INVALID_NAMESPACE, INVALID_OPCODE, INVALID_QUEUE_DELETION, INVALID_QUEUE_ID,
     INVALID_QUEUE_SIZE,
 };
-use crate::queue::{CQE_SIZE, SQE_SIZE};
-use crate::spec::{admin, Sqe};
+use crate::{CQE_SIZE, SQE_SIZE};
+use nvcopy_nvme::spec::{admin, Sqe};
 
 /// Identify data structures are one 4 KiB page.
 const IDENTIFY_LEN: usize = 4096;

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 
 use super::config::NamespaceConfig;
 use super::status::LBA_OUT_OF_RANGE;
-use crate::status::Status;
+use nvcopy_nvme::Status;
 
 const PAGE: usize = 4096;
 

@@ -5,7 +5,7 @@
 use nvcopy_vfio::{Bytes, DmaPool, Iova, VolatileSlice};
 
 use super::status::{DATA_TRANSFER_ERROR, PRP_OFFSET_INVALID};
-use crate::status::Status;
+use nvcopy_nvme::Status;
 
 /// A run of host memory a transfer touches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

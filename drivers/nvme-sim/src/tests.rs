@@ -8,9 +8,9 @@ use nvcopy_vfio::{Bytes, DmaBuf, DmaPool, Iova, PAGE_SIZE};
 
 use super::dma::{prp_segments, Segment};
 use super::*;
-use crate::queue::{CQE_SIZE, SQE_SIZE};
-use crate::spec::{admin, cc, csts, doorbell_offset, io, reg, Cap, Cqe, Sqe};
-use crate::status::{Status, StatusKind};
+use crate::{CQE_SIZE, SQE_SIZE};
+use nvcopy_nvme::spec::{admin, cc, csts, doorbell_offset, io, reg, Cap, Cqe, Sqe};
+use nvcopy_nvme::{Status, StatusKind};
 
 /// One queue pair as a minimal host keeps it.
 struct RawQueue {

@@ -12,8 +12,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::SimController;
-use crate::regs::Bar;
-use crate::spec::reg::DOORBELL_BASE;
+use nvcopy_nvme::spec::reg::DOORBELL_BASE;
+use nvcopy_nvme::Bar;
 
 struct Doorbells {
     values: Vec<AtomicU32>,

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use super::status::{unrecovered_read_error, write_fault};
 use super::SimController;
-use crate::spec::io;
-use crate::spec::Sqe;
-use crate::status::Status;
+use nvcopy_nvme::spec::io;
+use nvcopy_nvme::spec::Sqe;
+use nvcopy_nvme::Status;
 
 /// Names an injected fault, to remove it or read its hit count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -207,7 +207,7 @@ pub(super) struct FaultState {
     pub fatal: bool,
     /// I/O submission queues are not fetched from.
     pub io_paused: bool,
-    /// [`crate::Bar::quiesce`] fails: returns false and DMA goes on.
+    /// [`Bar::quiesce`](nvcopy_nvme::Bar::quiesce) fails: returns false and DMA goes on.
     pub quiesce_fails: bool,
     /// Clearing CC.EN does not reset the controller: CSTS.RDY stays 1.
     pub stuck_ready: bool,
@@ -446,7 +446,7 @@ impl Faults<'_> {
         self.sim.kick();
     }
 
-    /// Makes [`crate::Bar::quiesce`] fail (or succeed again): it returns false and the
+    /// Makes [`Bar::quiesce`](nvcopy_nvme::Bar::quiesce) fail (or succeed again): it returns false and the
     /// controller keeps fetching commands, moving data and posting completions, like a
     /// device whose bus mastering cannot be confirmed off.
     pub fn quiesce_fails(&self, on: bool) {

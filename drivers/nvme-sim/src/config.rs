@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::spec::{oncs, reg};
+use nvcopy_nvme::spec::{oncs, reg};
 
 /// PCI vendor id the software controller reports. Not a registered vendor: it only has to
 /// be recognisable in `nvcopy identify` output.

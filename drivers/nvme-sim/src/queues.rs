@@ -7,8 +7,8 @@ use std::sync::atomic::{fence, Ordering};
 use nvcopy_vfio::{ByteValued, Bytes, DmaPool, VolatileMemory};
 
 use super::dma::host;
-use crate::queue::{CQE_SIZE, SQE_SIZE};
-use crate::spec::{Cqe, Sqe, CQE_STATUS_OFFSET};
+use crate::{CQE_SIZE, SQE_SIZE};
+use nvcopy_nvme::spec::{Cqe, Sqe, CQE_STATUS_OFFSET};
 
 /// Host memory behind a queue could not be reached: the controller can only report that
 /// through CSTS.CFS.

@@ -2,7 +2,7 @@
 //! ACQ and the interrupt masks are stored as written, CSTS reflects the controller's
 //! state. What writing CC does (enable, reset, shutdown) is in the engine.
 
-use crate::spec::{csts, reg};
+use nvcopy_nvme::spec::{csts, reg};
 
 /// Version the controller reports: NVMe 2.0.0.
 pub const VERSION: u32 = 0x0002_0000;

@@ -1,5 +1,11 @@
 //! A software NVMe controller, for testing and benchmarking the driver without hardware.
 //!
+//! A crate of its own, apart from the driver (`nvcopy-nvme`): it is a device model, built
+//! only on the driver's public specification items ([`nvcopy_nvme::spec`], [`nvcopy_nvme::Status`],
+//! the [`Bar`] trait it implements) and on `nvcopy-vfio`'s [`DmaPool`], never on the
+//! driver's internals, so that a misread specification field cannot be wrong on both
+//! sides of the interface at once.
+//!
 //! [`SimController`] implements [`Bar`], so the real driver brings it up, creates queues
 //! and runs commands exactly as it does on a device. The controller reads submission
 //! entries and writes completion entries in the driver's DMA memory (an
@@ -25,7 +31,7 @@
 //! to a new owner after the command was submitted.
 //!
 //! ```no_run
-//! # use nvcopy_nvme::sim::{NamespaceConfig, SimConfig, SimController};
+//! # use nvcopy_nvme_sim::{NamespaceConfig, SimConfig, SimController};
 //! # use nvcopy_nvme::{Bar, Controller, ControllerOptions};
 //! # use nvcopy_vfio::DmaPool;
 //! # use std::sync::Arc;
@@ -39,7 +45,6 @@
 //! ```
 
 mod admin;
-mod alloc_count;
 mod config;
 mod counters;
 mod dma;
@@ -60,7 +65,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use nvcopy_vfio::DmaPool;
 
-pub use alloc_count::CountingAllocator;
 pub use config::{NamespaceConfig, SimConfig, SIM_VID};
 pub use counters::Counters;
 pub use faults::{CommandFilter, FaultId, Faults, MediaError};
@@ -71,7 +75,13 @@ use config::Params;
 use engine::State;
 use namespace::SimNamespace;
 
-use crate::regs::Bar;
+use nvcopy_nvme::spec::{Cqe, Sqe};
+use nvcopy_nvme::Bar;
+
+/// Bytes of a submission queue entry, as the specification's layout has it.
+const SQE_SIZE: usize = std::mem::size_of::<Sqe>();
+/// Bytes of a completion queue entry, as the specification's layout has it.
+const CQE_SIZE: usize = std::mem::size_of::<Cqe>();
 
 /// The software NVMe controller. Shared between the driver (as `Arc<dyn Bar>`) and the
 /// test that drives faults and checks data.

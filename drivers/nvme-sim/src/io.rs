@@ -15,15 +15,8 @@ use super::status::{
     finish, Done, Exec, COMMAND_SIZE_LIMIT_EXCEEDED, INTERNAL_ERROR, INVALID_FIELD,
     INVALID_NAMESPACE, INVALID_OPCODE,
 };
-use crate::spec::{io, oncs, Sqe};
-use crate::status::Status;
-
-/// Bytes of one DSM range.
-const DSM_RANGE: usize = 16;
-/// Bytes of one Copy source range descriptor, format 0.
-const COPY_DESC: usize = 32;
-/// Dataset Management attribute: deallocate.
-const DSM_AD: u32 = 1 << 2;
+use nvcopy_nvme::spec::{io, oncs, CopyRange, DsmRange, Sqe};
+use nvcopy_nvme::Status;
 
 /// Runs one I/O command.
 pub fn execute(p: &Params, pool: &DmaPool, st: &mut State, sqe: &Sqe) -> Done {
@@ -148,15 +141,14 @@ impl Io<'_> {
     fn dsm(&mut self, sqe: &Sqe) -> Exec {
         let i = self.index(sqe.nsid)?;
         let nr = (sqe.cdw10 & 0xff) as usize + 1;
-        self.descriptors(sqe, nr, DSM_RANGE)?;
-        if sqe.cdw11 & DSM_AD == 0 {
+        self.descriptors(sqe, nr, DsmRange::SIZE)?;
+        if sqe.cdw11 & io::DSM_DEALLOCATE == 0 {
             return Ok(0);
         }
         let mut spans = Vec::with_capacity(nr);
-        for d in self.buf.chunks_exact(DSM_RANGE) {
-            let len = le32(d, 4) as u64;
-            if len > 0 {
-                spans.push(self.ns[i].span(le64(d, 8), len)?);
+        for d in entries(self.buf).map(|b| DsmRange::from_le_bytes(&b)) {
+            if d.nlb > 0 {
+                spans.push(self.ns[i].span(d.slba, d.nlb as u64)?);
             }
         }
         for (off, len) in spans {
@@ -180,13 +172,15 @@ impl Io<'_> {
         if nr > msrc {
             return Err(COMMAND_SIZE_LIMIT_EXCEEDED.into());
         }
-        self.descriptors(sqe, nr, COPY_DESC)?;
+        self.descriptors(sqe, nr, CopyRange::SIZE)?;
         let mut ranges = Vec::with_capacity(nr);
         let mut total = 0u64;
-        for (r, d) in self.buf.chunks_exact(COPY_DESC).enumerate() {
+        for (r, d) in entries(self.buf)
+            .map(|b| CopyRange::from_le_bytes(&b))
+            .enumerate()
+        {
             let fail = |s: Status| Done::with_dw0(s, r as u32);
-            let slba = le64(d, 8);
-            let n = u16::from_le_bytes([d[16], d[17]]) as u64 + 1;
+            let (slba, n) = (d.slba, d.blocks());
             total += n;
             if (mssrl != 0 && n > mssrl) || (mcl != 0 && total > mcl) {
                 return Err(fail(COMMAND_SIZE_LIMIT_EXCEEDED));
@@ -220,10 +214,11 @@ impl Io<'_> {
     }
 }
 
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-
-fn le64(b: &[u8], o: usize) -> u64 {
-    le32(b, o) as u64 | (le32(b, o + 4) as u64) << 32
+/// The `N`-byte entries of a descriptor list, in order (a short tail is ignored).
+fn entries<const N: usize>(buf: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+    buf.chunks_exact(N).map(|c| {
+        let mut e = [0u8; N];
+        e.copy_from_slice(c);
+        e
+    })
 }

@@ -18,9 +18,9 @@ use super::queues::{CompQueue, Queues, SubQueue};
 use super::regs::Regs;
 use super::status::{Done, ABORTED_SQ_DELETED};
 use super::{admin, io};
-use crate::queue::{CQE_SIZE, SQE_SIZE};
-use crate::spec::{admin as admin_op, cc, csts, reg, Cqe, Sqe};
-use crate::status::Status;
+use crate::{CQE_SIZE, SQE_SIZE};
+use nvcopy_nvme::spec::{admin as admin_op, cc, csts, reg, Cqe, Sqe};
+use nvcopy_nvme::Status;
 
 /// Everything about the controller that changes.
 #[derive(Debug)]
@@ -356,7 +356,7 @@ pub fn completion(done: Done, sq_head: u32, qid: u16, cid: u16) -> Cqe {
     }
 }
 
-/// Bus mastering off (the device side of [`crate::Bar::quiesce`]): from now on the
+/// Bus mastering off (the device side of [`Bar::quiesce`](nvcopy_nvme::Bar::quiesce)): from now on the
 /// controller fetches no command, moves no data and writes no completion, until the next
 /// enable; held commands are dropped. Registers keep working, so the host can still
 /// reset the controller. False,

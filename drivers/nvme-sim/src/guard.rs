@@ -12,7 +12,7 @@ use nvcopy_vfio::{DmaPool, Iova};
 
 use super::dma::prp_segments;
 use super::engine::State;
-use crate::spec::{admin, io, Sqe};
+use nvcopy_nvme::spec::{admin, io, Sqe};
 
 /// Size of the pages the guard tells generations of.
 const GUARD_PAGE: u64 = 4096;

@@ -1,7 +1,7 @@
 //! The statuses the software controller completes commands with (base spec 4.6.1, NVM
 //! command set spec 3.4), and the result type command handlers return.
 
-use crate::status::Status;
+use nvcopy_nvme::Status;
 
 /// Builds a status field: SC in bits 7:0, SCT in 10:8, DNR in 14.
 const fn status(sct: u8, sc: u8, dnr: bool) -> Status {
