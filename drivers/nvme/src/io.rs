@@ -2,20 +2,19 @@
 //! Flush, Dataset Management (deallocate) and Copy (format 0).
 //!
 //! `submit_*` post a command without ringing; `ring` and `poll` move the queue, so a
-//! reactor can post a batch and pay for one doorbell. The `*_sync` helpers run a whole
-//! transfer: they split it at the controller's maximum transfer, keep the queue full,
-//! and return the first error once everything in flight has finished.
+//! reactor can post a batch and pay for one doorbell. The blocking `*_sync` helpers that
+//! run a whole transfer are in `sync.rs`.
 
 use std::sync::Arc;
 
-use nvcopy_vfio::{DmaBuf, Iova, PAGE_SIZE};
+use nvcopy_vfio::DmaBuf;
 
 use crate::controller::{check, Controller, Health};
 use crate::error::{Error, Result};
 use crate::identify::Namespace;
 use crate::prp::DataPtr;
 use crate::queue::{Completion, Expired, QueuePair};
-use crate::spec::{admin, io, CopyRange, DsmRange, Sqe};
+use crate::spec::{admin, io, CopyRange, Sqe};
 
 /// Most blocks one Read/Write/Write Zeroes carries: NLB is a 16-bit, 0-based field.
 pub const MAX_NLB: u32 = 1 << 16;
@@ -42,8 +41,8 @@ pub enum Recovery {
 /// An I/O queue pair, owned by one thread. Dropping it deletes the queues.
 #[derive(Debug)]
 pub struct IoQpair {
-    ctrl: Arc<Controller>,
-    qp: QueuePair,
+    pub(crate) ctrl: Arc<Controller>,
+    pub(crate) qp: QueuePair,
     /// The controller's maximum transfer, read once: it is checked on every command.
     max_transfer: usize,
     /// The controller generation the queues were created under (see
@@ -151,14 +150,14 @@ impl IoQpair {
         self.qp.free_slots()
     }
 
-    fn bad_buffer(&self, reason: String) -> Error {
+    pub(crate) fn bad_buffer(&self, reason: String) -> Error {
         Error::BadBuffer {
             ctrl: self.ctrl.name().to_string(),
             reason,
         }
     }
 
-    fn rw(
+    pub(crate) fn rw(
         &mut self,
         opcode: u8,
         ns: &Namespace,
@@ -238,7 +237,7 @@ impl IoQpair {
         self.qp.post(Sqe::new(io::FLUSH, ns.nsid), None, token)
     }
 
-    fn unsupported(&self, cmd: &'static str) -> Error {
+    pub(crate) fn unsupported(&self, cmd: &'static str) -> Error {
         Error::CommandUnsupported {
             ctrl: self.ctrl.name().to_string(),
             cmd,
@@ -271,163 +270,6 @@ impl IoQpair {
     /// The typed error for a failed completion, or Ok.
     pub fn check(&self, c: &Completion) -> Result<u32> {
         check(self.ctrl.name(), false, c)
-    }
-
-    /// Posts commands from `next` until it runs dry, keeping the queue as full as it goes,
-    /// then waits for all of them. Returns the first failure.
-    fn run(&mut self, mut next: impl FnMut(&mut Self) -> Option<Result<u16>>) -> Result<()> {
-        let mut first_err: Option<Error> = None;
-        let name = self.ctrl.name().to_string();
-        loop {
-            if self.qp.free_slots() == 0 {
-                self.qp.ring(self.ctrl.bar());
-                let target = self.qp.outstanding() - 1;
-                self.ctrl.wait_io(&mut self.qp, target, |c| {
-                    if let (Err(e), None) = (check(&name, false, &c), &first_err) {
-                        first_err = Some(e);
-                    }
-                })?;
-            }
-            if first_err.is_some() {
-                break;
-            }
-            match next(self) {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    first_err = Some(e);
-                    break;
-                }
-                None => break,
-            }
-        }
-        self.qp.ring(self.ctrl.bar());
-        self.ctrl.wait_io(&mut self.qp, 0, |c| {
-            if let (Err(e), None) = (check(&name, false, &c), &first_err) {
-                first_err = Some(e);
-            }
-        })?;
-        first_err.map_or(Ok(()), Err)
-    }
-
-    fn transfer_sync(
-        &mut self,
-        opcode: u8,
-        ns: &Namespace,
-        lba: u64,
-        buf: &DmaBuf,
-        bytes: usize,
-    ) -> Result<()> {
-        let bs = ns.lba_size as usize;
-        if bytes > buf.len() {
-            return Err(self.bad_buffer(format!(
-                "{bytes} bytes requested from a {}-byte buffer",
-                buf.len()
-            )));
-        }
-        if bytes % bs != 0 {
-            return Err(self.bad_buffer(format!(
-                "{bytes} bytes is not a multiple of the {bs}-byte block size"
-            )));
-        }
-        let chunk = (self.ctrl.max_transfer() / bs * bs).min(MAX_NLB as usize * bs);
-        let mut done = 0usize;
-        self.run(|q| {
-            if done >= bytes {
-                return None;
-            }
-            let len = chunk.min(bytes - done);
-            let data = DataPtr::Contig {
-                iova: buf.iova().add(done as u64),
-                len,
-            };
-            let r = q.rw(opcode, ns, lba + (done / bs) as u64, data, 0);
-            done += len;
-            Some(r)
-        })
-    }
-
-    /// Reads `bytes` from `lba` into `buf`, in as many commands as it takes.
-    pub fn read_sync(
-        &mut self,
-        ns: &Namespace,
-        lba: u64,
-        buf: &DmaBuf,
-        bytes: usize,
-    ) -> Result<()> {
-        self.transfer_sync(io::READ, ns, lba, buf, bytes)
-    }
-
-    /// Writes `bytes` of `buf` at `lba`, in as many commands as it takes.
-    pub fn write_sync(
-        &mut self,
-        ns: &Namespace,
-        lba: u64,
-        buf: &DmaBuf,
-        bytes: usize,
-    ) -> Result<()> {
-        self.transfer_sync(io::WRITE, ns, lba, buf, bytes)
-    }
-
-    /// Reads into a list of pages (kcopyd style) in one command.
-    pub fn read_pages_sync(
-        &mut self,
-        ns: &Namespace,
-        lba: u64,
-        pages: &[Iova],
-        bytes: usize,
-    ) -> Result<()> {
-        let mut once = Some(DataPtr::Pages { pages, len: bytes });
-        self.run(|q| once.take().map(|d| q.rw(io::READ, ns, lba, d, 0)))
-    }
-
-    /// Writes `blocks` zeroed blocks from `lba` with Write Zeroes.
-    pub fn write_zeroes_sync(&mut self, ns: &Namespace, lba: u64, blocks: u64) -> Result<()> {
-        let mut done = 0u64;
-        self.run(|q| {
-            if done >= blocks {
-                return None;
-            }
-            let n = (blocks - done).min(MAX_NLB as u64) as u32;
-            let r = q.submit_write_zeroes(ns, lba + done, n, 0);
-            done += n as u64;
-            Some(r)
-        })
-    }
-
-    /// Flushes the namespace's volatile write cache.
-    pub fn flush_sync(&mut self, ns: &Namespace) -> Result<()> {
-        let mut once = true;
-        self.run(|q| std::mem::take(&mut once).then(|| q.submit_flush(ns, 0)))
-    }
-
-    /// Deallocates (trims) `blocks` blocks from `lba` with Dataset Management.
-    pub fn deallocate_sync(&mut self, ns: &Namespace, lba: u64, blocks: u64) -> Result<()> {
-        if !self.ctrl.info().supports_dsm() {
-            return Err(self.unsupported("Dataset Management"));
-        }
-        let ranges = self.ctrl.pool().alloc(PAGE_SIZE)?;
-        // One range of at most u32::MAX blocks per descriptor, 256 per command.
-        let mut done = 0u64;
-        while done < blocks {
-            let mut nr = 0usize;
-            while done < blocks && nr < 256 {
-                let n = (blocks - done).min(u32::MAX as u64) as u32;
-                let d = DsmRange::new(lba + done, n);
-                ranges.write_at(nr * DsmRange::SIZE, &d.to_le_bytes());
-                nr += 1;
-                done += n as u64;
-            }
-            let mut s = Sqe::new(io::DSM, ns.nsid);
-            s.cdw10 = nr as u32 - 1;
-            s.cdw11 = io::DSM_DEALLOCATE;
-            let data = DataPtr::Contig {
-                iova: ranges.iova(),
-                len: nr * DsmRange::SIZE,
-            };
-            let mut once = Some(data);
-            self.run(|q| once.take().map(|d| q.qp.post(s, Some(d), 0)))?;
-        }
-        Ok(())
     }
 
     /// Whether a Copy of `blocks` blocks fits the namespace's limits in one command; see
@@ -479,29 +321,6 @@ impl IoQpair {
             "a Copy of {blocks} blocks exceeds namespace {}'s limits (MSSRL {}, MCL {}, MSRC {})",
             ns.nsid, ns.mssrl, ns.mcl, ns.msrc
         ))
-    }
-
-    /// Copies `blocks` blocks from `src` to `dst` inside the namespace with the Copy
-    /// command, as many commands as the limits require, one at a time.
-    pub fn copy_sync(&mut self, ns: &Namespace, src: u64, blocks: u64, dst: u64) -> Result<()> {
-        if !self.ctrl.info().supports_copy() {
-            return Err(self.unsupported("Copy"));
-        }
-        let range_max = (ns.mssrl.max(1) as u64).min(MAX_NLB as u64);
-        let max_ranges = (ns.msrc.max(1) as u64).min((PAGE_SIZE / CopyRange::SIZE) as u64);
-        let per_cmd = (ns.mcl.max(1) as u64).min(range_max * max_ranges);
-        let descs = self.ctrl.pool().alloc(PAGE_SIZE)?;
-        let mut done = 0u64;
-        while done < blocks {
-            let n = (blocks - done).min(per_cmd);
-            let mut once = true;
-            self.run(|q| {
-                std::mem::take(&mut once)
-                    .then(|| q.submit_copy(ns, src + done, n, dst + done, &descs, 0))
-            })?;
-            done += n;
-        }
-        Ok(())
     }
 }
 

@@ -12,6 +12,7 @@ mod queue;
 mod regs;
 pub mod spec;
 mod status;
+mod sync;
 
 pub use controller::{Controller, ControllerOptions, Health};
 pub use error::{Error, Result};
