@@ -11,15 +11,15 @@ use std::time::{Duration, Instant};
 use nvcopy_vfio::PciAddress;
 use serde::Serialize;
 
-use crate::client::{Client, JobHandle, JobOptions};
-use crate::engine::{Engine, EngineOptions};
-use crate::error::{Error, OptionConflict, Refusal, Result};
-use crate::job::{Flags, JobOutcome};
-use crate::mapfile::MapHeader;
-use crate::platform::PlatformOptions;
-use crate::progress::MapKeeper;
-use crate::region::{self, Region, RegionSpec, Role};
 use crate::report::human_bytes;
+use nvcopy::client::{Client, JobHandle, JobOptions};
+use nvcopy::engine::{Engine, EngineOptions};
+use nvcopy::error::{Error, OptionConflict, Refusal, Result};
+use nvcopy::job::{Flags, JobOutcome};
+use nvcopy::mapfile::MapHeader;
+use nvcopy::platform::PlatformOptions;
+use nvcopy::progress::MapKeeper;
+use nvcopy::region::{self, Region, RegionSpec, Role};
 
 /// A copy or zero as the command line asked for it.
 #[derive(Clone, Debug)]
@@ -41,7 +41,7 @@ pub struct JobRequest {
     /// Write nothing: read the source and every destination and compare them.
     pub verify_only: bool,
     /// Print this digest of the source region.
-    pub digest: Option<crate::digest::DigestKind>,
+    pub digest: Option<nvcopy::digest::DigestKind>,
 }
 
 /// How often the progress map is checkpointed.
@@ -92,7 +92,7 @@ pub struct VerifySummary {
     /// Destinations that differ from the source, or could not be read back.
     pub failed_destinations: Vec<String>,
     /// The chunks that differ.
-    pub mismatches: Vec<crate::job::Mismatch>,
+    pub mismatches: Vec<nvcopy::job::Mismatch>,
     /// The first error, in words.
     pub first_error: Option<String>,
 }

@@ -195,7 +195,7 @@ pub enum Refusal {
     TooManyPages {
         /// As given.
         given: usize,
-        /// The limit ([`crate::cli::MAX_NUM_PAGES`]).
+        /// The limit (`MAX_NUM_PAGES` of the CLI).
         max: usize,
     },
     /// A DMA pool whose size overflows the address space.

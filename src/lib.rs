@@ -32,7 +32,6 @@
 #![forbid(unsafe_code)]
 
 mod chunk;
-pub mod cli;
 pub mod client;
 pub mod confine;
 pub mod digest;
@@ -44,9 +43,7 @@ mod pages;
 pub mod platform;
 pub mod progress;
 mod reactor;
-pub mod readbench;
 pub mod region;
-pub mod report;
 
 pub use client::{Client, JobHandle, JobOptions};
 pub use engine::{Engine, EngineOptions};

@@ -1,15 +1,21 @@
-//! The nvcopy command-line tool.
+//! The nvcopy command-line tool. Its modules (the job runner, reports, the read bench)
+//! are private to the binary; the library is the copier.
+#![forbid(unsafe_code)]
+
+mod cli;
+mod readbench;
+mod report;
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use nvcopy::cli::{self, JobRequest};
+use cli::JobRequest;
 use nvcopy::platform::{Platform, PlatformOptions};
 use nvcopy::region::{parse_size, Region, RegionSpec};
-use nvcopy::report::{human_bytes, list_text, ControllerReport, ListEntry};
 use nvcopy::{EngineOptions, Error, Flags, Result};
 use nvcopy_vfio::{IommuMode, PageKind, PciAddress, Sysfs, NVME_CLASS};
+use report::{human_bytes, list_text, ControllerReport, ListEntry};
 
 /// Polled userspace NVMe copier (SPDK-style driver, kcopyd-style jobs).
 #[derive(Parser)]
@@ -291,7 +297,7 @@ fn run(cli: Cli) -> Result<()> {
             let platform = Platform::open(&[from.addr], &po)?;
             let ns = platform.controllers[0].namespace(from.nsid)?;
             let region = Region::check(&from, 0, ns.lba_size, ns.blocks, None)?;
-            let r = nvcopy::readbench::read(&platform, &region, chunk, qd as usize)?;
+            let r = readbench::read(&platform, &region, chunk, qd as usize)?;
             let rate = r.bytes as f64 / r.elapsed.as_secs_f64().max(1e-9) / 1e6;
             print(&if as_json {
                 json(

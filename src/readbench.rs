@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use nvcopy_nvme::DataPtr;
 use serde::Serialize;
 
-use crate::error::Result;
-use crate::platform::Platform;
-use crate::region::Region;
+use nvcopy::error::Result;
+use nvcopy::platform::Platform;
+use nvcopy::region::Region;
 
 /// What a read run measured.
 #[derive(Clone, Debug, Serialize)]
