@@ -325,23 +325,23 @@ pub fn resolve(engine: &Engine, req: &JobRequest) -> Result<(Option<Region>, Vec
     Ok((from, to))
 }
 
-/// Pool bytes for an engine: the client's pages plus each reactor's chunk descriptors,
-/// zero page and queue memory (rings and one PRP list page per queue entry). Refuses
-/// sizes that do not fit in the address space rather than wrapping.
+/// Room for what the pool loses to layout: no allocation spans a 2 MiB hugepage.
+pub const POOL_SLACK: usize = 4 << 20;
+
+/// Pool bytes for an engine: the client's pages, plus what the driver says each
+/// controller and each I/O queue pair takes, plus each reactor's chunk-slot pages
+/// ([`EngineOptions::dma_bytes`]). Refuses sizes that do not fit in the address space
+/// rather than wrapping.
 pub fn pool_bytes(num_pages: usize, eo: &EngineOptions, controllers: usize) -> Result<usize> {
     check_num_pages(num_pages)?;
-    let per_queue = (eo.queue_entries as usize).checked_mul(64 + 16 + 4096);
-    let per_reactor = eo
-        .qd
-        .checked_add(1)
-        .and_then(|n| n.checked_mul(4096))
-        .zip(per_queue.and_then(|q| q.checked_mul(controllers)))
-        .and_then(|(descs, queues)| descs.checked_add(queues));
+    let ctrl = nvcopy_nvme::Controller::dma_bytes(&nvcopy_nvme::ControllerOptions::default());
     num_pages
-        .checked_mul(4096)
-        .zip(per_reactor.and_then(|r| r.checked_mul(eo.reactors)))
-        .and_then(|(pages, reactors)| pages.checked_add(reactors))
-        .and_then(|b| b.checked_add(4 << 20))
+        .checked_mul(nvcopy_vfio::PAGE_SIZE)
+        .zip(eo.dma_bytes(controllers))
+        .and_then(|(pages, engine)| pages.checked_add(engine))
+        .zip(ctrl.checked_mul(controllers))
+        .and_then(|(b, c)| b.checked_add(c))
+        .and_then(|b| b.checked_add(POOL_SLACK))
         .ok_or_else(|| {
             Error::from(Refusal::PoolTooLarge {
                 num_pages,

@@ -68,6 +68,22 @@ impl Default for EngineOptions {
     }
 }
 
+impl EngineOptions {
+    /// DMA memory the engine's reactors take from the pool over `controllers`
+    /// controllers, at most: per reactor, one I/O queue pair per controller (the driver's
+    /// figure), a Copy-descriptor page per chunk slot and the shared zero page. The
+    /// clients' pages come on top. None if it does not fit in a usize.
+    pub fn dma_bytes(&self, controllers: usize) -> Option<usize> {
+        let queues = Controller::io_qpair_dma_bytes(self.queue_entries).checked_mul(controllers)?;
+        let slots = self
+            .qd
+            .max(1)
+            .checked_add(1)?
+            .checked_mul(nvcopy_vfio::PAGE_SIZE)?;
+        queues.checked_add(slots)?.checked_mul(self.reactors.max(1))
+    }
+}
+
 impl std::fmt::Debug for EngineOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EngineOptions")

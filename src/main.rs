@@ -293,11 +293,17 @@ fn run(cli: Cli) -> Result<()> {
             hw,
         }) => {
             let mut po = hw.options();
-            po.pool_bytes = qd as usize * chunk + (qd as usize + 2) * 8192 + (4 << 20);
+            let qd = qd as usize;
+            po.pool_bytes = qd * chunk.div_ceil(4096) * 4096
+                + nvcopy_nvme::Controller::io_qpair_dma_bytes(
+                    (qd + 1).min(u16::MAX as usize) as u16
+                )
+                + nvcopy_nvme::Controller::dma_bytes(&nvcopy_nvme::ControllerOptions::default())
+                + cli::POOL_SLACK;
             let platform = Platform::open(&[from.addr], &po)?;
             let ns = platform.controllers[0].namespace(from.nsid)?;
             let region = Region::check(&from, 0, ns.lba_size, ns.blocks, None)?;
-            let r = readbench::read(&platform, &region, chunk, qd as usize)?;
+            let r = readbench::read(&platform, &region, chunk, qd)?;
             let rate = r.bytes as f64 / r.elapsed.as_secs_f64().max(1e-9) / 1e6;
             print(&if as_json {
                 json(

@@ -396,6 +396,18 @@ fn discover_namespaces(id: &mut Identifier<'_>) -> Result<Vec<Namespace>> {
 }
 
 impl Controller {
+    /// DMA memory a controller brought up with `opts` takes from the pool before any I/O
+    /// queue pair: the admin queue pair and the page Identify data lands in.
+    pub fn dma_bytes(opts: &ControllerOptions) -> usize {
+        QueuePair::dma_bytes(opts.admin_entries) + PAGE_SIZE
+    }
+
+    /// DMA memory one I/O queue pair of `entries` slots takes at most (see
+    /// [`Controller::create_io_qpair`]).
+    pub fn io_qpair_dma_bytes(entries: u16) -> usize {
+        QueuePair::dma_bytes(entries)
+    }
+
     /// Brings up the controller behind `bar`. `name` (the PCI address) labels every error.
     pub fn new(
         name: &str,

@@ -103,6 +103,15 @@ pub struct QueuePair {
 unsafe impl Send for QueuePair {}
 
 impl QueuePair {
+    /// DMA memory a queue pair of `entries` slots can take at most: its two rings, each
+    /// rounded up to whole pages, and one PRP-list page for each command slot (taken the
+    /// first time that slot carries a transfer needing a list).
+    pub fn dma_bytes(entries: u16) -> usize {
+        let entries = entries.max(2) as usize;
+        let ring = |entry: usize| (entries * entry).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        ring(SQE_SIZE) + ring(CQE_SIZE) + (entries - 1) * PAGE_SIZE
+    }
+
     /// Allocates rings for a queue of `entries` slots (one stays empty, so `entries - 1`
     /// commands can be outstanding).
     pub fn new(
@@ -526,6 +535,32 @@ mod tests {
         assert_eq!(seen.len(), 1);
         assert_eq!(seen[0].1.kind(), crate::status::StatusKind::LbaOutOfRange);
         assert_eq!(qp.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_queue_pair_takes_no_more_dma_memory_than_it_reports() {
+        let pool = DmaPool::unmapped(256 * PAGE_SIZE).unwrap();
+        let data = pool.alloc(16 * PAGE_SIZE).unwrap();
+        let before = pool.free_pages();
+        let mut qp = QueuePair::new("test", 1, 8, 4, &pool, Duration::from_secs(5)).unwrap();
+        // Every slot carries a transfer that needs a PRP list page.
+        for _ in 0..7 {
+            let d = DataPtr::Contig {
+                iova: data.iova(),
+                len: 16 * PAGE_SIZE,
+            };
+            qp.post(Sqe::new(2, 1), Some(d), 0).unwrap();
+        }
+        let used = (before - pool.free_pages()) * PAGE_SIZE;
+        assert_eq!(
+            used,
+            QueuePair::dma_bytes(8),
+            "rings plus one list page a slot"
+        );
+        assert_eq!(
+            QueuePair::dma_bytes(1024),
+            64 * 1024 + 16 * 1024 + 1023 * PAGE_SIZE
+        );
     }
 
     #[test]
