@@ -1,37 +1,39 @@
 //! The statuses the software controller completes commands with (base spec 4.6.1, NVM
 //! command set spec 3.4), and the result type command handlers return.
 
-use nvcopy_nvme::Status;
+use nvcopy_nvme::{Status, StatusKind};
 
-/// Builds a status field: SC in bits 7:0, SCT in 10:8, DNR in 14.
-const fn status(sct: u8, sc: u8, dnr: bool) -> Status {
-    Status(sc as u16 | (sct as u16) << 8 | (dnr as u16) << 14)
+/// A status from the driver's one table (`Status::of`), so that the model and the driver
+/// cannot disagree on a code: the model only decides which status a command earns, and
+/// whether Do Not Retry is set.
+const fn status(kind: StatusKind, dnr: bool) -> Status {
+    Status::of(kind, dnr)
 }
 
-pub const SUCCESS: Status = status(0, 0x00, false);
-pub const INVALID_OPCODE: Status = status(0, 0x01, true);
-pub const INVALID_FIELD: Status = status(0, 0x02, true);
-pub const DATA_TRANSFER_ERROR: Status = status(0, 0x04, false);
-pub const INTERNAL_ERROR: Status = status(0, 0x06, false);
-pub const ABORTED_SQ_DELETED: Status = status(0, 0x08, false);
-pub const INVALID_NAMESPACE: Status = status(0, 0x0b, true);
-pub const PRP_OFFSET_INVALID: Status = status(0, 0x13, true);
-pub const LBA_OUT_OF_RANGE: Status = status(0, 0x80, true);
+pub const SUCCESS: Status = status(StatusKind::Success, false);
+pub const INVALID_OPCODE: Status = status(StatusKind::InvalidOpcode, true);
+pub const INVALID_FIELD: Status = status(StatusKind::InvalidField, true);
+pub const DATA_TRANSFER_ERROR: Status = status(StatusKind::DataTransferError, false);
+pub const INTERNAL_ERROR: Status = status(StatusKind::InternalError, false);
+pub const ABORTED_SQ_DELETED: Status = status(StatusKind::AbortedSqDeleted, false);
+pub const INVALID_NAMESPACE: Status = status(StatusKind::InvalidNamespace, true);
+pub const PRP_OFFSET_INVALID: Status = status(StatusKind::PrpOffsetInvalid, true);
+pub const LBA_OUT_OF_RANGE: Status = status(StatusKind::LbaOutOfRange, true);
 
-pub const COMPLETION_QUEUE_INVALID: Status = status(1, 0x00, true);
-pub const INVALID_QUEUE_ID: Status = status(1, 0x01, true);
-pub const INVALID_QUEUE_SIZE: Status = status(1, 0x02, true);
-pub const INVALID_QUEUE_DELETION: Status = status(1, 0x0c, true);
+pub const COMPLETION_QUEUE_INVALID: Status = status(StatusKind::CompletionQueueInvalid, true);
+pub const INVALID_QUEUE_ID: Status = status(StatusKind::InvalidQueueId, true);
+pub const INVALID_QUEUE_SIZE: Status = status(StatusKind::InvalidQueueSize, true);
+pub const INVALID_QUEUE_DELETION: Status = status(StatusKind::InvalidQueueDeletion, true);
 /// Copy: NR above MSRC, a range above MSSRL or a total above MCL.
-pub const COMMAND_SIZE_LIMIT_EXCEEDED: Status = status(1, 0x83, true);
+pub const COMMAND_SIZE_LIMIT_EXCEEDED: Status = status(StatusKind::CommandSizeLimitExceeded, true);
 
 /// Write Fault (media error), with or without DNR.
 pub const fn write_fault(dnr: bool) -> Status {
-    status(2, 0x80, dnr)
+    status(StatusKind::WriteFault, dnr)
 }
 /// Unrecovered Read Error (media error), with or without DNR.
 pub const fn unrecovered_read_error(dnr: bool) -> Status {
-    status(2, 0x81, dnr)
+    status(StatusKind::UnrecoveredReadError, dnr)
 }
 
 /// How a command ended: its status and Dword 0 of the completion.

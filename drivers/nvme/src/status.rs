@@ -59,14 +59,88 @@ pub enum StatusKind {
     InvalidQueueId,
     /// Invalid Queue Size.
     InvalidQueueSize,
+    /// PRP Offset Invalid.
+    PrpOffsetInvalid,
+    /// Completion Queue Invalid (Create I/O SQ).
+    CompletionQueueInvalid,
+    /// Invalid Queue Deletion.
+    InvalidQueueDeletion,
+    /// Command Size Limit Exceeded (Copy).
+    CommandSizeLimitExceeded,
     /// Anything else.
     Other,
 }
 
+/// The one table of the statuses nvcopy tells apart: kind, (SCT, SC), and the spec's name
+/// (base spec 4.6.1.2; NVM command set spec for LBA Out of Range and Command Size Limit
+/// Exceeded). The driver decodes with it and the software controller encodes with it.
+const TABLE: [(StatusKind, u8, u8, &str); 20] = {
+    use StatusKind::*;
+    [
+        (Success, 0, 0x00, "Successful Completion"),
+        (InvalidOpcode, 0, 0x01, "Invalid Command Opcode"),
+        (InvalidField, 0, 0x02, "Invalid Field in Command"),
+        (DataTransferError, 0, 0x04, "Data Transfer Error"),
+        (InternalError, 0, 0x06, "Internal Error"),
+        (AbortRequested, 0, 0x07, "Command Abort Requested"),
+        (
+            AbortedSqDeleted,
+            0,
+            0x08,
+            "Command Aborted due to SQ Deletion",
+        ),
+        (InvalidNamespace, 0, 0x0b, "Invalid Namespace or Format"),
+        (PrpOffsetInvalid, 0, 0x13, "PRP Offset Invalid"),
+        (LbaOutOfRange, 0, 0x80, "LBA Out of Range"),
+        (CapacityExceeded, 0, 0x81, "Capacity Exceeded"),
+        (NamespaceNotReady, 0, 0x82, "Namespace Not Ready"),
+        (CompletionQueueInvalid, 1, 0x00, "Completion Queue Invalid"),
+        (InvalidQueueId, 1, 0x01, "Invalid Queue Identifier"),
+        (InvalidQueueSize, 1, 0x02, "Invalid Queue Size"),
+        (InvalidQueueDeletion, 1, 0x0c, "Invalid Queue Deletion"),
+        (
+            CommandSizeLimitExceeded,
+            1,
+            0x83,
+            "Command Size Limit Exceeded",
+        ),
+        (WriteFault, 2, 0x80, "Write Fault"),
+        (UnrecoveredReadError, 2, 0x81, "Unrecovered Read Error"),
+        (AccessDenied, 2, 0x86, "Access Denied"),
+    ]
+};
+
+impl StatusKind {
+    /// The (SCT, SC) pair of this status; None for [`StatusKind::Other`].
+    pub const fn code(self) -> Option<(u8, u8)> {
+        let mut i = 0;
+        while i < TABLE.len() {
+            if TABLE[i].0 as u8 == self as u8 {
+                return Some((TABLE[i].1, TABLE[i].2));
+            }
+            i += 1;
+        }
+        None
+    }
+    /// The spec's name for the status ("status" for anything else).
+    pub fn name(self) -> &'static str {
+        TABLE.iter().find(|e| e.0 == self).map_or("status", |e| e.3)
+    }
+}
+
 impl Status {
+    /// The status of `kind`, with or without Do Not Retry ([`StatusKind::Other`] gives a
+    /// vendor-specific code, SCT 7h SC FFh).
+    pub const fn of(kind: StatusKind, dnr: bool) -> Status {
+        match kind.code() {
+            Some((sct, sc)) => Status::new(sct, sc).with_dnr(dnr),
+            None => Status::new(7, 0xff).with_dnr(dnr),
+        }
+    }
+
     /// Command Aborted due to SQ Deletion (generic, SC 08h): what the driver reports for a
     /// command it stopped waiting for because its queue was torn down by a reset.
-    pub const ABORTED_SQ_DELETED: Status = Status(0x08);
+    pub const ABORTED_SQ_DELETED: Status = Status::of(StatusKind::AbortedSqDeleted, false);
 
     /// A status from its Status Code Type and Status Code (base spec 4.6.1), with no CRD,
     /// More or DNR; add those with [`Status::with_dnr`] and [`Status::with_crd`].
@@ -124,49 +198,15 @@ impl Status {
     }
     /// Which status this is.
     pub fn kind(self) -> StatusKind {
-        use StatusKind::*;
-        match (self.sct_raw(), self.sc()) {
-            (0, 0x00) => Success,
-            (0, 0x01) => InvalidOpcode,
-            (0, 0x02) => InvalidField,
-            (0, 0x04) => DataTransferError,
-            (0, 0x06) => InternalError,
-            (0, 0x07) => AbortRequested,
-            (0, 0x08) => AbortedSqDeleted,
-            (0, 0x0b) => InvalidNamespace,
-            (0, 0x80) => LbaOutOfRange,
-            (0, 0x81) => CapacityExceeded,
-            (0, 0x82) => NamespaceNotReady,
-            (1, 0x01) => InvalidQueueId,
-            (1, 0x02) => InvalidQueueSize,
-            (2, 0x80) => WriteFault,
-            (2, 0x81) => UnrecoveredReadError,
-            (2, 0x86) => AccessDenied,
-            _ => Other,
-        }
+        let code = (self.sct_raw(), self.sc());
+        TABLE
+            .iter()
+            .find(|e| (e.1, e.2) == code)
+            .map_or(StatusKind::Other, |e| e.0)
     }
     /// The spec's name for the status.
     pub fn name(self) -> &'static str {
-        use StatusKind::*;
-        match self.kind() {
-            Success => "Successful Completion",
-            InvalidOpcode => "Invalid Command Opcode",
-            InvalidField => "Invalid Field in Command",
-            DataTransferError => "Data Transfer Error",
-            InternalError => "Internal Error",
-            AbortRequested => "Command Abort Requested",
-            AbortedSqDeleted => "Command Aborted due to SQ Deletion",
-            InvalidNamespace => "Invalid Namespace or Format",
-            LbaOutOfRange => "LBA Out of Range",
-            CapacityExceeded => "Capacity Exceeded",
-            NamespaceNotReady => "Namespace Not Ready",
-            InvalidQueueId => "Invalid Queue Identifier",
-            InvalidQueueSize => "Invalid Queue Size",
-            WriteFault => "Write Fault",
-            UnrecoveredReadError => "Unrecovered Read Error",
-            AccessDenied => "Access Denied",
-            Other => "status",
-        }
+        self.kind().name()
     }
 }
 
@@ -200,6 +240,24 @@ impl fmt::Debug for Status {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_table_round_trips_and_has_no_duplicate_codes() {
+        let mut codes = std::collections::HashSet::new();
+        for (kind, sct, sc, name) in TABLE {
+            assert!(codes.insert((sct, sc)), "{name}: code listed twice");
+            for dnr in [false, true] {
+                let st = Status::of(kind, dnr);
+                assert_eq!((st.kind(), st.dnr(), st.name()), (kind, dnr, name));
+            }
+            assert_eq!(kind.code(), Some((sct, sc)));
+        }
+        assert_eq!(StatusKind::Other.code(), None);
+        assert_eq!(
+            Status::of(StatusKind::Other, false).kind(),
+            StatusKind::Other
+        );
+    }
+
     use super::*;
 
     #[test]
