@@ -587,12 +587,9 @@ fn controller_fatal_status_stops_io() {
     assert!(matches!(err, Error::QueueDisabled { .. }), "{err}");
 }
 
-/// After a timeout the queue is disabled, so a new transfer should be refused with
-/// `QueueDisabled`. `IoQpair::run` does record that, but then waits for everything in
-/// flight with `wait_io(.., 0, ..)?`; the abandoned command is still counted as
-/// outstanding, so the wait finds it expired again, disables the controller again and
-/// returns a second `CommandTimeout` naming the old command's LBA (16) for this call
-/// about LBA 0.
+/// After a timeout the queue is disabled, so a new transfer is refused with
+/// `QueueDisabled`, not with a second `CommandTimeout` about the old command (which
+/// waiting on its leftover tracker again would report; fixed in 58e7044).
 #[test]
 fn io_on_a_timed_out_queue_is_refused_as_disabled() {
     let rig = Rig::new(cfg_512());
