@@ -177,7 +177,8 @@ impl Reactor {
             free: (0..qd as u16).rev().collect(),
             retries: BinaryHeap::with_capacity(qd * 66 + JOBS),
             events: Vec::with_capacity(CQ_BATCH * shared.controllers.len()),
-            aborted: Vec::with_capacity(u16::MAX as usize),
+            // One queue's trackers at most: recovery aborts one queue at a time.
+            aborted: Vec::with_capacity(shared.opts.queue_entries as usize),
             zero_iovas: vec![zero_page.iova(); max_pages],
             _zero_page: zero_page,
             deadlines,
