@@ -1,39 +1,31 @@
 //! End-to-end tests of the copier: the real `nvcopy` binary copying and zeroing between
 //! emulated NVMe drives in a QEMU guest, checked byte for byte on the host afterwards.
 //!
-//! `scripts/test.sh` prepares the images with `scripts/vm-copy-suite.sh prepare DIR`, boots
-//! one guest with this layout (every drive file-backed, the emulated VT-d IOMMU on) and runs
-//! `/tests/nvcopy-vm_copy --ignored guest_ --test-threads=1` in it:
-//!
-//! | address      | image (in DIR)  | size    | LBA  | notes                              |
-//! |--------------|-----------------|---------|------|------------------------------------|
-//! | 0000:00:10.0 | source.img      | 512 MiB | 512  | random data: the source            |
-//! | 0000:00:11.0 | one.img         | 512 MiB | 512  | 1 -> 1 whole-drive copy            |
-//! | 0000:00:12.0 | wide-4k.img     | 512 MiB | 4096 | 1 -> 3 copy                        |
-//! | 0000:00:13.0 | wide-mdts1.img  | 512 MiB | 512  | 1 -> 3 copy; mdts=1 (8 KiB)        |
-//! | 0000:00:14.0 | sentinel.img    | 64 MiB  | 512  | random; every bad-input case aims here, never written |
-//! | 0000:00:15.0 | regions-4k.img  | 64 MiB  | 4096 | random; copies into regions, zeroes |
-//! | 0000:00:16.0 | regions-512.img | 64 MiB  | 512  | random; copies into regions, zeroes |
-//! | 0000:00:17.0 | wide-512.img    | 512 MiB | 512  | 1 -> 3 copy                        |
-//! | 0000:00:18.0 | zero-whole.img  | 8 MiB   | 4096 | random; zeroed whole               |
+//! `scripts/test.sh` prepares the images with `scripts/vm-copy-suite.sh prepare DIR`, then
+//! `scripts/vm-copy-suite.sh run DIR` boots one guest with the suite's layout (every drive
+//! file-backed, the emulated VT-d IOMMU on) and runs
+//! `/tests/nvcopy-vm_copy --ignored guest_ --test-threads=1` in it. The layout (which
+//! controller gets which image, its size, block size and MDTS) lives in that script only;
+//! [`DRIVES`] mirrors it, the plain test `layout_matches_the_suite_script` checks the two
+//! agree, and `guest_layout_matches_the_table` checks the booted controllers against
+//! [`DRIVES`]. In short: 0000:00:10.0 holds 512 MiB of random data, the source of every
+//! copy; 11.0, 12.0, 13.0 and 17.0 are whole-drive destinations; 14.0 is the sentinel that
+//! every bad-input case aims at and nothing writes; 15.0 and 16.0 take the region copies
+//! and zeroes; 18.0 is zeroed whole.
 //!
 //! After the guest exits, `cargo test --test vm_copy -- --ignored host_` with
 //! NVCOPY_COPY_IMAGES=DIR compares the whole-drive destinations with source.img, and the
 //! 64 MiB drives with their pristine copies (NAME.orig) patched with exactly the writes in
 //! [`ops`]: a byte that changed anywhere else is a stray write, and every bad-input case must
-//! leave sentinel.img as it was (nvcopy refuses bad input before any I/O).
+//! leave sentinel.img as it was (nvcopy refuses bad input before any I/O). The bad-input
+//! cases that need no device at all are host tests of the binary, in tests/cli_refusals.rs.
 //!
 //! By hand, from the repository root (as root):
 //!
 //! ```sh
 //! scripts/vm-copy-suite.sh prepare vm-work/copy-images
-//! D=vm-work/copy-images; scripts/vm.sh run --timeout 1200 \
-//!   --nvme file=$D/source.img --nvme file=$D/one.img --nvme file=$D/wide-4k.img,lbs=4096 \
-//!   --nvme file=$D/wide-mdts1.img,mdts=1 --nvme file=$D/sentinel.img \
-//!   --nvme file=$D/regions-4k.img,lbs=4096 --nvme file=$D/regions-512.img \
-//!   --nvme file=$D/wide-512.img --nvme file=$D/zero-whole.img,lbs=4096 \
-//!   -- /tests/nvcopy-vm_copy --ignored guest_ --test-threads=1
-//! NVCOPY_COPY_IMAGES=$D cargo test --test vm_copy -- --ignored host_
+//! scripts/vm-copy-suite.sh run vm-work/copy-images --timeout 1200
+//! NVCOPY_COPY_IMAGES=vm-work/copy-images cargo test --test vm_copy -- --ignored host_
 //! ```
 //!
 //! Names: guest tests start with `guest_` and host tests with `host_`, and neither contains
@@ -64,7 +56,7 @@ const R512: &str = "0000:00:16.0";
 const WIDE_512: &str = "0000:00:17.0";
 const ZERO_WHOLE: &str = "0000:00:18.0";
 
-/// One emulated drive of the layout.
+/// One emulated drive of the layout: a row of LAYOUT in scripts/vm-copy-suite.sh.
 struct Drive {
     bdf: &'static str,
     image: &'static str,
@@ -1448,6 +1440,35 @@ fn ops_table_is_consistent() {
         }
     }
     assert_eq!(sixty_four_regions(0).len(), 64);
+}
+
+#[test]
+fn layout_matches_the_suite_script() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/vm-copy-suite.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("layout")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} layout: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let want: Vec<String> = DRIVES
+        .iter()
+        .map(|d| format!("{} {} {} {} {}", d.bdf, d.image, d.bytes, d.lba, d.mdts))
+        .collect();
+    assert_eq!(
+        rows, want,
+        "scripts/vm-copy-suite.sh's LAYOUT and DRIVES differ"
+    );
 }
 
 #[test]
