@@ -1067,19 +1067,6 @@ fn guest_refuses_a_destination_equal_to_the_source() {
 
 #[test]
 #[ignore = "needs the VM"]
-fn guest_refuses_more_than_64_destinations() {
-    let mut r = Refusals::default();
-    let regions: Vec<String> = (0..65).map(|i| format!("{SENTINEL}@{}K", i * 4)).collect();
-    let mut args = vec!["copy", "--from", "00:10.0+4K"];
-    for reg in &regions {
-        args.extend(["--to", reg]);
-    }
-    r.case(&args, &[&["65"], &["64"], &["destination"]]);
-    r.check();
-}
-
-#[test]
-#[ignore = "needs the VM"]
 fn guest_refuses_lengths_larger_than_the_source() {
     let mut r = Refusals::default();
     // A destination explicitly longer (or shorter) than the source.
@@ -1110,79 +1097,6 @@ fn guest_refuses_lengths_larger_than_the_source() {
 
 #[test]
 #[ignore = "needs the VM"]
-fn guest_refuses_malformed_arguments() {
-    let mut r = Refusals::default();
-    r.case(&["copy", "--from", "00:10.0+1M"], &[&["--to"]]);
-    r.case(
-        &["copy", "--from", "00:10.0/0+1M", "--to", SENTINEL],
-        &[&["namespace"]],
-    );
-    r.case(
-        &["copy", "--from", "00:10.0@1Q", "--to", SENTINEL],
-        &[&["size"]],
-    );
-    r.case(
-        &["copy", "--from", "00:10.0+0", "--to", SENTINEL],
-        &[&["zero length", "length"]],
-    );
-    r.case(
-        &["copy", "--from", "00:zz.0+1M", "--to", SENTINEL],
-        &[&["PCI address"]],
-    );
-    r.case(
-        &[
-            "copy",
-            "--from",
-            "00:10.0+1M",
-            "--to",
-            SENTINEL,
-            "--chunk",
-            "100",
-        ],
-        &[&["chunk", "--chunk"]],
-    );
-    r.case(
-        &[
-            "copy",
-            "--from",
-            "00:10.0+1M",
-            "--to",
-            SENTINEL,
-            "--qd",
-            "0",
-        ],
-        &[&["--qd"]],
-    );
-    r.case(
-        &["copy", "--from", "00:10.0+1M", "--to", SENTINEL, "--bogus"],
-        &[&["--bogus"]],
-    );
-    r.check();
-}
-
-#[test]
-#[ignore = "needs the VM"]
-fn guest_refuses_bad_cores_and_num_pages() {
-    let mut r = Refusals::default();
-    for bad in [
-        ["--cores", "0"],
-        ["--cores", "x"],
-        ["--cores", "100000"],
-        ["--num-pages=-1", ""],
-        ["--num-pages", "x"],
-    ] {
-        let mut args = vec!["copy", "--from", "00:10.0+1M", "--to", SENTINEL];
-        args.extend(bad.iter().filter(|a| !a.is_empty()));
-        let option = bad[0].split('=').next().unwrap();
-        let run = r.case(&args, &[&[option]]);
-        // Refused for its value, not as an option nvcopy does not know.
-        assert!(!run.stderr.contains("unexpected argument"), "{run}");
-    }
-    r.check();
-}
-
-#[test]
-#[ignore = "needs the VM"]
 fn guest_zero_refuses_bad_input() {
     let mut r = Refusals::default();
     r.case(
@@ -1205,7 +1119,6 @@ fn guest_zero_refuses_bad_input() {
         &["zero", "--to", "00:14.0+1M", "--to", "0000:00:1e.0+1M"],
         &[&["0000:00:1e.0"], NOT_FOUND],
     );
-    r.case(&["zero"], &[&["--to"]]);
     r.case(
         &["zero", "--to", "00:14.0+1M", "--to", "00:14.0@8M+2M"],
         &[SAME_LENGTH],
@@ -1215,14 +1128,6 @@ fn guest_zero_refuses_bad_input() {
         &["zero", "--to", "00:14.0+1M", "--to", "00:15.0"],
         &[SAME_LENGTH],
     );
-    let regions: Vec<String> = (0..65)
-        .map(|i| format!("{SENTINEL}@{}K+4K", i * 4))
-        .collect();
-    let mut args = vec!["zero"];
-    for reg in &regions {
-        args.extend(["--to", reg]);
-    }
-    r.case(&args, &[&["65"], &["64"]]);
     r.check();
 }
 
