@@ -896,6 +896,47 @@ fn guest_refuses_a_device_not_bound_to_vfio() {
 
 #[test]
 #[ignore = "needs the VM"]
+fn guest_setup_sh_bind_refuses_a_drive_held_open() {
+    let kernel = OnKernelDriver::new(R512);
+    let out = Command::new("setup.sh")
+        .args(["blockdev", R512])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "setup.sh blockdev {R512}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    // A process that has the namespace open (as its stdin) and does nothing else.
+    let mut holder = Command::new("sleep")
+        .arg("600")
+        .stdin(File::open(&dev).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = holder.id();
+    let bind = Command::new("setup.sh")
+        .args(["bind", R512])
+        .output()
+        .unwrap();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let err = String::from_utf8_lossy(&bind.stderr);
+    assert_eq!(bind.status.code(), Some(1), "setup.sh bind {R512}: {err}");
+    assert!(
+        err.contains(&format!(
+            "refusing to unbind {R512} from nvme: {dev} is held open by pid {pid} (sleep)"
+        )) && err.contains("stop that process")
+            && err.contains("--force"),
+        "setup.sh bind {R512} with {dev} open in pid {pid}: {err}"
+    );
+    assert_eq!(driver_of(R512).as_deref(), Some("nvme"), "{err}");
+    // Nothing holds it now: the bind back to vfio-pci (which must work) happens here.
+    drop(kernel);
+}
+
+#[test]
+#[ignore = "needs the VM"]
 fn guest_no_hugepages_is_refused_and_small_pages_work() {
     let mut r = Refusals::default();
     {
