@@ -33,8 +33,10 @@ Commands:
                          Load vfio-pci and bind the given functions (--all: every
                          NVMe function) to it.  Refuses to take a controller away
                          from the kernel nvme driver while one of its namespaces or
-                         partitions is mounted, used as swap or has holders
-                         (dm/md...), unless --force.
+                         partitions is mounted, used as swap, has holders
+                         (dm/md...), is held open by a process or is an LVM
+                         PV, a ZFS pool member or a device of a btrfs
+                         filesystem, unless --force.
   reset BDF...|--all     Give the functions (--all: every NVMe function) back to
                          the kernel nvme driver.
                          A BDF that is not an NVMe function is refused unless
@@ -196,7 +198,46 @@ blockdev_users() {
         [ -e "$bu_h" ] && bu_holders="$bu_holders ${bu_h##*/}"
     done
     [ -n "$bu_holders" ] && printf '%s is held by%s (device-mapper/md/...)\n' "$bu_dev" "$bu_holders"
+    open_holders "$bu_name"
+    member_of "$bu_name"
     return 0
+}
+
+# Processes that have the block device open, one line each.  An fd's link names
+# the device node the kernel opened (/dev/disk/by-* links resolved), and one
+# `ls -l` over every /proc/PID/fd lists them all without a readlink per fd.
+open_holders() {
+    oh_dev=/dev/$1
+    for oh_pid in $(ls -l /proc/[0-9]*/fd 2>/dev/null | awk -v dev="$oh_dev" '
+        /^\/proc\/[0-9]+\/fd:$/ { split($0, p, "/"); pid = p[3]; next }
+        $NF == dev && $(NF - 1) == "->" && !seen[pid]++ { print pid }'); do
+        oh_comm=$(cat "/proc/$oh_pid/comm" 2>/dev/null) || continue
+        printf '%s is held open by pid %s (%s): stop that process first\n' "$oh_dev" "$oh_pid" "$oh_comm"
+    done
+}
+
+# A device that is part of a volume manager or a multi-device btrfs, by the
+# signature blkid finds on it (util-linux and busybox blkid both print TYPE="...").
+# Without blkid there is nothing to go on, and the other checks still apply.
+member_of() {
+    mo_dev=/dev/$1
+    command -v blkid >/dev/null 2>&1 || return 0
+    mo_type=$(blkid "$mo_dev" 2>/dev/null | sed -n 's/.* TYPE="\([^"]*\)".*/\1/p')
+    case $mo_type in
+        LVM2_member)
+            printf '%s is an LVM physical volume: deactivate its volume group (vgchange -an VG) and take it out of LVM (vgreduce, pvremove) first\n' "$mo_dev" ;;
+        zfs_member)
+            printf '%s is a ZFS pool member: export the pool (zpool export POOL) first\n' "$mo_dev" ;;
+        btrfs)
+            # Only a filesystem of several devices: a single-device one is in
+            # use only when mounted, which the mount checks see.
+            for mo_fs in "$SYS"/fs/btrfs/*/devices/"$1"; do
+                [ -e "$mo_fs" ] || continue
+                mo_fs=${mo_fs%/devices/*}
+                [ "$(ls "$mo_fs/devices" | wc -l)" -gt 1 ] || continue
+                printf '%s is a device of btrfs filesystem %s: unmount it, or move its data off with btrfs device remove, first\n' "$mo_dev" "${mo_fs##*/}"
+            done ;;
+    esac
 }
 
 # All reasons a kernel-bound controller is busy: every namespace and each of
@@ -328,7 +369,7 @@ cmd_bind() {
             bd_busy=1
         fi
     done
-    [ "$bd_busy" = 0 ] || die "devices in use; unmount/swapoff/remove holders first, or use --force (data loss risk)"
+    [ "$bd_busy" = 0 ] || die "devices in use; free them as said above (unmount, swapoff, remove holders, stop processes, take them out of LVM/ZFS/btrfs), or use --force (data loss risk)"
 
     bd_fail=0
     for bd_bdf in $BDFS; do

@@ -86,18 +86,12 @@ if [ "${NVCOPY_SKIP_VM:-0}" != 1 ]; then
     tests vm-noiommu timeout -k 10 1500 bash scripts/vm.sh run --timeout 1200 --noiommu \
         --nvme size=64M \
         -- env NVCOPY_NOIOMMU=1 /tests/nvcopy-vm --ignored guest_noiommu --test-threads=1
-    # The copier end to end (tests/vm_copy.rs, which has the layout's table): whole-drive
-    # and region copies, zeroes and every bad-input case through the CLI, then the host
-    # compares the image files byte for byte.
+    # The copier end to end (tests/vm_copy.rs; the layout is in scripts/vm-copy-suite.sh):
+    # whole-drive and region copies, zeroes and the bad-input cases that need a device,
+    # through the CLI, then the host compares the image files byte for byte.
     COPYIMG=$VMWORK/copy-images
     check vm-copy-images bash scripts/vm-copy-suite.sh prepare "$COPYIMG"
-    tests vm-copy timeout -k 10 1500 bash scripts/vm.sh run --timeout 1200 \
-        --nvme "file=$COPYIMG/source.img" --nvme "file=$COPYIMG/one.img" \
-        --nvme "file=$COPYIMG/wide-4k.img,lbs=4096" --nvme "file=$COPYIMG/wide-mdts1.img,mdts=1" \
-        --nvme "file=$COPYIMG/sentinel.img" --nvme "file=$COPYIMG/regions-4k.img,lbs=4096" \
-        --nvme "file=$COPYIMG/regions-512.img" --nvme "file=$COPYIMG/wide-512.img" \
-        --nvme "file=$COPYIMG/zero-whole.img,lbs=4096" \
-        -- /tests/nvcopy-vm_copy --ignored guest_ --test-threads=1
+    tests vm-copy timeout -k 10 1500 bash scripts/vm-copy-suite.sh run "$COPYIMG" --timeout 1200
     tests vm-copy-host env NVCOPY_COPY_IMAGES="$COPYIMG" cargo test --test vm_copy -- --ignored host_
     # What `result: ok`, --map and signals promise (tests/vm_trust.rs; the layout is in
     # scripts/vm-trust-suite.sh): kill -9 and SIGINT mid-copy, then a resume from the map;
