@@ -17,6 +17,7 @@ use nvcopy::engine::{Engine, EngineOptions};
 use nvcopy::error::{Error, OptionConflict, Refusal, Result};
 use nvcopy::job::{Flags, JobOutcome};
 use nvcopy::mapfile::MapHeader;
+use nvcopy::open::{open_job, remove_created, FileOptions};
 use nvcopy::platform::PlatformOptions;
 use nvcopy::progress::MapKeeper;
 use nvcopy::region::{self, Region, RegionSpec, Role};
@@ -42,6 +43,8 @@ pub struct JobRequest {
     pub verify_only: bool,
     /// Print this digest of the source region.
     pub digest: Option<nvcopy::digest::DigestKind>,
+    /// How files and block devices are opened.
+    pub files: FileOptions,
 }
 
 /// How often the progress map is checkpointed.
@@ -298,31 +301,26 @@ pub fn precheck(req: &JobRequest) -> Result<()> {
     Ok(())
 }
 
-/// Resolves every region, refusing bad ones, before the job is submitted: each against
-/// its namespace ([`Engine::region`]), then the job's cross-region checks
-/// ([`region::check_destination`], which [`Client`] applies too), naming regions as the
-/// command line wrote them.
-pub fn resolve(engine: &Engine, req: &JobRequest) -> Result<(Option<Region>, Vec<Region>)> {
-    let from = req
-        .from
-        .as_ref()
-        .map(|s| engine.region(s, None))
-        .transpose()?;
-    let default_len = from.map(|f| f.len);
+/// The job's cross-region checks ([`region::check_destination`], which [`Client`]
+/// applies too) on regions already resolved against their devices, naming regions as
+/// the command line wrote them.
+pub fn cross_check(
+    engine: &Engine,
+    req: &JobRequest,
+    from: Option<&Region>,
+    to: &[Region],
+) -> Result<()> {
     let name = |role: Role| {
         match role {
-            Role::Source => req.from.map(|s| s.to_string()),
+            Role::Source => req.from.as_ref().map(|s| s.to_string()),
             Role::Destination(i) => req.to.get(i).map(|s| s.to_string()),
         }
         .unwrap_or_default()
     };
-    let mut to = Vec::with_capacity(req.to.len());
-    for spec in &req.to {
-        let d = engine.region(spec, default_len)?;
-        region::check_destination(from.as_ref(), &to, &d, engine.controllers(), &name)?;
-        to.push(d);
+    for (i, d) in to.iter().enumerate() {
+        region::check_destination(from, &to[..i], d, engine.devices(), &name)?;
     }
-    Ok((from, to))
+    Ok(())
 }
 
 /// Room for what the pool loses to layout: no allocation spans a 2 MiB hugepage.
@@ -364,7 +362,7 @@ pub fn run(
         .from
         .iter()
         .chain(req.to.iter())
-        .map(|r| r.addr)
+        .filter_map(|r| r.pci())
         .collect();
     addrs.sort();
     addrs.dedup();
@@ -375,14 +373,20 @@ pub fn run(
     };
     let mut po = platform.clone();
     po.pool_bytes = pool_bytes(num_pages, eo, addrs.len())?;
-    let engine = Engine::open(&addrs, &po, eo.clone())?;
-    let (from, to) = resolve(&engine, req)?;
+    let opened = open_job(req.from.as_ref(), &req.to, &po, &req.files, eo.clone())?;
+    let (engine, from, to) = (opened.engine, opened.from, opened.to);
+    if let Err(e) = cross_check(&engine, req, from.as_ref(), &to) {
+        drop(engine);
+        remove_created(&opened.created);
+        return Err(e);
+    }
     let client = Client::new(&engine, num_pages)?;
     let mut keeper = None;
     let mut options = JobOptions::default();
     if let Some(path) = &req.map {
         let header = MapHeader::new(
             req.from
+                .as_ref()
                 .map_or_else(|| "zero".to_string(), |s| s.to_string()),
             req.to.iter().map(|r| r.to_string()).collect(),
             to.first().map_or(0, |r| r.len),
@@ -395,6 +399,7 @@ pub fn run(
     }
     options.hash_chunks = req.verify || req.verify_only;
     options.digest = req.digest;
+    options.sparse = req.files.sparse;
     if req.digest.is_some() && options.only.is_some() {
         return Err(Refusal::BadOptions(OptionConflict::HashNeedsWholeSource).into());
     }
@@ -454,7 +459,7 @@ pub fn run(
     let controller_resets = outcome
         .resets
         .iter()
-        .map(|&(c, n)| (engine.controllers()[c].name().to_string(), n))
+        .map(|&(c, n)| (engine.devices()[c].name().to_string(), n))
         .collect();
     let hash = outcome
         .digest
@@ -477,7 +482,7 @@ pub fn run(
             (Some(_), false) => "copy",
             (None, _) => "zero",
         },
-        source: req.from.map(|s| s.to_string()),
+        source: req.from.as_ref().map(|s| s.to_string()),
         destinations: req.to.iter().map(|r| r.to_string()).collect(),
         bytes_total: handle.len(),
         elapsed,
@@ -568,6 +573,7 @@ mod tests {
             verify: false,
             verify_only: false,
             digest: None,
+            files: FileOptions::default(),
         }
     }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use nvcopy_vfio::PAGE_SIZE;
 
+use crate::endpoint::Volume;
 use crate::engine::Engine;
 use crate::error::{Refusal, Result};
 use crate::job::{Callback, DestMask, Flags, Job, JobKind, JobOutcome, JobPlan};
@@ -122,6 +123,9 @@ pub struct JobOptions {
     /// Compute this digest of the source region, in order (the job then runs on one
     /// reactor). It is reported only when every chunk of the source was read.
     pub digest: Option<crate::digest::DigestKind>,
+    /// Deallocate instead of writing all-zero chunks on destinations that can (files:
+    /// holes), as `--sparse`.
+    pub sparse: bool,
 }
 
 /// A kcopyd client.
@@ -307,32 +311,29 @@ impl Client {
     ) -> Result<JobPlan> {
         let e = &self.engine;
         region::check_destination_count(to.len(), read_only && from.is_some())?;
-        let ns_of = |r: &Region| -> Result<nvcopy_nvme::Namespace> {
-            let c = e
-                .controllers
-                .get(r.ctrl)
-                .ok_or_else(|| Refusal::NotInEngine {
-                    ctrl: format!("#{}", r.ctrl),
-                })?;
-            let ns = c.namespace(r.nsid)?.clone();
-            Region::check_against(r, &ns, c.name())?;
-            Ok(ns)
+        let vol_of = |r: &Region| -> Result<Volume> {
+            let c = e.devices.get(r.ctrl).ok_or_else(|| Refusal::NotInEngine {
+                ctrl: format!("#{}", r.ctrl),
+            })?;
+            let v = c.volume(r.nsid)?;
+            Region::check_against(r, &v, c.name())?;
+            Ok(v)
         };
         let len = match from {
             Some(f) => f.len,
             None => to.first().map_or(0, |r| r.len),
         };
-        let src_ns = from.map(ns_of).transpose()?;
-        let dst_ns = to.iter().map(ns_of).collect::<Result<Vec<_>>>()?;
+        let src_vol = from.map(vol_of).transpose()?;
+        let dst_vol = to.iter().map(vol_of).collect::<Result<Vec<_>>>()?;
         let name = |role: Role| {
             match role {
-                Role::Source => from.map(|f| f.name_in(&e.controllers)),
-                Role::Destination(i) => to.get(i).map(|d| d.name_in(&e.controllers)),
+                Role::Source => from.map(|f| f.name_in(&e.devices)),
+                Role::Destination(i) => to.get(i).map(|d| d.name_in(&e.devices)),
             }
             .unwrap_or_default()
         };
         for (i, d) in to.iter().enumerate() {
-            region::check_destination(from, &to[..i], d, &e.controllers, &name)?;
+            region::check_destination(from, &to[..i], d, &e.devices, &name)?;
         }
         let block = from
             .into_iter()
@@ -340,7 +341,7 @@ impl Client {
             .map(|r| r.lba_size as usize)
             .max()
             .unwrap_or(512);
-        let max_of = |r: &Region| e.controllers[r.ctrl].max_transfer();
+        let max_of = |r: &Region| e.devices[r.ctrl].caps().max_transfer;
         let mut offloaded = DestMask::default();
         let mut write_zeroes = DestMask::default();
         let sequential = flags.contains(Flags::WRITE_SEQUENTIAL);
@@ -350,29 +351,30 @@ impl Client {
             .opts
             .chunk
             .min(self.num_pages() * PAGE_SIZE)
-            .min(nvcopy_nvme::prp::MAX_TRANSFER);
+            .min(crate::endpoint::MAX_CHUNK);
         match from {
             Some(f) => {
                 chunk = chunk.min(max_of(f));
                 let trial = (chunk / block * block).max(block);
                 for (i, d) in to.iter().enumerate() {
-                    let c = &e.controllers[d.ctrl];
+                    let c = &e.devices[d.ctrl];
                     let same_ns = d.ctrl == f.ctrl && d.nsid == f.nsid;
                     let blocks = (trial / d.lba_size as usize) as u64;
-                    if same_ns && !sequential && e.opts.offload && c.copy_fits(&dst_ns[i], blocks) {
+                    if same_ns && !sequential && e.opts.offload && c.copy_fits(&dst_vol[i], blocks)
+                    {
                         offloaded.set(i);
                     } else {
-                        chunk = chunk.min(c.max_transfer());
+                        chunk = chunk.min(c.caps().max_transfer);
                     }
                 }
             }
             None => {
                 for (i, d) in to.iter().enumerate() {
-                    let c = &e.controllers[d.ctrl];
-                    if e.opts.offload && c.info().supports_write_zeroes() {
+                    let c = &e.devices[d.ctrl];
+                    if e.opts.offload && c.caps().write_zeroes {
                         write_zeroes.set(i);
                     } else {
-                        chunk = chunk.min(c.max_transfer());
+                        chunk = chunk.min(c.caps().max_transfer);
                     }
                 }
             }
@@ -387,7 +389,7 @@ impl Client {
             }
             .into());
         }
-        let base_gen = e.controllers.iter().map(|c| c.generation()).collect();
+        let base_gen = e.devices.iter().map(|c| c.generation()).collect();
         Ok(JobPlan {
             todo: None,
             track_cells: false,
@@ -404,8 +406,15 @@ impl Client {
             len,
             offloaded,
             write_zeroes,
-            src_ns,
-            dst_ns,
+            holes: DestMask(
+                to.iter()
+                    .enumerate()
+                    .filter(|(_, d)| e.devices[d.ctrl].caps().deallocate)
+                    .fold(0, |m, (i, _)| m | 1 << i),
+            ),
+            src_vol,
+            dst_vol,
+            sparse: DestMask::default(),
         })
     }
 }
@@ -415,6 +424,11 @@ fn with_options(mut plan: JobPlan, options: &JobOptions) -> JobPlan {
     plan.track_cells = options.track_cells;
     plan.hash_chunks = options.hash_chunks;
     plan.digest = options.digest;
+    plan.sparse = if options.sparse {
+        plan.holes
+    } else {
+        DestMask::default()
+    };
     if let Some(only) = &options.only {
         let chunk = plan.chunk.max(1) as u64;
         let cells = plan.len.div_ceil(chunk);

@@ -18,7 +18,11 @@ pub enum Profile {
     /// Only sleeping, waking, the clock and thread exit: what the steady-state data path
     /// needs (none at all while it has work) plus idling. Used by the test that proves it.
     DataPath,
-    /// [`Profile::DataPath`], plus what recovery and teardown need: memory for error
+    /// [`Profile::DataPath`] plus io_uring_enter, which an io_uring endpoint makes when
+    /// the ring has no SQPOLL thread (once per batch) or when that thread went to sleep
+    /// after an idle second (once to wake it).
+    DataPathRing,
+    /// [`Profile::DataPathRing`], plus what recovery and teardown need: memory for error
     /// messages, PCI config space reads and writes (bus mastering off), closing a device,
     /// and writing a panic message to stderr.
     Reactor,
@@ -56,6 +60,9 @@ const RECOVERY: &[libc::c_long] = &[
 pub fn filter(profile: Profile) -> Result<BpfProgram, seccompiler::Error> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         IDLE.iter().map(|&nr| (nr, Vec::new())).collect();
+    if profile != Profile::DataPath {
+        rules.insert(libc::SYS_io_uring_enter, Vec::new());
+    }
     if profile == Profile::Reactor {
         rules.extend(RECOVERY.iter().map(|&nr| (nr, Vec::new())));
         // A panic message, and nothing else, may be written: to stderr.

@@ -1,7 +1,8 @@
-//! The engine: controllers, the DMA pool, and one pinned polling reactor per chosen core.
-//! Each reactor owns one I/O queue pair per controller, so no queue is shared or locked;
-//! jobs reach reactors through bounded lock-free inboxes. A controller that granted fewer
-//! queue pairs than there are reactors is served by the reactors that got one.
+//! The engine: devices, the DMA pool, and one pinned polling reactor per chosen core.
+//! Each reactor owns one endpoint per device (an NVMe I/O queue pair, an io_uring ring),
+//! so no endpoint is shared or locked; jobs reach reactors through bounded lock-free
+//! inboxes. A controller that granted fewer queue pairs than there are reactors is served
+//! by the reactors that got one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -11,6 +12,8 @@ use crossbeam_queue::ArrayQueue;
 use nvcopy_nvme::Controller;
 use nvcopy_vfio::{DmaPool, PciAddress};
 
+use crate::endpoint::nvme::NvmeDevice;
+use crate::endpoint::{Device, Devices};
 use crate::error::{Error, Refusal, Result};
 use crate::job::{Flags, Job, JobKind};
 use crate::platform::{Platform, PlatformOptions};
@@ -96,7 +99,7 @@ impl std::fmt::Debug for EngineOptions {
 
 /// What reactors and clients share.
 pub(crate) struct EngineShared {
-    pub controllers: Vec<Arc<Controller>>,
+    pub devices: Devices,
     pub pool: DmaPool,
     pub opts: EngineOptions,
     pub inboxes: Vec<ArrayQueue<Arc<Job>>>,
@@ -142,23 +145,30 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts reactors over initialised controllers sharing `pool`.
+    /// Starts reactors over initialised NVMe controllers sharing `pool`.
     pub fn new(
         controllers: Vec<Arc<Controller>>,
         pool: DmaPool,
         opts: EngineOptions,
     ) -> Result<Engine> {
-        if controllers.is_empty() {
+        let devices = controllers.into_iter().map(NvmeDevice::shared).collect();
+        Engine::with_devices(devices, pool, opts)
+    }
+
+    /// Starts reactors over `devices` (NVMe controllers, files, block devices) whose data
+    /// pages come from `pool`.
+    pub fn with_devices(devices: Devices, pool: DmaPool, opts: EngineOptions) -> Result<Engine> {
+        if devices.is_empty() {
             return Err(Refusal::NoControllers.into());
         }
         let n = opts.reactors.max(1);
-        let mut has_queue = vec![vec![false; controllers.len()]; n];
+        let mut has_queue = vec![vec![false; devices.len()]; n];
         let mut reactor_queues = Vec::with_capacity(n);
         for (r, row) in has_queue.iter_mut().enumerate() {
-            let mut queues = Vec::with_capacity(controllers.len());
-            for (c, ctrl) in controllers.iter().enumerate() {
-                if r < ctrl.io_queues() {
-                    queues.push(Some(ctrl.create_io_qpair(opts.queue_entries)?));
+            let mut queues = Vec::with_capacity(devices.len());
+            for (c, dev) in devices.iter().enumerate() {
+                if r < dev.max_endpoints() {
+                    queues.push(Some(dev.open_endpoint(&pool, opts.queue_entries)?));
                     row[c] = true;
                 } else {
                     queues.push(None);
@@ -167,7 +177,7 @@ impl Engine {
             reactor_queues.push(queues);
         }
         let shared = Arc::new(EngineShared {
-            controllers,
+            devices,
             pool,
             opts,
             inboxes: (0..n).map(|_| ArrayQueue::new(INBOX)).collect(),
@@ -236,9 +246,9 @@ impl Engine {
         &self.shared
     }
 
-    /// The controllers, in the order regions name them.
-    pub fn controllers(&self) -> &[Arc<Controller>] {
-        &self.shared.controllers
+    /// The devices, in the order regions name them.
+    pub fn devices(&self) -> &[Arc<dyn Device>] {
+        &self.shared.devices
     }
 
     /// The options the engine runs with.
@@ -249,15 +259,15 @@ impl Engine {
     /// Resolves a region written by a user against this engine's controllers, checking
     /// bounds and alignment. `default_len` is used when the spec gives no length.
     pub fn region(&self, spec: &RegionSpec, default_len: Option<u64>) -> Result<Region> {
-        let name = spec.addr.to_string();
+        let name = spec.place.to_string();
         let i = self
             .shared
-            .controllers
+            .devices
             .iter()
             .position(|c| c.name() == name)
             .ok_or(Refusal::NotInEngine { ctrl: name })?;
-        let ns = self.shared.controllers[i].namespace(spec.nsid)?;
-        Region::check(spec, i, ns.lba_size, ns.blocks, default_len)
+        let v = self.shared.devices[i].volume(spec.nsid)?;
+        Region::check(spec, i, v.block_size, v.blocks, default_len)
     }
 }
 
@@ -273,9 +283,9 @@ impl Drop for Engine {
         // Closing a device makes vfio-pci reset it (100 ms or more each): when nothing else
         // holds the controllers, shut them down and close them all at once.
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            let controllers = std::mem::take(&mut shared.controllers);
+            let devices = std::mem::take(&mut shared.devices);
             std::thread::scope(|s| {
-                for c in controllers {
+                for c in devices {
                     s.spawn(move || drop(c));
                 }
             });

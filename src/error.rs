@@ -12,6 +12,9 @@ pub enum Error {
     /// An NVMe controller or command.
     #[error(transparent)]
     Nvme(#[from] nvcopy_nvme::Error),
+    /// A file or kernel block device, or io_uring.
+    #[error(transparent)]
+    File(#[from] nvcopy_uring::Error),
     /// Bad input from the user or the calling code, found before any I/O.
     #[error(transparent)]
     Refused(#[from] Refusal),
@@ -60,6 +63,15 @@ pub enum Error {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Refusal {
+    /// A file whose length is not whole blocks of its direct-I/O alignment, used whole.
+    PartialBlock {
+        /// The path.
+        path: String,
+        /// Its length.
+        len: u64,
+        /// The alignment.
+        block: u32,
+    },
     /// A size that is not a number with an optional K, M, G or T suffix.
     BadSize {
         /// As written.
@@ -234,6 +246,11 @@ impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use Refusal::*;
         match self {
+            PartialBlock { path, len, block } => write!(
+                f,
+                "{path} is {len} bytes, not a whole number of its {block}-byte I/O blocks: name a region of whole blocks ({path}+{}), or add --buffered",
+                len / *block as u64 * *block as u64
+            ),
             BadSize { text } => write!(
                 f,
                 "invalid size {text:?}: use a number with an optional K, M, G or T suffix"

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
 
-use nvcopy_nvme::Namespace;
+use crate::endpoint::Volume;
 
 use crate::client::ClientShared;
 use crate::digest::{DigestKind, Digester};
@@ -212,8 +212,12 @@ pub(crate) struct JobPlan {
     pub len: u64,
     pub offloaded: DestMask,
     pub write_zeroes: DestMask,
-    pub src_ns: Option<Namespace>,
-    pub dst_ns: Vec<Namespace>,
+    pub src_vol: Option<Volume>,
+    pub dst_vol: Vec<Volume>,
+    /// Destinations where all-zero chunks become holes (`--sparse`).
+    pub sparse: DestMask,
+    /// Destinations that could (they deallocate to zeroes).
+    pub holes: DestMask,
     /// Only these cells (None: all).
     pub todo: Option<Vec<bool>>,
     /// Keep a state per cell, for a progress map.
@@ -245,8 +249,10 @@ pub(crate) enum Claim {
 /// A job in flight. Shared by the client and every reactor working on it.
 pub struct Job {
     pub(crate) kind: JobKind,
-    pub(crate) src_ns: Option<Namespace>,
-    pub(crate) dst_ns: Vec<Namespace>,
+    pub(crate) src_vol: Option<Volume>,
+    pub(crate) dst_vol: Vec<Volume>,
+    /// Destinations where all-zero chunks become holes (`--sparse`).
+    pub(crate) sparse: DestMask,
     pub(crate) to: Vec<Region>,
     pub(crate) flags: Flags,
     /// Bytes per chunk; a multiple of every block size involved, and of 4 KiB.
@@ -316,8 +322,9 @@ impl Job {
             mismatches: Mutex::new(Vec::new()),
             ways,
             kind: plan.kind,
-            src_ns: plan.src_ns,
-            dst_ns: plan.dst_ns,
+            src_vol: plan.src_vol,
+            dst_vol: plan.dst_vol,
+            sparse: plan.sparse,
             to: plan.to,
             flags: plan.flags,
             chunk: plan.chunk,

@@ -9,7 +9,7 @@
 //! # fn main() -> nvcopy::Result<()> {
 //! let from: RegionSpec = "0000:00:10.0+1G".parse()?;
 //! let to: Vec<RegionSpec> = vec!["0000:00:11.0".parse()?, "0000:00:12.0/2@4G".parse()?];
-//! let addrs = [from.addr, to[0].addr, to[1].addr];
+//! let addrs = [from.pci().unwrap(), to[0].pci().unwrap(), to[1].pci().unwrap()];
 //! let platform = PlatformOptions { pool_bytes: 64 << 20, ..Default::default() };
 //! let engine = Engine::open(&addrs, &platform, EngineOptions { reactors: 2, ..Default::default() })?;
 //! let src = engine.region(&from, None)?;
@@ -35,10 +35,12 @@ mod chunk;
 pub mod client;
 pub mod confine;
 pub mod digest;
+pub mod endpoint;
 pub mod engine;
 pub mod error;
 pub mod job;
 pub mod mapfile;
+pub mod open;
 mod pages;
 pub mod platform;
 pub mod progress;

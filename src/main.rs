@@ -138,6 +138,15 @@ struct JobArgs {
     /// that makes an unexpected syscall ends the process with SIGSYS).
     #[arg(long)]
     no_seccomp: bool,
+    /// File destinations: leave holes (punch them) where a chunk is all zeroes, as
+    /// `cp --sparse=always` does; their space is not reserved up front.
+    #[arg(long)]
+    sparse: bool,
+    /// Files and block devices: go through the page cache instead of O_DIRECT (for
+    /// filesystems without direct I/O, or files of any length); the closing Flush
+    /// (fdatasync) still makes the copy durable.
+    #[arg(long)]
+    buffered: bool,
     /// Machine-readable summary.
     #[arg(long)]
     json: bool,
@@ -231,6 +240,11 @@ fn run_job(from: Option<RegionSpec>, to: Vec<RegionSpec>, a: JobArgs) -> Result<
         verify: a.verify,
         verify_only: a.verify_only,
         digest: a.digest,
+        files: nvcopy::open::FileOptions {
+            buffered: a.buffered,
+            sparse: a.sparse,
+            ..Default::default()
+        },
     };
     let eo = EngineOptions {
         reactors: a.cores as usize,
@@ -300,7 +314,15 @@ fn run(cli: Cli) -> Result<()> {
                 )
                 + nvcopy_nvme::Controller::dma_bytes(&nvcopy_nvme::ControllerOptions::default())
                 + cli::POOL_SLACK;
-            let platform = Platform::open(&[from.addr], &po)?;
+            let addr = from.pci().ok_or_else(|| {
+                Error::from(nvcopy::error::Refusal::NotInEngine {
+                    ctrl: format!(
+                        "{} (bench read reads NVMe namespaces; time a file with dd)",
+                        from.place
+                    ),
+                })
+            })?;
+            let platform = Platform::open(&[addr], &po)?;
             let ns = platform.controllers[0].namespace(from.nsid)?;
             let region = Region::check(&from, 0, ns.lba_size, ns.blocks, None)?;
             let r = readbench::read(&platform, &region, chunk, qd)?;

@@ -25,10 +25,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvcopy_nvme::{Completion, DataPtr, Error as NvmeError, IoQpair, Recovery};
 use nvcopy_vfio::{DmaBuf, Iova, PAGE_SIZE};
 
 use crate::chunk::{bits, Chunk, Cmd, Completed, Effects, Op, Outcome, Plan, RetryPolicy, Token};
+use crate::endpoint::{Command, Done, Endpoint, Pages, Recovery, Refused};
 use crate::engine::EngineShared;
 use crate::error::Result;
 use crate::job::{Claim, DestMask, Flags, Job, JobKind};
@@ -92,6 +92,8 @@ struct Slot {
     mismatch: bool,
     /// Ended, but waits for the chunks before it to feed the job's digest in order.
     deferred: bool,
+    /// The data read is all zeroes (looked at only for jobs with `--sparse` destinations).
+    all_zero: bool,
 }
 
 /// A job this reactor works on.
@@ -110,7 +112,7 @@ struct ActiveJob {
 pub(crate) struct Reactor {
     id: usize,
     shared: Arc<EngineShared>,
-    queues: Vec<Option<IoQpair>>,
+    queues: Vec<Option<Box<dyn Endpoint>>>,
     jobs: Vec<Option<ActiveJob>>,
     free_jobs: Vec<u16>,
     /// Job table indexes with chunks left to claim, for round robin.
@@ -118,8 +120,10 @@ pub(crate) struct Reactor {
     slots: Vec<Slot>,
     free: Vec<u16>,
     retries: BinaryHeap<Reverse<(Instant, u64)>>,
-    events: Vec<(usize, Completion)>,
-    aborted: Vec<Completion>,
+    events: Vec<(usize, Done)>,
+    /// One endpoint's completions, before they join `events`.
+    polled: Vec<Done>,
+    aborted: Vec<Done>,
     zero_iovas: Vec<Iova>,
     // Keeps the shared zero page alive for `zero_iovas`.
     _zero_page: DmaBuf,
@@ -139,10 +143,10 @@ impl Reactor {
     pub(crate) fn new(
         id: usize,
         shared: Arc<EngineShared>,
-        queues: Vec<Option<IoQpair>>,
+        queues: Vec<Option<Box<dyn Endpoint>>>,
     ) -> Result<Reactor> {
         let qd = shared.opts.qd.clamp(1, u16::MAX as usize);
-        let max_pages = nvcopy_nvme::prp::MAX_TRANSFER / PAGE_SIZE;
+        let max_pages = crate::endpoint::MAX_CHUNK / PAGE_SIZE;
         let zero_page = shared.pool.alloc_zeroed(PAGE_SIZE)?;
         let slots = (0..qd)
             .map(|_| {
@@ -159,14 +163,11 @@ impl Reactor {
                     way: 0,
                     mismatch: false,
                     deferred: false,
+                    all_zero: false,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let deadlines = shared
-            .controllers
-            .iter()
-            .map(|c| c.options().io_timeout)
-            .collect();
+        let deadlines = shared.devices.iter().map(|d| d.io_timeout()).collect();
         let now = Instant::now();
         Ok(Reactor {
             id,
@@ -176,14 +177,15 @@ impl Reactor {
             claimable: Vec::with_capacity(JOBS),
             free: (0..qd as u16).rev().collect(),
             retries: BinaryHeap::with_capacity(qd * 66 + JOBS),
-            events: Vec::with_capacity(CQ_BATCH * shared.controllers.len()),
+            events: Vec::with_capacity(CQ_BATCH * shared.devices.len()),
+            polled: Vec::with_capacity(CQ_BATCH),
             // One queue's trackers at most: recovery aborts one queue at a time.
             aborted: Vec::with_capacity(shared.opts.queue_entries as usize),
             zero_iovas: vec![zero_page.iova(); max_pages],
             _zero_page: zero_page,
             deadlines,
-            faults: vec![String::new(); shared.controllers.len()],
-            scratch: vec![0; nvcopy_nvme::prp::MAX_TRANSFER],
+            faults: vec![String::new(); shared.devices.len()],
+            scratch: vec![0; crate::endpoint::MAX_CHUNK],
             slots,
             shared,
             now,
@@ -281,32 +283,32 @@ impl Reactor {
                 if q.outstanding() == 0 {
                     continue;
                 }
-                // A completion naming a command that is not outstanding is dropped by the
-                // driver; the command it should have named then times out.
-                let events = &mut self.events;
-                let _ = q.poll(CQ_BATCH, |c| events.push((ci, c)));
+                self.polled.clear();
+                q.poll(CQ_BATCH, &mut self.polled);
+                self.events.extend(self.polled.iter().map(|&d| (ci, d)));
             }
         }
         for i in 0..self.events.len() {
-            let (ci, c) = self.events[i];
-            let Some((owner, op)) = Owner::of(c.token) else {
+            let (ci, d) = self.events[i];
+            let Some((owner, op)) = Owner::of(d.token) else {
                 continue;
             };
-            let how = if c.status.is_success() {
+            let q = self.queues[ci].as_ref();
+            let how = if d.ok() {
                 Completed::Ok
             } else {
-                match self.queues[ci].as_ref().and_then(|q| q.retry_after(&c)) {
+                match q.and_then(|q| q.retry_after(&d)) {
                     Some(wait) => Completed::Retryable(wait),
                     None => Completed::Failed,
                 }
             };
-            let msg = match self.queues[ci].as_ref().map(|q| q.check(&c)) {
-                Some(Err(e)) if how != Completed::Ok => Some(e),
+            let msg = match q {
+                Some(q) if !d.ok() => Some(q.describe(&d)),
                 _ => None,
             };
             self.settle(owner, op, ci, how, || match msg {
-                Some(e) => e.to_string(),
-                None => format!("command failed: {}", c.status),
+                Some(m) => m,
+                None => format!("command failed with code {:#x}", d.code),
             });
         }
         !self.events.is_empty()
@@ -449,6 +451,7 @@ impl Reactor {
         slot.quarantine = false;
         slot.mismatch = false;
         slot.deferred = false;
+        slot.all_zero = false;
         let fx = slot.chunk.begin(plan, turn || !sequential, self.now);
         self.apply(Owner::Slot(si), None, fx);
     }
@@ -584,6 +587,10 @@ impl Reactor {
                     let h = crate::digest::chunk_hash(self.chunk_data(si));
                     hashes.set(cell, h);
                 }
+                if job.sparse.any() {
+                    let zero = self.chunk_data(si).iter().all(|&b| b == 0);
+                    self.slots[si as usize].all_zero = zero;
+                }
             }
             JobKind::Verify { hashes } => {
                 let ways = job.to.len().max(1) as u64;
@@ -592,7 +599,7 @@ impl Reactor {
                 if want != Some(got) {
                     self.slots[si as usize].mismatch = true;
                     let name = job.to[way as usize].ctrl;
-                    let name = self.shared.controllers[name].name().to_string();
+                    let name = self.shared.devices[name].name().to_string();
                     let m = crate::job::Mismatch {
                         destination: way as usize,
                         offset,
@@ -667,11 +674,11 @@ impl Reactor {
         let Some(ci) = Self::ctrl_of(&job, op, self.way_of(owner)) else {
             return;
         };
-        let used = self.shared.controllers[ci].generation() - job.base_gen[ci];
+        let used = self.shared.devices[ci].generation() - job.base_gen[ci];
         let r = if used > self.shared.opts.max_resets as u64 {
             Err(IssueError::Failed(format!(
                 "{}: given up for this job after {used} resets (--max-resets {}); last fault: {}",
-                self.shared.controllers[ci].name(),
+                self.shared.devices[ci].name(),
                 self.shared.opts.max_resets,
                 self.faults[ci]
             )))
@@ -698,8 +705,8 @@ impl Reactor {
         let token = owner.token(op);
         let Some(q) = self.queues[ci].as_mut() else {
             return Err(IssueError::Failed(format!(
-                "{}: this reactor has no queue pair on the controller",
-                self.shared.controllers[ci].name()
+                "{}: this reactor has no endpoint on the device",
+                self.shared.devices[ci].name()
             )));
         };
         let (offset, len, iovas) = match owner {
@@ -713,57 +720,85 @@ impl Reactor {
             }
             Owner::Job(_) => (0, 0, &[][..]),
         };
-        let lba = |r: &crate::Region| (r.offset + offset) / r.lba_size as u64;
-        let r = match (op, &job.kind) {
-            (Op::Read, JobKind::Copy { from }) => {
-                let ns = job.src_ns.as_ref().ok_or(IssueError::NoNamespace)?;
-                let data = DataPtr::Pages { pages: iovas, len };
-                q.submit_read(ns, lba(from), data, token)
-            }
+        let at = |r: &crate::Region| r.offset + offset;
+        let data = Pages { iovas, len };
+        let cmd = match (op, &job.kind) {
+            (Op::Read, JobKind::Copy { from }) => Command::Read {
+                volume: job.src_vol.as_ref().ok_or(IssueError::NoNamespace)?,
+                at: at(from),
+                data,
+            },
             (Op::Read, JobKind::Verify { .. }) => {
                 let way = match owner {
                     Owner::Slot(si) => self.slots[si as usize].way as usize,
                     Owner::Job(_) => return Err(IssueError::NoNamespace),
                 };
-                let (to, ns) = (&job.to[way], &job.dst_ns[way]);
-                let data = DataPtr::Pages { pages: iovas, len };
-                q.submit_read(ns, lba(to), data, token)
+                Command::Read {
+                    volume: &job.dst_vol[way],
+                    at: at(&job.to[way]),
+                    data,
+                }
             }
             (Op::Write(d), _) => {
-                let data = DataPtr::Pages { pages: iovas, len };
-                q.submit_write(
-                    &job.dst_ns[d as usize],
-                    lba(&job.to[d as usize]),
-                    data,
-                    token,
-                )
+                let (to, volume) = (&job.to[d as usize], &job.dst_vol[d as usize]);
+                let hole = match owner {
+                    Owner::Slot(si) => self.slots[si as usize].all_zero,
+                    Owner::Job(_) => false,
+                };
+                if hole && job.sparse.contains(d as usize) {
+                    // --sparse: an all-zero chunk becomes a hole, which reads back as zeroes
+                    // whatever the destination held before.
+                    Command::Deallocate {
+                        volume,
+                        at: at(to),
+                        len: len as u64,
+                    }
+                } else {
+                    Command::Write {
+                        volume,
+                        at: at(to),
+                        data,
+                    }
+                }
             }
             (Op::Copy(d), JobKind::Copy { from }) => {
-                let (to, ns) = (&job.to[d as usize], &job.dst_ns[d as usize]);
                 let Owner::Slot(si) = owner else {
                     return Err(IssueError::NoNamespace);
                 };
-                let blocks = len as u64 / to.lba_size as u64;
-                let descs = &self.slots[si as usize].descs;
-                q.submit_copy(ns, lba(from), blocks, lba(to), descs, token)
-            }
-            (Op::Zero(d), _) => {
-                let (to, ns) = (&job.to[d as usize], &job.dst_ns[d as usize]);
-                if job.write_zeroes.contains(d as usize) {
-                    let blocks = (len / to.lba_size as usize) as u32;
-                    q.submit_write_zeroes(ns, lba(to), blocks, token)
-                } else {
-                    let pages = &self.zero_iovas[..len.div_ceil(PAGE_SIZE)];
-                    q.submit_write(ns, lba(to), DataPtr::Pages { pages, len }, token)
+                Command::Copy {
+                    volume: &job.dst_vol[d as usize],
+                    from: at(from),
+                    to: at(&job.to[d as usize]),
+                    len: len as u64,
+                    descs: &self.slots[si as usize].descs,
                 }
             }
-            (Op::Flush(d), _) => q.submit_flush(&job.dst_ns[d as usize], token),
+            (Op::Zero(d), _) => {
+                let (to, volume) = (&job.to[d as usize], &job.dst_vol[d as usize]);
+                if job.write_zeroes.contains(d as usize) {
+                    Command::WriteZeroes {
+                        volume,
+                        at: at(to),
+                        len: len as u64,
+                    }
+                } else {
+                    let iovas = &self.zero_iovas[..len.div_ceil(PAGE_SIZE)];
+                    Command::Write {
+                        volume,
+                        at: at(to),
+                        data: Pages { iovas, len },
+                    }
+                }
+            }
+            (Op::Flush(d), _) => Command::Flush {
+                volume: &job.dst_vol[d as usize],
+            },
             (Op::Read | Op::Copy(_), _) => return Err(IssueError::NoNamespace),
         };
-        match r {
-            Ok(_) => Ok(()),
-            Err(NvmeError::QueueFull { .. }) => Err(IssueError::Full),
-            Err(e) => Err(IssueError::Failed(e.to_string())),
+        match q.submit(cmd, token) {
+            Ok(()) => Ok(()),
+            Err(Refused::Full) => Err(IssueError::Full),
+            Err(Refused::Invalid(e)) => Err(IssueError::Failed(e)),
         }
     }
 
@@ -855,7 +890,7 @@ impl Reactor {
     /// The resets each controller of the job needed during it (no allocation when none).
     fn resets_of(&self, job: &Job) -> Vec<(usize, u64)> {
         let mut out = Vec::new();
-        for (c, ctrl) in self.shared.controllers.iter().enumerate() {
+        for (c, ctrl) in self.shared.devices.iter().enumerate() {
             let used = matches!(job.kind, JobKind::Copy { from } if from.ctrl == c)
                 || job.to.iter().any(|r| r.ctrl == c);
             let n = ctrl.generation() - job.base_gen[c];
@@ -887,15 +922,9 @@ impl Reactor {
             if reset_done || !q.is_usable() || q.outstanding() == 0 {
                 continue;
             }
-            let ctrl = &self.shared.controllers[ci];
+            let ctrl = &self.shared.devices[ci];
             let fault = if let Some(late) = q.expired(self.now) {
-                Some(format!(
-                    "{} on namespace {} at LBA {} did not complete within {:?}",
-                    nvcopy_nvme::spec::opcode_name(false, late.opcode),
-                    late.nsid,
-                    late.slba,
-                    late.waited
-                ))
+                Some(late)
             } else if fatal_due && ctrl.fatal_status() {
                 Some("controller fatal status (CSTS.CFS)".to_string())
             } else {
@@ -921,8 +950,8 @@ impl Reactor {
         let Some(q) = self.queues[ci].as_mut() else {
             return;
         };
-        let outcome = q.recover(|c| aborted.push(c));
-        let name = self.shared.controllers[ci].name().to_string();
+        let outcome = q.recover(&mut aborted);
+        let name = self.shared.devices[ci].name().to_string();
         for c in &aborted {
             let Some((owner, op)) = Owner::of(c.token) else {
                 continue;
@@ -930,7 +959,7 @@ impl Reactor {
             let Some(job) = self.job_of(owner).cloned() else {
                 continue;
             };
-            let used = self.shared.controllers[ci].generation() - job.base_gen[ci];
+            let used = self.shared.devices[ci].generation() - job.base_gen[ci];
             let max = self.shared.opts.max_resets as u64;
             let why = match outcome {
                 Recovery::Reissue if used <= max => None,

@@ -3,29 +3,67 @@
 //! (sizes take K, M, G, T suffixes in powers of 1024, as dd does with its iB forms).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use std::sync::Arc;
 
-use nvcopy_nvme::Controller;
 use nvcopy_vfio::PciAddress;
+
+use crate::endpoint::{Device, Volume};
 
 use crate::error::{Error, Refusal, Result};
 
 /// Most destinations one job may have (kcopyd allows 8; nvcopy's mask is 64 bits).
 pub const MAX_DESTS: usize = 64;
 
+/// What a region lies on, as the user wrote it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Place {
+    /// A namespace of the NVMe controller at this PCI address.
+    Pci(PciAddress),
+    /// A file or kernel block device.
+    Path(PathBuf),
+}
+
+impl fmt::Display for Place {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Place::Pci(a) => write!(f, "{a}"),
+            Place::Path(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
 /// A region as the user wrote it, before it is checked against a namespace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegionSpec {
-    /// Controller.
-    pub addr: PciAddress,
-    /// Namespace (default 1).
+    /// Controller, or path.
+    pub place: Place,
+    /// Namespace (default 1; always 1 for a path).
     pub nsid: u32,
     /// Byte offset (default 0).
     pub offset: u64,
     /// Byte length (default: to the end of the namespace, or the source's length).
     pub len: Option<u64>,
+}
+
+impl RegionSpec {
+    /// The controller's PCI address, for a region on one.
+    pub fn pci(&self) -> Option<PciAddress> {
+        match self.place {
+            Place::Pci(a) => Some(a),
+            Place::Path(_) => None,
+        }
+    }
+
+    /// The path, for a region on a file or block device.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match &self.place {
+            Place::Path(p) => Some(p),
+            Place::Pci(_) => None,
+        }
+    }
 }
 
 /// Parses `4096`, `64K`, `1M`, `2G`, `1T` (powers of 1024).
@@ -55,41 +93,66 @@ pub fn parse_size(s: &str) -> Result<u64> {
 impl FromStr for RegionSpec {
     type Err = Error;
 
+    /// `BDF[/NSID][@OFFSET][+LENGTH]`, or `PATH[@OFFSET][+LENGTH]` for anything that is
+    /// not a PCI address (`/dev/sdb`, `./disk.raw`, `golden.img`).
     fn from_str(s: &str) -> Result<Self> {
-        let (rest, len) = match s.split_once('+') {
+        let (rest, len) = match s.rsplit_once('+') {
             Some((r, l)) => (r, Some(parse_size(l)?)),
             None => (s, None),
         };
-        let (rest, offset) = match rest.split_once('@') {
+        let (rest, offset) = match rest.rsplit_once('@') {
             Some((r, o)) => (r, parse_size(o)?),
             None => (rest, 0),
         };
-        let (bdf, nsid) = match rest.split_once('/') {
-            Some((b, n)) => (
-                b,
-                n.parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| {
-                    Refusal::BadNamespaceId {
-                        text: n.to_string(),
-                        region: s.to_string(),
-                    }
-                })?,
-            ),
-            None => (rest, 1),
-        };
-        let addr = bdf
-            .parse()
-            .map_err(|source: nvcopy_vfio::Error| Refusal::BadAddress {
-                region: s.to_string(),
-                source,
-            })?;
         if len == Some(0) {
             return Err(Refusal::ZeroLength {
                 region: s.to_string(),
             }
             .into());
         }
+        let (bdf, nsid) = match rest.split_once('/') {
+            Some((b, n)) => (b, Some(n)),
+            None => (rest, None),
+        };
+        let addr = match bdf.parse::<PciAddress>() {
+            Ok(a) => a,
+            Err(source) => {
+                // A bus:device.function-looking name that does not parse is a typo, not a
+                // file name; anything else is a path.
+                if looks_like_pci(bdf) && nsid.is_none_or(|n| n.parse::<u32>().is_ok()) {
+                    return Err(Refusal::BadAddress {
+                        region: s.to_string(),
+                        source,
+                    }
+                    .into());
+                }
+                if rest.is_empty() {
+                    return Err(Refusal::BadAddress {
+                        region: s.to_string(),
+                        source,
+                    }
+                    .into());
+                }
+                return Ok(RegionSpec {
+                    place: Place::Path(PathBuf::from(rest)),
+                    nsid: 1,
+                    offset,
+                    len,
+                });
+            }
+        };
+        let nsid =
+            match nsid {
+                None => 1,
+                Some(n) => n.parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                    Refusal::BadNamespaceId {
+                        text: n.to_string(),
+                        region: s.to_string(),
+                    }
+                })?,
+            };
         Ok(RegionSpec {
-            addr,
+            place: Place::Pci(addr),
             nsid,
             offset,
             len,
@@ -97,9 +160,22 @@ impl FromStr for RegionSpec {
     }
 }
 
+/// `DDDD:BB:DD.F` or `BB:DD.F` with hex digits: what a PCI address looks like.
+fn looks_like_pci(s: &str) -> bool {
+    let hex = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_hexdigit());
+    let Some((head, func)) = s.rsplit_once('.') else {
+        return false;
+    };
+    let parts: Vec<&str> = head.split(':').collect();
+    (2..=3).contains(&parts.len()) && parts.iter().all(|p| hex(p)) && hex(func)
+}
+
 impl fmt::Display for RegionSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}@{}", self.addr, self.nsid, self.offset)?;
+        match &self.place {
+            Place::Pci(a) => write!(f, "{a}/{}@{}", self.nsid, self.offset)?,
+            Place::Path(p) => write!(f, "{}@{}", p.display(), self.offset)?,
+        }
         if let Some(l) = self.len {
             write!(f, "+{l}")?;
         }
@@ -132,7 +208,10 @@ impl Region {
         blocks: u64,
         default_len: Option<u64>,
     ) -> Result<Region> {
-        let namespace = || format!("{}/{}", spec.addr, spec.nsid);
+        let namespace = || match &spec.place {
+            Place::Pci(a) => format!("{a}/{}", spec.nsid),
+            Place::Path(p) => p.display().to_string(),
+        };
         let capacity =
             blocks
                 .checked_mul(lba_size as u64)
@@ -160,20 +239,17 @@ impl Region {
     /// Checks a region built in code (not parsed) against its namespace, `ctrl` being its
     /// controller's name: the same bounds and alignment checks as [`Region::check`], and
     /// that the region's block size is the namespace's.
-    pub fn check_against(
-        r: &Region,
-        ns: &nvcopy_nvme::Namespace,
-        ctrl: &str,
-    ) -> std::result::Result<(), Refusal> {
-        if r.lba_size != ns.lba_size {
+    pub fn check_against(r: &Region, v: &Volume, ctrl: &str) -> std::result::Result<(), Refusal> {
+        if r.lba_size != v.block_size {
             return Err(Refusal::BlockSizeMismatch {
                 region: r.name_on(ctrl),
                 region_lba: r.lba_size,
-                ns_lba: ns.lba_size,
+                ns_lba: v.block_size,
             });
         }
-        check_extent(r.offset, r.len, ns.lba_size, ns.bytes(), || {
-            (r.name_on(ctrl), format!("{ctrl}/{}", ns.nsid))
+        let capacity = v.blocks.saturating_mul(v.block_size as u64);
+        check_extent(r.offset, r.len, v.block_size, capacity, || {
+            (r.name_on(ctrl), format!("{ctrl}/{}", v.id))
         })
     }
 
@@ -183,9 +259,9 @@ impl Region {
         format!("{ctrl}/{}@{}+{}", self.nsid, self.offset, self.len)
     }
 
-    /// [`Region::name_on`] its controller in `controllers` (or `#INDEX` if it is not there).
-    pub fn name_in(&self, controllers: &[Arc<Controller>]) -> String {
-        match controllers.get(self.ctrl) {
+    /// [`Region::name_on`] its device in `devices` (or `#INDEX` if it is not there).
+    pub fn name_in(&self, devices: &[Arc<dyn Device>]) -> String {
+        match devices.get(self.ctrl) {
             Some(c) => self.name_on(c.name()),
             None => self.name_on(&format!("#{}", self.ctrl)),
         }
@@ -196,24 +272,24 @@ impl Region {
         self.ctrl == other.ctrl && self.nsid == other.nsid && self.shares_bytes_with(other)
     }
 
-    /// Whether two regions share a byte of the same media, `controllers` being the list
-    /// their `ctrl` indexes: on one controller and namespace id, or on namespaces that
-    /// [`nvcopy_nvme::Namespace::same_media`] says are one (a namespace reached through
-    /// two controllers).
-    pub fn overlaps_in(&self, other: &Region, controllers: &[Arc<Controller>]) -> bool {
+    /// Whether two regions share a byte of the same media, `devices` being the list
+    /// their `ctrl` indexes: on one device and volume, or on volumes that
+    /// [`crate::endpoint::MediaId::same`] says are one (a namespace reached through two
+    /// controllers, a file opened by two paths).
+    pub fn overlaps_in(&self, other: &Region, devices: &[Arc<dyn Device>]) -> bool {
         if !self.shares_bytes_with(other) {
             return false;
         }
         if self.ctrl == other.ctrl && self.nsid == other.nsid {
             return true;
         }
-        let find = |r: &Region| {
-            let c = controllers.get(r.ctrl)?;
-            let ns = c.namespaces().iter().find(|n| n.nsid == r.nsid)?;
-            Some((ns, c.info()))
+        let media = |r: &Region| {
+            let d = devices.get(r.ctrl)?;
+            let v = d.volume(r.nsid).ok()?;
+            Some(d.media(&v))
         };
-        match (find(self), find(other)) {
-            (Some((a, ai)), Some((b, bi))) => a.same_media(ai, b, bi),
+        match (media(self), media(other)) {
+            (Some(a), Some(b)) => a.same(&b),
             _ => false,
         }
     }
@@ -290,7 +366,7 @@ pub fn check_destination(
     from: Option<&Region>,
     earlier: &[Region],
     d: &Region,
-    controllers: &[Arc<Controller>],
+    devices: &[Arc<dyn Device>],
     name: &dyn Fn(Role) -> String,
 ) -> std::result::Result<(), Refusal> {
     let i = earlier.len();
@@ -314,7 +390,7 @@ pub fn check_destination(
         }
     }
     if let Some(f) = from {
-        if d.overlaps_in(f, controllers) {
+        if d.overlaps_in(f, devices) {
             return Err(Refusal::OverlapsSource {
                 dest: i,
                 region: name(Role::Destination(i)),
@@ -322,7 +398,7 @@ pub fn check_destination(
             });
         }
     }
-    if let Some(j) = earlier.iter().position(|o| o.overlaps_in(d, controllers)) {
+    if let Some(j) = earlier.iter().position(|o| o.overlaps_in(d, devices)) {
         return Err(Refusal::DestinationsOverlap {
             a: j,
             a_region: name(Role::Destination(j)),
@@ -343,7 +419,7 @@ mod tests {
         assert_eq!((r.nsid, r.offset, r.len), (1, 0, None));
         let r: RegionSpec = "00:11.0/2@1M+512K".parse().unwrap();
         assert_eq!(
-            (r.addr.to_string().as_str(), r.nsid, r.offset, r.len),
+            (r.place.to_string().as_str(), r.nsid, r.offset, r.len),
             ("0000:00:11.0", 2, 1 << 20, Some(512 << 10))
         );
         assert_eq!(parse_size("3G").unwrap(), 3 << 30);
@@ -361,7 +437,20 @@ mod tests {
             assert!(matches!(kind(bad), Refusal::BadSize { .. }), "{bad}");
         }
         assert!(matches!(kind("00:10.0+0"), Refusal::ZeroLength { .. }));
-        assert!(matches!(kind("zz"), Refusal::BadAddress { .. }));
+        assert!(matches!(kind("00:1g.0"), Refusal::BadAddress { .. }));
+        assert!(matches!(kind("0000:00:10.9"), Refusal::BadAddress { .. }));
+        // Anything that is not a PCI address is a path, with the same suffixes.
+        for (text, path, offset, len) in [
+            ("/dev/nvme0n1", "/dev/nvme0n1", 0, None),
+            ("img.raw", "img.raw", 0, None),
+            ("./disk.raw@1M+4K", "./disk.raw", 1 << 20, Some(4096)),
+            ("/srv/golden.img+2G", "/srv/golden.img", 0, Some(2 << 30)),
+        ] {
+            let r: RegionSpec = text.parse().unwrap();
+            assert_eq!(r.path(), Some(std::path::Path::new(path)), "{text}");
+            assert_eq!((r.offset, r.len, r.nsid), (offset, len, 1), "{text}");
+            assert_eq!(r.pci(), None);
+        }
     }
 
     #[test]

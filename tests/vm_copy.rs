@@ -1381,7 +1381,7 @@ fn ops_table_is_consistent() {
         for s in o.from.iter().chain(&o.to) {
             let parsed: nvcopy::region::RegionSpec = s.parse().unwrap();
             let mine = Spec::parse(s);
-            assert_eq!(parsed.addr.to_string(), mine.bdf, "{s}");
+            assert_eq!(parsed.place.to_string(), mine.bdf, "{s}");
             assert_eq!((parsed.offset, parsed.len), (mine.offset, mine.len), "{s}");
         }
     }

@@ -74,13 +74,13 @@ impl Rig {
     }
 
     pub fn region(&self, ctrl: usize, nsid: u32, offset: u64, len: u64) -> Region {
-        let ns = self.engine.controllers()[ctrl].namespace(nsid).unwrap();
+        let v = self.engine.devices()[ctrl].volume(nsid).unwrap();
         Region {
             ctrl,
             nsid,
             offset,
             len,
-            lba_size: ns.lba_size,
+            lba_size: v.block_size,
         }
     }
 

@@ -237,6 +237,31 @@ impl DmaPool {
         let off = usize::try_from(iova.0.checked_sub(base.0)?).ok()?;
         self.inner.region.get_slice(off, len).ok()
     }
+
+    /// The pool's memory as the process sees it: its first byte and length. For a kernel
+    /// interface that takes host addresses rather than device ones (io_uring's registered
+    /// buffers). The memory stays mapped while any clone of the pool lives; a device may
+    /// write it at any time, so only volatile access through the pointer is sound.
+    pub fn host_region(&self) -> (*mut u8, usize) {
+        (self.inner.region.as_ptr(), self.inner.region.len())
+    }
+
+    /// Where `iova..iova + len` lies in [`DmaPool::host_region`], as a byte offset, if the
+    /// whole range is in this pool.
+    pub fn host_offset(&self, iova: Iova, len: usize) -> Option<usize> {
+        let size = self.inner.region.len();
+        let off = match &self.inner.translation {
+            Translation::Linear(base) => usize::try_from(iova.0.checked_sub(base.0)?).ok()?,
+            Translation::PerUnit { shift, table } => {
+                let unit = 1u64 << shift;
+                let i = table
+                    .iter()
+                    .position(|&pa| pa <= iova.0 && iova.0 - pa < unit)?;
+                (i << shift) + usize::try_from(iova.0 - table[i]).ok()?
+            }
+        };
+        (off.checked_add(len)? <= size).then_some(off)
+    }
 }
 
 impl PoolInner {

@@ -1,0 +1,213 @@
+//! Opening the devices of one job from the regions a user wrote: NVMe controllers through
+//! VFIO, files and kernel block devices through io_uring, in one engine.
+//!
+//! Order, so that a refused job does as little as possible: the controllers and the
+//! source first (their sizes give the job's length), then each destination file, which
+//! is created with the source's length if it does not exist, grown if it is short (never
+//! truncated) and has its range reserved, so that a filesystem too small for it is found
+//! before any data moves.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nvcopy_uring::{Access, Anchor, BlockFile};
+use nvcopy_vfio::DmaPool;
+
+use crate::endpoint::file::FileDevice;
+use crate::endpoint::nvme::NvmeDevice;
+use crate::endpoint::{Device, Devices};
+use crate::engine::{Engine, EngineOptions};
+use crate::error::Result;
+use crate::platform::{Platform, PlatformOptions, StartupTrace};
+use crate::region::{Region, RegionSpec};
+
+/// How files and block devices are opened.
+#[derive(Clone, Copy, Debug)]
+pub struct FileOptions {
+    /// Through the page cache instead of O_DIRECT (`--buffered`).
+    pub buffered: bool,
+    /// Leave holes for all-zero chunks in file destinations (`--sparse`): their space is
+    /// not reserved up front either.
+    pub sparse: bool,
+    /// Use an SQPOLL thread (falls back to one enter per batch where not allowed).
+    pub sqpoll: bool,
+    /// How long one file command may take.
+    pub io_timeout: Duration,
+}
+
+impl Default for FileOptions {
+    fn default() -> Self {
+        FileOptions {
+            buffered: false,
+            sparse: false,
+            sqpoll: true,
+            io_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A job's engine and its resolved regions.
+pub struct OpenedJob {
+    /// The engine over every device of the job.
+    pub engine: Engine,
+    /// The source.
+    pub from: Option<Region>,
+    /// The destinations.
+    pub to: Vec<Region>,
+    /// Destination files this open created (the caller removes them if it gives up
+    /// before any I/O).
+    pub created: Vec<PathBuf>,
+}
+
+/// Opens every device `from` and `to` name and resolves the regions. `pool_bytes` sizes
+/// the DMA pool (a pool of ordinary memory when no NVMe controller is involved).
+pub fn open_job(
+    from: Option<&RegionSpec>,
+    to: &[RegionSpec],
+    platform: &PlatformOptions,
+    files: &FileOptions,
+    opts: EngineOptions,
+) -> Result<OpenedJob> {
+    let mut addrs: Vec<_> = from.into_iter().chain(to).filter_map(|r| r.pci()).collect();
+    addrs.sort();
+    addrs.dedup();
+    let mut trace = StartupTrace::new();
+    let (mut devices, pool): (Devices, DmaPool) = if addrs.is_empty() {
+        (Vec::new(), DmaPool::unmapped(platform.pool_bytes)?)
+    } else {
+        let p = Platform::open(&addrs, platform)?;
+        let mut unique: Vec<Arc<nvcopy_nvme::Controller>> = Vec::new();
+        for c in p.controllers {
+            if !unique.iter().any(|u| Arc::ptr_eq(u, &c)) {
+                unique.push(c);
+            }
+        }
+        (unique.into_iter().map(NvmeDevice::shared).collect(), p.pool)
+    };
+    let anchor = Arc::new(Anchor::new(files.sqpoll));
+    let mut created = Vec::new();
+    let result = (|| -> Result<(Option<Region>, Vec<Region>)> {
+        // The source first: its length is the job's.
+        let from = match from {
+            Some(spec) => {
+                if let Some(path) = spec.path() {
+                    let access = Access {
+                        write: false,
+                        create_len: None,
+                        buffered: files.buffered,
+                    };
+                    add_file(
+                        &mut devices,
+                        path,
+                        access,
+                        &anchor,
+                        files,
+                        spec.len.is_none(),
+                    )?;
+                }
+                Some(region_of(&devices, spec, None)?)
+            }
+            None => None,
+        };
+        let default_len = from.map(|f| f.len);
+        let mut out = Vec::with_capacity(to.len());
+        for spec in to {
+            if let Some(path) = spec.path() {
+                if !devices
+                    .iter()
+                    .any(|d| d.name() == path.display().to_string())
+                {
+                    let len = spec.len.or(default_len);
+                    let access = Access {
+                        write: true,
+                        create_len: len.map(|l| spec.offset.saturating_add(l)),
+                        buffered: files.buffered,
+                    };
+                    let mut f = BlockFile::open(path, access)?;
+                    if f.created() {
+                        created.push(path.to_path_buf());
+                    }
+                    if let Some(len) = len {
+                        f.reserve(spec.offset, len, files.sparse)?;
+                    }
+                    devices.push(FileDevice::new(f, anchor.clone(), files.io_timeout));
+                }
+            }
+            out.push(region_of(&devices, spec, default_len)?);
+        }
+        Ok((from, out))
+    })();
+    let (from, to) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            remove_created(&created);
+            return Err(e);
+        }
+    };
+    trace.step("files opened");
+    let engine = match Engine::with_devices(devices, pool, opts) {
+        Ok(e) => e,
+        Err(e) => {
+            remove_created(&created);
+            return Err(e);
+        }
+    };
+    trace.step("engine: endpoints created, reactors started");
+    Ok(OpenedJob {
+        engine,
+        from,
+        to,
+        created,
+    })
+}
+
+/// Removes files a refused job created.
+pub fn remove_created(created: &[PathBuf]) {
+    for p in created {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+fn add_file(
+    devices: &mut Devices,
+    path: &Path,
+    access: Access,
+    anchor: &Arc<Anchor>,
+    files: &FileOptions,
+    len_needed: bool,
+) -> Result<()> {
+    if devices
+        .iter()
+        .any(|d| d.name() == path.display().to_string())
+    {
+        return Ok(());
+    }
+    let f = BlockFile::open(path, access)?;
+    if len_needed && f.len() % f.block_size() as u64 != 0 {
+        return Err(crate::error::Refusal::PartialBlock {
+            path: path.display().to_string(),
+            len: f.len(),
+            block: f.block_size(),
+        }
+        .into());
+    }
+    devices.push(FileDevice::new(f, anchor.clone(), files.io_timeout));
+    Ok(())
+}
+
+/// Resolves `spec` against the device of that name.
+fn region_of(
+    devices: &[Arc<dyn Device>],
+    spec: &RegionSpec,
+    default_len: Option<u64>,
+) -> Result<Region> {
+    let name = spec.place.to_string();
+    let (i, d) = devices
+        .iter()
+        .enumerate()
+        .find(|(_, d)| d.name() == name)
+        .ok_or(crate::error::Refusal::NotInEngine { ctrl: name })?;
+    let v = d.volume(spec.nsid)?;
+    Region::check(spec, i, v.block_size, v.blocks, default_len)
+}
