@@ -82,9 +82,22 @@ pub struct Summary {
     pub hash: Option<(String, String)>,
     /// What reading the destinations back found (`--verify`, `--verify-only`).
     pub verify: Option<VerifySummary>,
+    /// Per device of the job, what its endpoints report: for files and block devices
+    /// whether the rings had an SQPOLL thread and how many io_uring_enter calls they
+    /// made (the job's only data-path syscalls).
+    pub devices: Vec<DeviceSummary>,
     /// What the callback got, and the counts.
     #[serde(flatten)]
     pub outcome: JobOutcome,
+}
+
+/// One device's facts.
+#[derive(Debug, Serialize)]
+pub struct DeviceSummary {
+    /// Its name: a PCI address or a path.
+    pub name: String,
+    /// Facts, by name.
+    pub facts: std::collections::BTreeMap<&'static str, String>,
 }
 
 /// What reading the destinations back found.
@@ -466,7 +479,16 @@ pub fn run(
         .clone()
         .zip(req.digest)
         .map(|(hex, kind)| (kind.name().to_string(), hex));
+    let devices = engine
+        .devices()
+        .iter()
+        .map(|d| DeviceSummary {
+            name: d.name().to_string(),
+            facts: d.facts().into_iter().collect(),
+        })
+        .collect();
     Ok(Summary {
+        devices,
         hash,
         verify,
         controller_resets,

@@ -69,6 +69,7 @@ pub fn open_job(
     files: &FileOptions,
     opts: EngineOptions,
 ) -> Result<OpenedJob> {
+    check_paths(from, to)?;
     let mut addrs: Vec<_> = from.into_iter().chain(to).filter_map(|r| r.pci()).collect();
     addrs.sort();
     addrs.dedup();
@@ -160,6 +161,34 @@ pub fn open_job(
         to,
         created,
     })
+}
+
+/// The mistakes a path can show before any device is opened: a source that does not
+/// exist, a directory, a destination whose directory does not exist.
+fn check_paths(from: Option<&RegionSpec>, to: &[RegionSpec]) -> Result<()> {
+    use nvcopy_uring::Error as E;
+    let dir = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_dir());
+    if let Some(p) = from.and_then(|f| f.path()) {
+        if !p.exists() {
+            return Err(E::NotFound { path: p.into() }.into());
+        }
+    }
+    for p in from.into_iter().chain(to).filter_map(|r| r.path()) {
+        if dir(p) {
+            return Err(E::IsDirectory { path: p.into() }.into());
+        }
+        let parent = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !p.exists() && !dir(parent) {
+            return Err(E::NotFound {
+                path: parent.into(),
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Removes files a refused job created.

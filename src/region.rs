@@ -437,7 +437,7 @@ mod tests {
             assert!(matches!(kind(bad), Refusal::BadSize { .. }), "{bad}");
         }
         assert!(matches!(kind("00:10.0+0"), Refusal::ZeroLength { .. }));
-        assert!(matches!(kind("00:1g.0"), Refusal::BadAddress { .. }));
+        assert!(matches!(kind("00:1f.8"), Refusal::BadAddress { .. }));
         assert!(matches!(kind("0000:00:10.9"), Refusal::BadAddress { .. }));
         // Anything that is not a PCI address is a path, with the same suffixes.
         for (text, path, offset, len) in [

@@ -34,6 +34,8 @@ pub struct FileDevice {
     timeout: Duration,
     /// Bumped by every recovery, for the jobs' reset budgets.
     generation: Arc<AtomicU64>,
+    /// io_uring_enter calls its rings made, summed.
+    enters: Arc<AtomicU64>,
 }
 
 impl FileDevice {
@@ -50,7 +52,18 @@ impl FileDevice {
             anchor,
             timeout,
             generation: Arc::new(AtomicU64::new(0)),
+            enters: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// io_uring_enter calls made by its rings so far, over every reactor.
+    pub fn enters(&self) -> u64 {
+        self.enters.load(Ordering::Relaxed)
+    }
+
+    /// Whether its rings share an SQPOLL thread.
+    pub fn sqpoll(&self) -> bool {
+        self.anchor.sqpoll()
     }
 
     /// The path.
@@ -122,6 +135,7 @@ impl Device for FileDevice {
             q,
             name: self.name.clone(),
             generation: self.generation.clone(),
+            enters: self.enters.clone(),
             mine: self.generation(),
         }))
     }
@@ -142,6 +156,7 @@ impl Device for FileDevice {
             ),
             ("direct_io", self.direct.to_string()),
             ("sqpoll", self.anchor.sqpoll().to_string()),
+            ("io_uring_enters", self.enters().to_string()),
         ]
     }
 }
@@ -151,6 +166,7 @@ struct FileEndpoint {
     q: FileQueue,
     name: String,
     generation: Arc<AtomicU64>,
+    enters: Arc<AtomicU64>,
     /// The generation this endpoint last recovered at.
     mine: u64,
 }
@@ -182,7 +198,12 @@ impl Endpoint for FileEndpoint {
 
     #[inline]
     fn ring(&mut self) {
+        let before = self.q.enters();
         self.q.ring();
+        let n = self.q.enters() - before;
+        if n > 0 {
+            self.enters.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     fn poll(&mut self, max: usize, out: &mut Vec<Done>) -> usize {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The path does not exist (and is not to be created).
-    #[error("{path}: no such file or block device; check the path")]
+    #[error("{path}: no such file, directory or block device (nor a PCI address such as 0000:00:10.0); check the path")]
     NotFound {
         /// Path.
         path: PathBuf,
