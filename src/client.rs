@@ -199,7 +199,29 @@ impl Client {
         callback: impl FnOnce(bool, DestMask) + Send + 'static,
     ) -> Result<JobHandle> {
         let plan = self.plan(Some(from), to, flags, false)?;
+        self.prepare_zones(&plan, options)?;
         Ok(self.submit(with_options(plan, options), Box::new(callback)))
+    }
+
+    /// Resets the zones a copy will write on its zoned destinations. A resumed copy
+    /// (`options.only`) cannot go on a zoned destination: its zones would have to be
+    /// written from where they stopped, and a reset would lose what the last run copied.
+    fn prepare_zones(&self, plan: &JobPlan, options: &JobOptions) -> Result<()> {
+        for (d, v) in plan.to.iter().zip(&plan.dst_vol) {
+            if v.zone_blocks.is_none() {
+                continue;
+            }
+            let dev = &self.engine.devices[d.ctrl];
+            if options.only.is_some() {
+                return Err(Refusal::ZonedJob {
+                    region: d.name_in(&self.engine.devices),
+                    why: "a copy onto it cannot resume from a map; run it again without --map (or delete the map) to copy it whole",
+                }
+                .into());
+            }
+            dev.prepare_writes(v, d.offset, d.len)?;
+        }
+        Ok(())
     }
 
     /// Reads `from` without writing anything: to take its chunk hashes for
@@ -277,6 +299,18 @@ impl Client {
         callback: impl FnOnce(bool, DestMask) + Send + 'static,
     ) -> Result<JobHandle> {
         let plan = self.plan(None, to, flags, false)?;
+        if let Some((d, _)) = plan
+            .to
+            .iter()
+            .zip(&plan.dst_vol)
+            .find(|(_, v)| v.zone_blocks.is_some())
+        {
+            return Err(Refusal::ZonedJob {
+                region: d.name_in(&self.engine.devices),
+                why: "zeroing it would write out of zone order; a zone reset empties it (`nvme zns reset-zone`)",
+            }
+            .into());
+        }
         Ok(self.submit(plan, Box::new(callback)))
     }
 
@@ -344,7 +378,8 @@ impl Client {
         let max_of = |r: &Region| e.devices[r.ctrl].caps().max_transfer;
         let mut offloaded = DestMask::default();
         let mut write_zeroes = DestMask::default();
-        let sequential = flags.contains(Flags::WRITE_SEQUENTIAL);
+        let sequential = flags.contains(Flags::WRITE_SEQUENTIAL)
+            || dst_vol.iter().any(|v| v.zone_blocks.is_some());
         // Data moves through client pages: chunks must fit the reservation, every
         // controller's MDTS and whole pages and blocks.
         let mut chunk = e
@@ -380,7 +415,39 @@ impl Client {
             }
         }
         let unit = block.max(PAGE_SIZE);
-        let chunk = (chunk / unit * unit).max(unit);
+        let mut chunk = (chunk / unit * unit).max(unit);
+        // Zoned destinations: whole zones, written in order, by chunks that never cross a
+        // zone boundary (a write across one fails: ZNS spec 3.4.1, Zone Boundary Error).
+        for (d, v) in to.iter().zip(&dst_vol) {
+            let Some(zb) = v.zone_blocks else {
+                continue;
+            };
+            let zone_bytes = zb.saturating_mul(v.block_size as u64);
+            let capacity = v.blocks.saturating_mul(v.block_size as u64);
+            let end = d.offset + d.len;
+            if d.offset % zone_bytes != 0 || (end % zone_bytes != 0 && end != capacity) {
+                return Err(Refusal::ZoneMisaligned {
+                    region: d.name_in(&e.devices),
+                    zone_bytes,
+                }
+                .into());
+            }
+            while chunk > unit && zone_bytes % chunk as u64 != 0 {
+                chunk -= unit;
+            }
+            if zone_bytes % chunk as u64 != 0 {
+                return Err(Refusal::ZonedJob {
+                    region: d.name_in(&e.devices),
+                    why: "its zone size is not a multiple of the 4 KiB pages nvcopy moves data in",
+                }
+                .into());
+            }
+        }
+        let flags = if dst_vol.iter().any(|v| v.zone_blocks.is_some()) && !read_only {
+            flags | Flags::WRITE_SEQUENTIAL
+        } else {
+            flags
+        };
         if from.is_some() && chunk / PAGE_SIZE > self.num_pages() {
             return Err(Refusal::TooFewPages {
                 reserved: self.num_pages(),

@@ -63,6 +63,36 @@ pub enum Error {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Refusal {
+    /// A region of a zoned namespace that does not start, or end, at a zone boundary.
+    ZoneMisaligned {
+        /// The region.
+        region: String,
+        /// Zone size in bytes.
+        zone_bytes: u64,
+    },
+    /// A zone the job would write cannot take a linear copy.
+    ZoneUnusable {
+        /// The region.
+        region: String,
+        /// The zone's first block.
+        zone: u64,
+        /// Why.
+        why: String,
+    },
+    /// The zones of a zoned destination could not be reset.
+    ZoneReset {
+        /// The region.
+        region: String,
+        /// Why.
+        reason: String,
+    },
+    /// A job that a zoned destination cannot take.
+    ZonedJob {
+        /// The region.
+        region: String,
+        /// What the job wanted and what to do instead.
+        why: &'static str,
+    },
     /// A file whose length is not whole blocks of its direct-I/O alignment, used whole.
     PartialBlock {
         /// The path.
@@ -246,6 +276,16 @@ impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use Refusal::*;
         match self {
+            ZoneMisaligned { region, zone_bytes } => write!(
+                f,
+                "{region} is on a zoned namespace with zones of {zone_bytes} bytes: a copy must start at a zone boundary and end at one (or at the end of the namespace), since its zones are reset before they are written; give @OFFSET and +LENGTH in whole zones"
+            ),
+            ZoneUnusable { region, zone, why } => write!(
+                f,
+                "{region}: cannot copy onto the zone at block {zone}: {why}"
+            ),
+            ZoneReset { region, reason } => write!(f, "{region}: {reason}"),
+            ZonedJob { region, why } => write!(f, "{region} is on a zoned namespace: {why}"),
             PartialBlock { path, len, block } => write!(
                 f,
                 "{path} is {len} bytes, not a whole number of its {block}-byte I/O blocks: name a region of whole blocks ({path}+{}), or add --buffered",

@@ -2,6 +2,7 @@
 //! `--json` forms say the same thing.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use nvcopy_nvme::Controller;
 use nvcopy_vfio::PciFunction;
@@ -41,6 +42,58 @@ pub struct NamespaceReport {
     /// Copy limits, when the controller supports Copy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub copy_limits: Option<CopyLimits>,
+    /// Zones, for a zoned namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zones: Option<ZonesReport>,
+}
+
+/// A zoned namespace's zones.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ZonesReport {
+    /// Zone size, bytes.
+    pub zone_bytes: u64,
+    /// Zones in the namespace.
+    pub zones: u64,
+    /// Most zones open at once; None: no limit.
+    pub max_open: Option<u32>,
+    /// Most zones active at once; None: no limit.
+    pub max_active: Option<u32>,
+    /// Zone Append Size Limit, bytes; None: MDTS.
+    pub append_limit_bytes: Option<usize>,
+    /// The zones the device reported (the first page of the report), as
+    /// (first block, capacity in blocks, write pointer, state).
+    pub reported: Vec<(u64, u64, u64, String)>,
+}
+
+/// The zones of `ns`, reading the first page of its zone report through a queue pair of
+/// its own (none is read when the controller has no queue pair to spare).
+fn zones_of(c: &Arc<Controller>, ns: &nvcopy_nvme::Namespace) -> Option<ZonesReport> {
+    let z = ns.zoned?;
+    let reported = c
+        .create_io_qpair(8)
+        .and_then(|mut q| q.report_zones_sync(ns, 0))
+        .map(|(_, zones)| {
+            zones
+                .iter()
+                .map(|z| {
+                    (
+                        z.start,
+                        z.capacity,
+                        z.write_pointer,
+                        z.state.name().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(ZonesReport {
+        zone_bytes: z.zone_blocks * ns.lba_size as u64,
+        zones: ns.blocks.div_ceil(z.zone_blocks),
+        max_open: z.max_open,
+        max_active: z.max_active,
+        append_limit_bytes: z.append_limit,
+        reported,
+    })
 }
 
 /// Optional commands.
@@ -85,7 +138,7 @@ pub struct ControllerReport {
 
 impl ControllerReport {
     /// Gathers the report from an initialised controller.
-    pub fn new(c: &Controller) -> Self {
+    pub fn new(c: &Arc<Controller>) -> Self {
         let info = c.info();
         ControllerReport {
             pci_address: c.name().to_string(),
@@ -122,6 +175,7 @@ impl ControllerReport {
                             mcl: ns.mcl,
                             msrc: ns.msrc,
                         }),
+                        zones: zones_of(c, ns),
                     }
                 })
                 .collect(),
@@ -173,6 +227,28 @@ impl ControllerReport {
                     "; Copy limits MSSRL {} MCL {} MSRC {}",
                     c.mssrl, c.mcl, c.msrc
                 );
+            }
+            if let Some(z) = &ns.zones {
+                let limit = |l: Option<u32>| l.map_or("no limit".to_string(), |n| n.to_string());
+                let _ = write!(
+                    s,
+                    "\n    zoned: {} zones of {}, max open {}, max active {}, zone append limit {}",
+                    z.zones,
+                    human_bytes(z.zone_bytes),
+                    limit(z.max_open),
+                    limit(z.max_active),
+                    z.append_limit_bytes
+                        .map_or("MDTS".to_string(), |b| human_bytes(b as u64))
+                );
+                for (start, cap, wp, state) in z.reported.iter().take(8) {
+                    let _ = write!(
+                        s,
+                        "\n    zone at block {start}: capacity {cap} blocks, write pointer {wp}, {state}"
+                    );
+                }
+                if z.reported.len() > 8 {
+                    let _ = write!(s, "\n    ... {} more zones reported", z.reported.len() - 8);
+                }
             }
             if let Some(r) = &ns.unusable_reason {
                 let _ = write!(s, "\n    not usable: {r}");

@@ -90,6 +90,7 @@ impl Device for FileDevice {
             id: 1,
             block_size: self.block_size,
             blocks: self.len / self.block_size as u64,
+            zone_blocks: None,
         })
     }
 

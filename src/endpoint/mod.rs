@@ -35,6 +35,9 @@ pub struct Volume {
     pub block_size: u32,
     /// Capacity in blocks.
     pub blocks: u64,
+    /// A zoned volume's zone size in blocks: written only in order from a zone's start,
+    /// after a reset ([`Device::prepare_writes`]).
+    pub zone_blocks: Option<u64>,
 }
 
 /// What a device can do, asked once when a job is planned.
@@ -124,6 +127,12 @@ pub trait Device: Send + Sync {
     /// Facts for `--json`, keyed by name.
     fn facts(&self) -> Vec<(&'static str, String)> {
         Vec::new()
+    }
+    /// Makes `len` bytes at `offset` of a zoned volume writable from their start, before
+    /// a job writes them: checks that every zone there can take a linear copy, then
+    /// resets them. Nothing to do for other volumes.
+    fn prepare_writes(&self, _volume: &Volume, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
     }
 }
 

@@ -9,7 +9,7 @@ use nvcopy_nvme::{Completion, Controller, DataPtr, Error as NvmeError, IoQpair, 
 use nvcopy_vfio::DmaPool;
 
 use super::{Caps, Command, Device, Done, Endpoint, MediaId, Recovery, Refused, Volume};
-use crate::error::Result;
+use crate::error::{Refusal, Result};
 
 /// An NVMe controller, shared by the reactors.
 pub struct NvmeDevice {
@@ -45,6 +45,7 @@ impl Device for NvmeDevice {
             id,
             block_size: ns.lba_size,
             blocks: ns.blocks,
+            zone_blocks: ns.zoned.map(|z| z.zone_blocks),
         })
     }
 
@@ -109,6 +110,62 @@ impl Device for NvmeDevice {
 
     fn endpoint_dma_bytes(&self, entries: u16) -> usize {
         Controller::io_qpair_dma_bytes(entries)
+    }
+
+    fn prepare_writes(&self, v: &Volume, offset: u64, len: u64) -> Result<()> {
+        let Some(ns) = self.namespace_of(v).filter(|ns| ns.zoned.is_some()) else {
+            return Ok(());
+        };
+        let Some(zone) = ns.zoned else {
+            return Ok(());
+        };
+        let shift = ns.lba_size.trailing_zeros();
+        let (first, end) = (offset >> shift, (offset + len) >> shift);
+        let zones = (end - first).div_ceil(zone.zone_blocks);
+        let region = || format!("{}/{}@{offset}+{len}", self.ctrl.name(), ns.nsid);
+        // A queue pair of its own, beside the reactors': the resets run before the job.
+        let mut q = self
+            .ctrl
+            .create_io_qpair(8)
+            .map_err(|e| Refusal::ZoneReset {
+                region: region(),
+                reason: format!("no I/O queue pair for the zone resets ({e}); use fewer --cores"),
+            })?;
+        // Every zone must take a linear copy: its whole size writable, and writable at all.
+        let mut at = first;
+        while at < end {
+            let (_, zones) = q.report_zones_sync(ns, at)?;
+            let before = at;
+            for z in zones.iter().filter(|z| z.start >= before && z.start < end) {
+                use nvcopy_nvme::zns::ZoneState;
+                let why = if matches!(z.state, ZoneState::Offline | ZoneState::ReadOnly) {
+                    Some(format!("the zone is {}", z.state.name()))
+                } else if z.capacity < zone.zone_blocks {
+                    Some(format!(
+                        "its capacity is {} of its {} blocks: a linear copy would have to skip the rest",
+                        z.capacity, zone.zone_blocks
+                    ))
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    let zone = z.start;
+                    return Err(Refusal::ZoneUnusable {
+                        region: region(),
+                        zone,
+                        why,
+                    }
+                    .into());
+                }
+                at = z.start + zone.zone_blocks;
+            }
+            // A report that does not move on (a device bug) ends the walk.
+            if at <= before {
+                break;
+            }
+        }
+        q.reset_zones_sync(ns, first, zones)?;
+        Ok(())
     }
 }
 

@@ -19,6 +19,7 @@ use crate::prp::{DataPtr, MAX_TRANSFER};
 use crate::queue::{Completion, QueuePair};
 use crate::regs::Bar;
 use crate::spec::{admin, cc, csts, doorbell_offset, opcode_name, reg, Cap, Sqe};
+use crate::zns;
 
 /// How a controller is brought up.
 #[derive(Clone, Debug)]
@@ -161,7 +162,14 @@ fn enable(name: &str, bar: &dyn Bar, cap: Cap, aq: &QueuePair) -> Result<()> {
     bar.write64(reg::ACQ, aq.cq_iova().0);
     // nvcopy polls: mask the pin/MSI interrupt vector the admin CQ would use.
     bar.write32(reg::INTMS, u32::MAX);
-    bar.write32(reg::CC, cc::EN | cc::IOSQES_64 | cc::IOCQES_16);
+    // Every I/O command set the controller offers, so that a zoned namespace comes with
+    // its zone commands (crate::zns); NVM namespaces are served alike either way.
+    let css = if cap.supports_io_command_sets() {
+        cc::CSS_ALL
+    } else {
+        0
+    };
+    bar.write32(reg::CC, cc::EN | css | cc::IOSQES_64 | cc::IOCQES_16);
     wait_ready(name, bar, cap, true, "CSTS.RDY = 1 after setting CC.EN")
 }
 
@@ -356,8 +364,14 @@ impl<'a> Identifier<'a> {
 
     /// Identify with this CNS (base spec 5.17) for `nsid`; the returned page is the data.
     fn run(&mut self, nsid: u32, cns: u32) -> Result<&[u8]> {
+        self.run_csi(nsid, cns, 0)
+    }
+
+    /// Identify with a CNS that is specific to I/O command set `csi` (CDW11 bits 31:24).
+    fn run_csi(&mut self, nsid: u32, cns: u32, csi: u8) -> Result<&[u8]> {
         let mut sqe = Sqe::new(admin::IDENTIFY, nsid);
         sqe.cdw10 = cns;
+        sqe.cdw11 = (csi as u32) << 24;
         let data = Some(DataPtr::Contig {
             iova: self.buf.iova(),
             len: PAGE_SIZE,
@@ -389,10 +403,43 @@ fn discover_namespaces(id: &mut Identifier<'_>) -> Result<Vec<Namespace>> {
             }
         }
     }
-    nsids
+    let mut out = nsids
         .into_iter()
         .map(|nsid| Ok(Namespace::parse(nsid, id.run(nsid, admin::CNS_NAMESPACE)?)))
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    if id.cap.supports_io_command_sets() {
+        let mut append_limit = None;
+        for ns in &mut out {
+            ns.zoned = zoned_geometry(id, ns)?;
+            if ns.zoned.is_some() && append_limit.is_none() {
+                let mps_min = id.cap.mps_min();
+                append_limit = zns::parse_append_limit(
+                    id.run_csi(0, zns::cns::CSI_CONTROLLER, zns::CSI_ZNS)?,
+                    mps_min,
+                );
+            }
+            if let Some(z) = ns.zoned.as_mut() {
+                z.append_limit = append_limit;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A zoned namespace's geometry, or None for a namespace of another command set. A
+/// controller that cannot list the namespace's identifiers (CNS 03h is mandatory only
+/// from NVMe 1.3) has no zoned namespaces nvcopy could use.
+fn zoned_geometry(id: &mut Identifier<'_>, ns: &Namespace) -> Result<Option<zns::Zoned>> {
+    let csi = match id.run(ns.nsid, zns::cns::NS_DESCRIPTORS) {
+        Ok(list) => zns::parse_csi(list),
+        Err(Error::Command { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    if csi != Some(zns::CSI_ZNS) {
+        return Ok(None);
+    }
+    let page = id.run_csi(ns.nsid, zns::cns::CSI_NAMESPACE, zns::CSI_ZNS)?;
+    Ok(zns::parse_namespace(page, ns.lba_format))
 }
 
 impl Controller {

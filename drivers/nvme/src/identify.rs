@@ -123,6 +123,8 @@ pub struct Namespace {
     pub nguid: [u8; 16],
     /// IEEE Extended Unique Identifier (bytes 120-127); all zeroes when not reported.
     pub eui64: [u8; 8],
+    /// The zone geometry of a zoned namespace (crate::zns), None for an NVM one.
+    pub zoned: Option<crate::zns::Zoned>,
 }
 
 impl Namespace {
@@ -152,6 +154,7 @@ impl Namespace {
             msrc: b[80] as u16 + 1,
             nguid: array(b, 104),
             eui64: array(b, 120),
+            zoned: None,
         }
     }
 

@@ -13,6 +13,7 @@ mod regs;
 pub mod spec;
 mod status;
 mod sync;
+pub mod zns;
 
 pub use controller::{Controller, ControllerOptions, Health};
 pub use error::{Error, Result};

@@ -51,6 +51,11 @@ impl Cap {
     pub fn supports_nvm(self) -> bool {
         self.0 >> 37 & 1 == 1
     }
+    /// Command Sets Supported bit 6: one or more I/O command sets, selected with
+    /// CC.CSS = 110b (base spec 3.1.4.1), the way to reach a zoned namespace's commands.
+    pub fn supports_io_command_sets(self) -> bool {
+        self.0 >> 43 & 1 == 1
+    }
     /// Memory Page Size Minimum, in bytes.
     pub fn mps_min(self) -> usize {
         4096 << (self.0 >> 48 & 0xf)
@@ -73,6 +78,8 @@ pub mod cc {
     pub const SHN_NORMAL: u32 = 1 << 14;
     /// Shutdown Notification field mask.
     pub const SHN_MASK: u32 = 3 << 14;
+    /// I/O Command Set Selected: all supported I/O command sets (110b in bits 6:4).
+    pub const CSS_ALL: u32 = 6 << 4;
 }
 
 /// CSTS fields (base spec 3.1.4.6).
@@ -392,6 +399,9 @@ pub fn opcode_name(admin_queue: bool, opcode: u8) -> &'static str {
             io::WRITE_ZEROES => "Write Zeroes",
             io::DSM => "Dataset Management",
             io::COPY => "Copy",
+            crate::zns::op::ZONE_MGMT_SEND => "Zone Management Send",
+            crate::zns::op::ZONE_MGMT_RECV => "Zone Management Receive",
+            crate::zns::op::ZONE_APPEND => "Zone Append",
             _ => "I/O command",
         }
     }

@@ -11,6 +11,7 @@ use crate::identify::Namespace;
 use crate::io::{IoQpair, MAX_NLB};
 use crate::prp::DataPtr;
 use crate::spec::{io, CopyRange, DsmRange, Sqe};
+use crate::zns;
 
 impl IoQpair {
     /// Posts commands from `next` until it runs dry, keeping the queue as full as it goes,
@@ -191,5 +192,57 @@ impl IoQpair {
             done += n;
         }
         Ok(())
+    }
+}
+
+impl IoQpair {
+    /// Resets `zones` zones of a zoned namespace from the zone that starts at `lba`
+    /// (Zone Management Send, Reset Zone: ZNS spec 3.4.3), or every zone with Select All
+    /// when `zones` covers the namespace. Afterwards each zone is empty and writable from
+    /// its start.
+    pub fn reset_zones_sync(&mut self, ns: &Namespace, lba: u64, zones: u64) -> Result<()> {
+        let Some(z) = ns.zoned else {
+            return Err(self.unsupported("Zone Management Send (not a zoned namespace)"));
+        };
+        let all = lba == 0 && zones.saturating_mul(z.zone_blocks) >= ns.blocks;
+        let mut next = 0u64;
+        self.run(|q| {
+            if next >= zones || (all && next > 0) {
+                return None;
+            }
+            let mut s = Sqe::new(zns::op::ZONE_MGMT_SEND, ns.nsid);
+            s.set_slba(lba + next * z.zone_blocks);
+            s.cdw13 = zns::ZSA_RESET | if all { zns::SELECT_ALL } else { 0 };
+            next += 1;
+            Some(q.qp.post(s, None, 0))
+        })
+    }
+
+    /// Reports the zones from the one holding `lba` on (Zone Management Receive, Report
+    /// Zones: ZNS spec 3.4.2), as many as one page holds; also returns how many zones
+    /// the device says there are from there.
+    pub fn report_zones_sync(&mut self, ns: &Namespace, lba: u64) -> Result<(u64, Vec<zns::Zone>)> {
+        if ns.zoned.is_none() {
+            return Err(self.unsupported("Zone Management Receive (not a zoned namespace)"));
+        }
+        let buf = self.ctrl.pool().alloc_zeroed(PAGE_SIZE)?;
+        let mut once = true;
+        self.run(|q| {
+            if !std::mem::take(&mut once) {
+                return None;
+            }
+            let mut s = Sqe::new(zns::op::ZONE_MGMT_RECV, ns.nsid);
+            s.set_slba(lba);
+            s.cdw12 = (PAGE_SIZE / 4) as u32 - 1;
+            s.cdw13 = zns::ZRA_REPORT_ZONES;
+            let data = DataPtr::Contig {
+                iova: buf.iova(),
+                len: PAGE_SIZE,
+            };
+            Some(q.qp.post(s, Some(data), 0))
+        })?;
+        let mut page = vec![0u8; PAGE_SIZE];
+        buf.read_at(0, &mut page);
+        Ok(zns::parse_report(&page))
     }
 }
