@@ -69,6 +69,8 @@ Options:
                                  blkdebug=SECTOR  reads that touch 512-byte sector
                                              SECTOR of the image fail with EIO, every
                                              time (QEMU blkdebug; ns=1 only)
+                                 zoned=SIZE  zoned namespaces (ZNS) with zones of SIZE
+                                             (e.g. 4M), capacity = size
   --qemu-arg ARG               pass ARG to QEMU unchanged (repeatable)
   --noiommu                    no emulated IOMMU; vfio in unsafe no-IOMMU mode
                                (uses a vfio.ko rebuilt with CONFIG_VFIO_NOIOMMU)
@@ -464,7 +466,7 @@ vm_drive_backing() {
 # validate the spec, so that typos fail before minutes of building.
 vm_add_nvme() {
     local i=$1 spec=$2 rundir=$3 kv key val
-    local size=256M file='' lbs=512 ns=1 mdts='' blkdebug='' have_size=0
+    local size=256M file='' lbs=512 ns=1 mdts='' blkdebug='' zoned='' have_size=0
     local -a kvs=()
     [[ -n $spec ]] && IFS=, read -r -a kvs <<<"$spec"
     for kv in "${kvs[@]}"; do
@@ -478,7 +480,8 @@ vm_add_nvme() {
             ns) ns=$val ;;
             mdts) mdts=$val ;;
             blkdebug) blkdebug=$val ;;
-            *) vm_usage_error "--nvme '$spec': unknown key '$key' (known: size, file, lbs, ns, mdts, blkdebug)" ;;
+            zoned) zoned=$val ;;
+            *) vm_usage_error "--nvme '$spec': unknown key '$key' (known: size, file, lbs, ns, mdts, blkdebug, zoned)" ;;
         esac
     done
     [[ $lbs == 512 || $lbs == 4096 ]] || vm_usage_error "--nvme '$spec': lbs must be 512 or 4096"
@@ -507,6 +510,15 @@ vm_add_nvme() {
         ((blkdebug < bytes / 512)) ||
             vm_usage_error "--nvme '$spec': blkdebug sector $blkdebug is beyond the image's $((bytes / 512)) sectors"
     fi
+    local zone_opts=''
+    if [[ -n $zoned ]]; then
+        local zbytes
+        zbytes=$(vm_size_bytes "$zoned")
+        if [[ -z $zbytes ]] || ((zbytes <= 0 || bytes % zbytes != 0)); then
+            vm_usage_error "--nvme '$spec': zoned=$zoned must be a size that divides the image's $bytes bytes"
+        fi
+        zone_opts=",zoned=true,zoned.zone_size=$zoned,zoned.zone_capacity=$zoned"
+    fi
     [[ -n $rundir ]] || return 0
 
     local slot ctrl=c$i img j drive
@@ -522,7 +534,7 @@ vm_add_nvme() {
             truncate -s "$bytes" "$img" || vm_die "cannot create $img"
         fi
         VM_QEMU_NVME+=(-drive "$(vm_drive_backing "$img" "$blkdebug"),if=none,id=$drive,format=raw,$(vm_drive_cache_opts "$img")"
-            -device "nvme-ns,drive=$drive,bus=$ctrl,nsid=$j,logical_block_size=$lbs,physical_block_size=$lbs")
+            -device "nvme-ns,drive=$drive,bus=$ctrl,nsid=$j,logical_block_size=$lbs,physical_block_size=$lbs$zone_opts")
     done
 }
 
