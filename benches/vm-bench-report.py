@@ -25,6 +25,9 @@ TESTS = {
     "copy1to1": "%s copy, 1 source -> 1 destination",
     "copy1to3": "%s copy, 1 source -> 3 destinations (dd: three copies in a row)",
     "read": "%s sequential read (dd: of=/dev/null)",
+    "file2nvme": "%s copy, a file on ext4 -> NVMe (nvcopy: io_uring O_DIRECT source)",
+    "nvme2file": "%s copy, NVMe -> a file on ext4 (nvcopy: io_uring O_DIRECT destination)",
+    "bdev2nvme": "%s copy, the kernel's block device of a drive -> NVMe",
 }
 
 

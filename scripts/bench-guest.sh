@@ -140,6 +140,44 @@ while [ "$r" -le "$RUNS" ]; do
 done
 
 # ---------------------------------------------------------------------------------------
+# Files and kernel block devices (io_uring endpoints), against dd with O_DIRECT on the
+# same devices: a file on ext4 to NVMe, NVMe to a file, and the source's kernel block
+# device to NVMe. The ext4 filesystem is on controller $FSCTL, which stays with the kernel
+# nvme driver (vm.sh bench made it on the host); skipped when it is not there.
+# ---------------------------------------------------------------------------------------
+FSCTL=0000:00:14.0
+if [ -e /sys/bus/pci/devices/$FSCTL ] && setup.sh reset $FSCTL >/dev/null; then
+    BF=$(blockdev $FSCTL) || fail "no block device for $FSCTL"
+    mkdir -p /mnt/fs && mount -t ext4 "$BF" /mnt/fs || fail "cannot mount $BF (ext4) at /mnt/fs"
+    to_kernel
+    say "files: $MB MiB of the source into /mnt/fs/src.img, and a destination file"
+    $DD if="$B0" of=/mnt/fs/src.img oflag=direct 2>/dev/null || fail "cannot fill /mnt/fs/src.img"
+    $DD if="$B0" of=/mnt/fs/dst.img oflag=direct 2>/dev/null || fail "cannot fill /mnt/fs/dst.img"
+    sync
+    r=1
+    while [ "$r" -le "$RUNS" ]; do
+        say "files round $r of $RUNS: nvcopy"
+        to_vfio
+        nvcopy_run file2nvme "$r" "" nvcopy copy --from /mnt/fs/src.img --to "$D1+${MB}M" --json
+        nvcopy_run nvme2file "$r" "" nvcopy copy --from "$SRC+${MB}M" --to /mnt/fs/dst.img --json
+        grep -q '"sqpoll": "true"' /tmp/out.json && echo "BENCHINFO file_sqpoll=yes"
+        setup.sh reset $SRC >/dev/null || fail "setup.sh reset $SRC"
+        B0=$(blockdev $SRC) || fail "no block device for $SRC"
+        nvcopy_run bdev2nvme "$r" "" nvcopy copy --from "$B0+${MB}M" --to "$D1+${MB}M" --json
+        to_kernel
+        say "files round $r of $RUNS: dd"
+        dd_run file2nvme "$r" "$BYTES" "$DD if=/mnt/fs/src.img of=$B1 oflag=direct"
+        dd_run nvme2file "$r" "$BYTES" "$DD if=$B0 of=/mnt/fs/dst.img oflag=direct conv=notrunc"
+        dd_run bdev2nvme "$r" "$BYTES" "$DD if=$B0 of=$B1 oflag=direct"
+        r=$((r + 1))
+    done
+    umount /mnt/fs
+    to_vfio
+else
+    echo "BENCHSKIP test=files reason=no-ext4-controller-at-$FSCTL"
+fi
+
+# ---------------------------------------------------------------------------------------
 # Fixed costs: a process that does (almost) nothing, to split nvcopy's wall time into
 # start-up and data phase. nvcopy: exec alone (--version), exec + VFIO + controller
 # bring-up + Identify (identify), and a whole copy of one 4 KiB chunk; dd: the same 4 KiB

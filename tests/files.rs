@@ -223,30 +223,15 @@ fn a_short_source_and_misaligned_regions_are_refused_before_any_io() {
     ok(&["copy", "--from", s(&src), "--to", s(&dst), "--buffered"]);
     assert!(std::fs::read(&dst).unwrap() == data);
     std::fs::remove_file(&dst).unwrap();
-    // Asking for more than the source holds.
-    refused(
-        &[
-            "copy",
-            "--from",
-            &format!("{}+2M", s(&src)),
-            "--to",
-            s(&dst),
-        ],
-        &["does not fit"],
-    );
-    assert!(!dst.exists());
-    // An offset that O_DIRECT cannot take.
-    refused(
-        &[
-            "copy",
-            "--from",
-            &format!("{}@1+4K", s(&src)),
-            "--to",
-            s(&dst),
-        ],
-        &["multiples"],
-    );
-    assert!(!dst.exists());
+    // Asking for more than the source holds; an offset that O_DIRECT cannot take.
+    for (from, phrase) in [("+2M", "does not fit"), ("@1+4K", "multiples")] {
+        let from = format!("{}{from}", s(&src));
+        refused(&["copy", "--from", &from, "--to", s(&dst)], &[phrase]);
+        assert!(
+            !dst.exists(),
+            "{from}: a refused job created its destination"
+        );
+    }
     let _ = std::fs::remove_dir_all(&d);
 }
 

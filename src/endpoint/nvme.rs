@@ -178,6 +178,14 @@ struct NvmeEndpoint {
     failed: Vec<Completion>,
 }
 
+/// A command's pages as the PRP builder takes them.
+fn prp_pages(data: super::Pages<'_>) -> DataPtr<'_> {
+    DataPtr::Pages {
+        pages: data.iovas,
+        len: data.len,
+    }
+}
+
 /// A failed completion's code: the opcode above the 15-bit status field, so that the
 /// status can be rebuilt; 0 only for success.
 fn code_of(c: &Completion) -> u32 {
@@ -199,20 +207,10 @@ impl Endpoint for NvmeEndpoint {
         };
         let r = match cmd {
             Command::Read { volume, at, data } => {
-                let ns = find(volume)?;
-                let data = DataPtr::Pages {
-                    pages: data.iovas,
-                    len: data.len,
-                };
-                q.submit_read(ns, lba(volume, at), data, token)
+                q.submit_read(find(volume)?, lba(volume, at), prp_pages(data), token)
             }
             Command::Write { volume, at, data } => {
-                let ns = find(volume)?;
-                let data = DataPtr::Pages {
-                    pages: data.iovas,
-                    len: data.len,
-                };
-                q.submit_write(ns, lba(volume, at), data, token)
+                q.submit_write(find(volume)?, lba(volume, at), prp_pages(data), token)
             }
             Command::WriteZeroes { volume, at, len } => {
                 let ns = find(volume)?;
