@@ -34,8 +34,16 @@ pub struct FileDevice {
     timeout: Duration,
     /// Bumped by every recovery, for the jobs' reset budgets.
     generation: Arc<AtomicU64>,
-    /// io_uring_enter calls its rings made, summed.
-    enters: Arc<AtomicU64>,
+    /// What its rings did, summed over the reactors.
+    stats: Arc<RingStats>,
+}
+
+/// What the rings of one device did, summed over the reactors.
+#[derive(Debug, Default)]
+struct RingStats {
+    enters: AtomicU64,
+    commands: AtomicU64,
+    sqes: AtomicU64,
 }
 
 impl FileDevice {
@@ -52,13 +60,22 @@ impl FileDevice {
             anchor,
             timeout,
             generation: Arc::new(AtomicU64::new(0)),
-            enters: Arc::new(AtomicU64::new(0)),
+            stats: Arc::default(),
         })
     }
 
     /// io_uring_enter calls made by its rings so far, over every reactor.
     pub fn enters(&self) -> u64 {
-        self.enters.load(Ordering::Relaxed)
+        self.stats.enters.load(Ordering::Relaxed)
+    }
+
+    /// Commands its rings took, and the SQEs they became (a command whose pages are not
+    /// contiguous in memory takes one SQE per run).
+    pub fn submitted(&self) -> (u64, u64) {
+        (
+            self.stats.commands.load(Ordering::Relaxed),
+            self.stats.sqes.load(Ordering::Relaxed),
+        )
     }
 
     /// Whether its rings share an SQPOLL thread.
@@ -136,7 +153,8 @@ impl Device for FileDevice {
             q,
             name: self.name.clone(),
             generation: self.generation.clone(),
-            enters: self.enters.clone(),
+            stats: self.stats.clone(),
+            seen: (0, 0, 0),
             mine: self.generation(),
         }))
     }
@@ -158,6 +176,8 @@ impl Device for FileDevice {
             ("direct_io", self.direct.to_string()),
             ("sqpoll", self.anchor.sqpoll().to_string()),
             ("io_uring_enters", self.enters().to_string()),
+            ("commands", self.submitted().0.to_string()),
+            ("sqes", self.submitted().1.to_string()),
         ]
     }
 }
@@ -167,7 +187,9 @@ struct FileEndpoint {
     q: FileQueue,
     name: String,
     generation: Arc<AtomicU64>,
-    enters: Arc<AtomicU64>,
+    stats: Arc<RingStats>,
+    /// The ring's enters, commands and SQEs last added to `stats`.
+    seen: (u64, u64, u64),
     /// The generation this endpoint last recovered at.
     mine: u64,
 }
@@ -199,11 +221,15 @@ impl Endpoint for FileEndpoint {
 
     #[inline]
     fn ring(&mut self) {
-        let before = self.q.enters();
         self.q.ring();
-        let n = self.q.enters() - before;
-        if n > 0 {
-            self.enters.fetch_add(n, Ordering::Relaxed);
+        let (commands, sqes) = self.q.submitted();
+        let now = (self.q.enters(), commands, sqes);
+        if now != self.seen {
+            let s = &self.stats;
+            s.enters.fetch_add(now.0 - self.seen.0, Ordering::Relaxed);
+            s.commands.fetch_add(now.1 - self.seen.1, Ordering::Relaxed);
+            s.sqes.fetch_add(now.2 - self.seen.2, Ordering::Relaxed);
+            self.seen = now;
         }
     }
 
@@ -285,13 +311,5 @@ impl Endpoint for FileEndpoint {
         } else {
             Recovery::Failed { quiet: false }
         }
-    }
-
-    fn counters(&self) -> Vec<(&'static str, u64)> {
-        vec![
-            ("io_uring_enters", self.q.enters()),
-            ("sqpoll", self.q.sqpoll() as u64),
-            ("fixed_buffers", self.q.fixed_buffers() as u64),
-        ]
     }
 }

@@ -177,6 +177,9 @@ pub struct FileQueue {
     outstanding: usize,
     timeout: Duration,
     enters: u64,
+    /// Commands and SQEs submitted, for the pieces-per-command figure.
+    commands: u64,
+    sqes: u64,
     /// Set by [`FileQueue::abort_all`] when a command could not be proven finished: the
     /// ring takes no more work and its pages must never be reused.
     quarantined: bool,
@@ -251,6 +254,8 @@ impl FileQueue {
             outstanding: 0,
             timeout,
             enters: 0,
+            commands: 0,
+            sqes: 0,
             quarantined: false,
         })
     }
@@ -266,6 +271,10 @@ impl FileQueue {
     /// io_uring_enter calls made.
     pub fn enters(&self) -> u64 {
         self.enters
+    }
+    /// Commands submitted so far, and the SQEs they took.
+    pub fn submitted(&self) -> (u64, u64) {
+        (self.commands, self.sqes)
     }
     /// Commands outstanding.
     pub fn outstanding(&self) -> usize {
@@ -342,6 +351,8 @@ impl FileQueue {
         self.posted.push(t);
         self.outstanding += 1;
         self.sqes_out += pieces;
+        self.commands += 1;
+        self.sqes += pieces as u64;
         Ok(t)
     }
 
