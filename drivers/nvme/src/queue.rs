@@ -5,6 +5,10 @@
 //! with an acquire fence before the rest of the entry is trusted; the head doorbell is
 //! written once per batch. Command ids index a slab of trackers (as in SPDK), and a
 //! command id that comes back from the device is checked before it is used.
+//!
+//! Every tracker owns its PRP-list page from the queue's creation: one DMA allocation for
+//! all of them, carved one page per tracker (as libvfn and SPDK do), so that posting a
+//! command takes no lock and allocates nothing.
 
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
@@ -52,8 +56,10 @@ struct Tracker {
     opcode: u8,
     nsid: u32,
     slba: u64,
-    /// One page for this command's PRP list, allocated the first time it is needed.
-    prp_list: Option<DmaBuf>,
+    /// This command's PRP-list page, carved out of the queue's list memory at creation:
+    /// its device address and its first entry.
+    prp_iova: Iova,
+    prp_ptr: *mut u64,
 }
 
 /// The command a timed-out tracker held.
@@ -92,20 +98,22 @@ pub struct QueuePair {
     trackers: Vec<Tracker>,
     free: Vec<u16>,
     scratch: Box<[u64; LIST_ENTRIES]>,
-    pool: DmaPool,
+    /// The memory the trackers' PRP-list pages are carved from (one buffer, unless the
+    /// pool could only give smaller pieces).
+    prp_lists: Vec<DmaBuf>,
     timeout: Duration,
     disabled: bool,
 }
 
-// SAFETY: the raw ring pointers lead only into `sq` and `cq`, which the queue pair owns;
-// moving the queue pair to another thread moves the rings' only users with it. It is not
+// SAFETY: the raw ring and PRP-list pointers lead only into `sq`, `cq` and `prp_lists`,
+// which the queue pair owns; moving the queue pair to another thread moves the only users
+// of that memory with it. It is not
 // Sync: one thread drives a queue pair, as each reactor owns its own.
 unsafe impl Send for QueuePair {}
 
 impl QueuePair {
-    /// DMA memory a queue pair of `entries` slots can take at most: its two rings, each
-    /// rounded up to whole pages, and one PRP-list page for each command slot (taken the
-    /// first time that slot carries a transfer needing a list).
+    /// DMA memory a queue pair of `entries` slots takes: its two rings, each rounded up to
+    /// whole pages, and one PRP-list page for each command slot, all taken at creation.
     pub fn dma_bytes(entries: u16) -> usize {
         let entries = entries.max(2) as usize;
         let ring = |entry: usize| (entries * entry).div_ceil(PAGE_SIZE) * PAGE_SIZE;
@@ -128,15 +136,18 @@ impl QueuePair {
         let cq = pool.alloc_zeroed(entries as usize * CQE_SIZE)?;
         let slots = entries - 1;
         let slot_cid = vec![0; entries as usize];
-        let trackers = (0..slots)
-            .map(|_| Tracker {
+        let (prp_lists, pages) = carve_prp_lists(pool, slots as usize)?;
+        let trackers = pages
+            .into_iter()
+            .map(|(prp_iova, prp_ptr)| Tracker {
                 busy: false,
                 token: 0,
                 submitted: None,
                 opcode: 0,
                 nsid: 0,
                 slba: 0,
-                prp_list: None,
+                prp_iova,
+                prp_ptr,
             })
             .collect();
         Ok(QueuePair {
@@ -158,7 +169,7 @@ impl QueuePair {
             // Popped from the end: hand out low command ids first.
             free: (0..slots).rev().collect(),
             scratch: Box::new([0; LIST_ENTRIES]),
-            pool: pool.clone(),
+            prp_lists,
             timeout,
             disabled: false,
         })
@@ -212,24 +223,20 @@ impl QueuePair {
         };
         let tracker = &mut self.trackers[cid as usize];
         if let Some(data) = data {
-            let list_iova = match &tracker.prp_list {
-                Some(page) => page.iova(),
-                None => Iova(0),
-            };
-            let mut prps =
-                prp::build(data, &mut self.scratch, list_iova).map_err(|e| Error::BadBuffer {
+            let prps = prp::build(data, &mut self.scratch, tracker.prp_iova).map_err(|e| {
+                Error::BadBuffer {
                     ctrl: self.ctrl.clone(),
                     reason: e.to_string(),
-                })?;
-            if prps.list_len > 0 {
-                if tracker.prp_list.is_none() {
-                    let page = self.pool.alloc(PAGE_SIZE)?;
-                    prps.prp2 = page.iova().0;
-                    tracker.prp_list = Some(page);
                 }
-                if let Some(page) = &tracker.prp_list {
-                    page.slice().copy_from(&self.scratch[..prps.list_len]);
-                }
+            })?;
+            let list = &self.scratch[..prps.list_len.min(LIST_ENTRIES)];
+            for (i, &entry) in list.iter().enumerate() {
+                // SAFETY: `prp_ptr` is this tracker's own page of `prp_lists`, which the
+                // queue keeps allocated, and i < LIST_ENTRIES keeps the store inside that
+                // page. The page is not in use: its tracker is free, so the device has no
+                // command that reads it. Volatile, because it is DMA memory; the release
+                // fence in `ring` orders these stores before the doorbell.
+                unsafe { tracker.prp_ptr.add(i).write_volatile(entry) };
             }
             sqe.prp1 = prps.prp1;
             sqe.prp2 = prps.prp2;
@@ -333,13 +340,13 @@ impl QueuePair {
 
     /// Gives up the queue's memory for good: its rings and PRP-list pages are never
     /// returned to the pool, because the controller could not be proven to have stopped
-    /// writing them. The queue is disabled.
+    /// using them. The queue is disabled.
     pub fn quarantine(&mut self) {
         self.disabled = true;
         self.sq.quarantine();
         self.cq.quarantine();
-        for page in self.trackers.iter_mut().filter_map(|t| t.prp_list.as_mut()) {
-            page.quarantine();
+        for lists in &mut self.prp_lists {
+            lists.quarantine();
         }
     }
 
@@ -423,6 +430,37 @@ impl QueuePair {
                 waited: now.saturating_duration_since(at),
             })
     }
+}
+
+/// Carves one PRP-list page for each of `count` trackers out of as few DMA buffers as the
+/// pool allows: one buffer when it has a contiguous run of `count` pages (the usual case),
+/// else pieces of half the size, and so on down to single pages, so that a fragmented
+/// pool that still has the pages free does not fail queue creation. Returns the buffers
+/// and each tracker's page (device address, first entry).
+#[allow(clippy::type_complexity)]
+fn carve_prp_lists(pool: &DmaPool, count: usize) -> Result<(Vec<DmaBuf>, Vec<(Iova, *mut u64)>)> {
+    let mut bufs = Vec::new();
+    let mut pages = Vec::with_capacity(count);
+    let mut piece = count.min(pool.max_contiguous() / PAGE_SIZE).max(1);
+    while pages.len() < count {
+        let n = piece.min(count - pages.len());
+        let buf = match pool.alloc(n * PAGE_SIZE) {
+            Ok(buf) => buf,
+            Err(nvcopy_vfio::Error::PoolExhausted { .. }) if piece > 1 => {
+                piece = piece.div_ceil(2);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for i in 0..n {
+            let at = i * PAGE_SIZE;
+            // wrapping_add forms the address without unsafe; it lies inside `buf`.
+            let ptr = buf.as_mut_ptr().wrapping_add(at).cast::<u64>();
+            pages.push((buf.iova().add(at as u64), ptr));
+        }
+        bufs.push(buf);
+    }
+    Ok((bufs, pages))
 }
 
 #[cfg(test)]
@@ -538,28 +576,85 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_pair_takes_no_more_dma_memory_than_it_reports() {
+    fn a_queue_pair_takes_its_dma_memory_at_creation_and_none_in_post() {
         let pool = DmaPool::unmapped(256 * PAGE_SIZE).unwrap();
         let data = pool.alloc(16 * PAGE_SIZE).unwrap();
         let before = pool.free_pages();
         let mut qp = QueuePair::new("test", 1, 8, 4, &pool, Duration::from_secs(5)).unwrap();
-        // Every slot carries a transfer that needs a PRP list page.
-        for _ in 0..7 {
-            let d = DataPtr::Contig {
-                iova: data.iova(),
-                len: 16 * PAGE_SIZE,
-            };
-            qp.post(Sqe::new(2, 1), Some(d), 0).unwrap();
-        }
         let used = (before - pool.free_pages()) * PAGE_SIZE;
         assert_eq!(
             used,
             QueuePair::dma_bytes(8),
-            "rings plus one list page a slot"
+            "rings plus one list page a slot, all at creation"
         );
+        assert_eq!(qp.prp_lists.len(), 1, "one allocation for every list page");
+        let after_creation = pool.free_pages();
+        // Every slot carries a transfer that needs a PRP list page; a full queue refuses.
+        let d = DataPtr::Contig {
+            iova: data.iova(),
+            len: 16 * PAGE_SIZE,
+        };
+        let mut lists = Vec::new();
+        for _ in 0..7 {
+            let cid = qp.post(Sqe::new(2, 1), Some(d), 0).unwrap();
+            let sqe: Sqe = qp.sq.slice().read_obj(cid as usize * SQE_SIZE).unwrap();
+            lists.push(sqe.prp2);
+        }
+        assert!(matches!(
+            qp.post(Sqe::new(2, 1), Some(d), 0),
+            Err(Error::QueueFull { qid: 1 })
+        ));
+        assert_eq!(pool.free_pages(), after_creation, "post allocates nothing");
+        lists.sort_unstable();
+        lists.dedup();
+        assert_eq!(lists.len(), 7, "each tracker has a page of its own");
+        let base = qp.prp_lists[0].iova().0;
+        for (i, l) in lists.iter().enumerate() {
+            assert_eq!(*l, base + (i * PAGE_SIZE) as u64, "carved in order");
+        }
         assert_eq!(
             QueuePair::dma_bytes(1024),
             64 * 1024 + 16 * 1024 + 1023 * PAGE_SIZE
+        );
+    }
+
+    #[test]
+    fn a_fragmented_pool_still_gives_every_tracker_a_page() {
+        let pool = DmaPool::unmapped(32 * PAGE_SIZE).unwrap();
+        // Hold every other page: no two free pages are adjacent.
+        let all: Vec<DmaBuf> = (0..32).map(|_| pool.alloc(PAGE_SIZE).unwrap()).collect();
+        let kept: Vec<DmaBuf> = all
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, b)| (i % 2 == 0).then_some(b))
+            .collect();
+        assert_eq!(pool.free_pages(), 16);
+        // Rings of one page each and 7 list pages: 9 single pages.
+        let qp = QueuePair::new("test", 1, 8, 4, &pool, Duration::from_secs(5)).unwrap();
+        assert_eq!(qp.prp_lists.len(), 7);
+        assert_eq!(pool.free_pages(), 16 - 9);
+        drop(kept);
+    }
+
+    #[test]
+    fn quarantine_keeps_the_prp_list_pages_out_of_the_pool() {
+        let pool = DmaPool::unmapped(64 * PAGE_SIZE).unwrap();
+        let before = pool.free_pages();
+        let mut qp = QueuePair::new("test", 1, 8, 4, &pool, Duration::from_secs(5)).unwrap();
+        qp.quarantine();
+        assert!(qp.is_disabled());
+        drop(qp);
+        assert_eq!(
+            (before - pool.free_pages()) * PAGE_SIZE,
+            QueuePair::dma_bytes(8),
+            "rings and list pages all stay out"
+        );
+        let qp = QueuePair::new("test", 1, 8, 4, &pool, Duration::from_secs(5)).unwrap();
+        drop(qp);
+        assert_eq!(
+            (before - pool.free_pages()) * PAGE_SIZE,
+            QueuePair::dma_bytes(8),
+            "a queue that was not quarantined gives everything back"
         );
     }
 
