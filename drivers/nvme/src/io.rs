@@ -90,7 +90,7 @@ impl IoQpair {
         match health {
             Health::Ready => {
                 self.qp.reinit();
-                match self.ctrl.create_queues(&self.qp, gen) {
+                match self.ctrl.create_queues(&mut self.qp, gen) {
                     Ok(()) => {
                         self.generation = gen;
                         Recovery::Reissue
@@ -148,6 +148,11 @@ impl IoQpair {
     /// Commands that can be posted now.
     pub fn free_slots(&self) -> usize {
         self.qp.free_slots()
+    }
+    /// Whether this queue pair rings through shadow doorbells (see
+    /// [`Controller::shadow_doorbells`]); decided when it was created or last recovered.
+    pub fn shadow_doorbells(&self) -> bool {
+        self.qp.has_shadow()
     }
 
     pub(crate) fn bad_buffer(&self, reason: String) -> Error {

@@ -6,6 +6,10 @@
 //! written once per batch. Command ids index a slab of trackers (as in SPDK), and a
 //! command id that comes back from the device is checked before it is used.
 //!
+//! With shadow doorbells (Doorbell Buffer Config) a new tail or head goes to the queue's
+//! entry in the Shadow Doorbell buffer first, and the MMIO doorbell is written only when
+//! the controller's EventIdx says it wants to hear of the move (see [`ShadowSlots`]).
+//!
 //! Every tracker owns its PRP-list page from the queue's creation: one DMA allocation for
 //! all of them, carved one page per tracker (as libvfn and SPDK do), so that posting a
 //! command takes no lock and allocates nothing.
@@ -18,7 +22,7 @@ use nvcopy_vfio::{DmaBuf, DmaPool, Iova, PAGE_SIZE};
 use crate::error::{Error, Result};
 use crate::prp::{self, DataPtr, LIST_ENTRIES};
 use crate::regs::Bar;
-use crate::spec::{doorbell_offset, Cqe, Sqe};
+use crate::spec::{doorbell_buffer, doorbell_offset, Cqe, Sqe};
 use crate::status::Status;
 
 /// Bytes per SQ entry (CC.IOSQES = 6).
@@ -75,6 +79,51 @@ pub struct Expired {
     pub waited: Duration,
 }
 
+/// A queue pair's four entries in the controller's Shadow Doorbell and EventIdx buffers
+/// (Doorbell Buffer Config, base spec 1.3 section 5.7): where the host writes its SQ tail
+/// and CQ head, and where the controller says past which value it wants an MMIO doorbell
+/// write as well.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ShadowSlots {
+    /// Shadow SQ tail doorbell (host writes).
+    pub sq_db: *mut u32,
+    /// SQ EventIdx (controller writes).
+    pub sq_ei: *mut u32,
+    /// Shadow CQ head doorbell (host writes).
+    pub cq_db: *mut u32,
+    /// CQ EventIdx (controller writes).
+    pub cq_ei: *mut u32,
+}
+
+impl ShadowSlots {
+    /// Publishes a doorbell move from `old` to `new` in the shadow entry `db` and says
+    /// whether the MMIO doorbell must be written too, by the EventIdx rule (Linux's
+    /// `nvme_dbbuf_update_and_check_event`).
+    ///
+    /// # Safety
+    /// `db` and `ei` must be valid, 4-byte aligned entries of the Shadow Doorbell and
+    /// EventIdx buffers, kept allocated while the call runs.
+    #[inline]
+    unsafe fn update(db: *mut u32, ei: *const u32, new: u16, old: u16) -> bool {
+        // SAFETY: the caller vouches for `db`. Volatile: the controller reads it.
+        unsafe { db.write_volatile(new as u32) };
+        // A full fence, not a release one: the store above must be visible to the
+        // controller before the EventIdx load below reads anything. That is store-load
+        // ordering, which only a full barrier gives (x86 lets a later load pass an
+        // earlier store through the store buffer; Linux uses mb() here). The controller
+        // does the mirror image: it writes EventIdx, fences, then reads the shadow entry.
+        // With both fences at least one side sees the other's store, so either we see an
+        // EventIdx that makes us write the MMIO doorbell, or the controller sees our new
+        // value; without ours, both could read stale values and the command would sit in
+        // the ring until something else woke the controller.
+        fence(Ordering::SeqCst);
+        // SAFETY: the caller vouches for `ei`. Volatile: the controller writes it at any
+        // time.
+        let event = unsafe { ei.read_volatile() } as u16;
+        doorbell_buffer::need_event(event, new, old)
+    }
+}
+
 /// One queue pair and its trackers.
 #[derive(Debug)]
 pub struct QueuePair {
@@ -95,6 +144,9 @@ pub struct QueuePair {
     phase: u16,
     sq_doorbell: usize,
     cq_doorbell: usize,
+    /// The queue's shadow doorbell entries, when the controller took a Doorbell Buffer
+    /// Config for the queue's current incarnation.
+    shadow: Option<ShadowSlots>,
     trackers: Vec<Tracker>,
     free: Vec<u16>,
     scratch: Box<[u64; LIST_ENTRIES]>,
@@ -107,7 +159,8 @@ pub struct QueuePair {
 
 // SAFETY: the raw ring and PRP-list pointers lead only into `sq`, `cq` and `prp_lists`,
 // which the queue pair owns; moving the queue pair to another thread moves the only users
-// of that memory with it. It is not
+// of that memory with it. The shadow doorbell pointers lead to this queue's own entries of
+// the controller's buffers (`set_shadow`), which no other queue pair writes. It is not
 // Sync: one thread drives a queue pair, as each reactor owns its own.
 unsafe impl Send for QueuePair {}
 
@@ -165,6 +218,7 @@ impl QueuePair {
             phase: 1,
             sq_doorbell: doorbell_offset(qid, false, stride),
             cq_doorbell: doorbell_offset(qid, true, stride),
+            shadow: None,
             trackers,
             // Popped from the end: hand out low command ids first.
             free: (0..slots).rev().collect(),
@@ -207,6 +261,30 @@ impl QueuePair {
     /// Whether the queue was disabled.
     pub fn is_disabled(&self) -> bool {
         self.disabled
+    }
+    /// Whether the queue's doorbells go through shadow doorbell entries.
+    pub fn has_shadow(&self) -> bool {
+        self.shadow.is_some()
+    }
+
+    /// Uses `slots` (or plain MMIO doorbells, for None) from now on, and sets the entries
+    /// to what a new queue starts from: tail and head 0, and EventIdx 0 so that the first
+    /// doorbell is written to MMIO as well. Called before the queue is created on the
+    /// controller, while the controller does not use these entries.
+    ///
+    /// # Safety
+    /// The four pointers must be valid, 4-byte aligned entries of the Shadow Doorbell and
+    /// EventIdx buffers that belong to this queue alone, and stay allocated for as long as
+    /// this queue pair is rung or polled.
+    pub(crate) unsafe fn set_shadow(&mut self, slots: Option<ShadowSlots>) {
+        if let Some(s) = slots {
+            for p in [s.sq_db, s.sq_ei, s.cq_db, s.cq_ei] {
+                // SAFETY: the caller vouches for the entries; the controller does not use
+                // them while the queue does not exist on it.
+                unsafe { p.write_volatile(0) };
+            }
+        }
+        self.shadow = slots;
     }
 
     /// Writes a command into the next SQ slot without ringing the doorbell. Returns its
@@ -263,28 +341,40 @@ impl QueuePair {
     }
 
     /// Tells the controller about every posted entry: one doorbell store for the batch,
-    /// none when nothing new was posted. The commands handed over are stamped with the
-    /// time of this store, which is when their deadlines start.
+    /// none when nothing new was posted, and with shadow doorbells none either when the
+    /// controller's EventIdx says it will look at the shadow entry by itself. The commands
+    /// handed over are stamped with the time of this ring, which is when their deadlines
+    /// start.
     #[inline]
     pub fn ring(&mut self, bar: &dyn Bar) {
-        if self.sq_tail != self.sq_rung {
-            // The entries must be visible in memory before the device can see the new tail.
-            fence(Ordering::Release);
-            bar.write32(self.sq_doorbell, self.sq_tail as u32);
-            let now = Instant::now();
-            let mut slot = self.sq_rung;
-            while slot != self.sq_tail {
-                let cid = self.slot_cid[slot as usize];
-                if let Some(t) = self.trackers.get_mut(cid as usize) {
-                    t.submitted = Some(now);
-                }
-                slot += 1;
-                if slot == self.entries {
-                    slot = 0;
-                }
-            }
-            self.sq_rung = self.sq_tail;
+        let (tail, old) = (self.sq_tail, self.sq_rung);
+        if tail == old {
+            return;
         }
+        // The entries (and their PRP lists) must be visible in memory before the device
+        // can see the new tail, in the shadow entry or in the register.
+        fence(Ordering::Release);
+        let mmio = match self.shadow {
+            None => true,
+            // SAFETY: set_shadow's caller vouched for the entries for the queue's life.
+            Some(s) => unsafe { ShadowSlots::update(s.sq_db, s.sq_ei, tail, old) },
+        };
+        if mmio {
+            bar.write32(self.sq_doorbell, tail as u32);
+        }
+        let now = Instant::now();
+        let mut slot = old;
+        while slot != tail {
+            let cid = self.slot_cid[slot as usize];
+            if let Some(t) = self.trackers.get_mut(cid as usize) {
+                t.submitted = Some(now);
+            }
+            slot += 1;
+            if slot == self.entries {
+                slot = 0;
+            }
+        }
+        self.sq_rung = tail;
     }
 
     /// Fails every outstanding command with a synthesized "Command Aborted due to SQ
@@ -361,6 +451,7 @@ impl QueuePair {
     ) -> Result<usize> {
         let mut reaped = 0;
         let mut bad = None;
+        let old_head = self.cq_head;
         while reaped < max {
             debug_assert!(self.cq_head < self.entries);
             // SAFETY: cq_head < entries, so the entry lies inside the CQ ring that `self.cq`
@@ -402,7 +493,24 @@ impl QueuePair {
             }
         }
         if reaped > 0 {
-            bar.write32(self.cq_doorbell, self.cq_head as u32);
+            let head = self.cq_head;
+            let mmio = match self.shadow {
+                None => true,
+                // A device within the spec posts at most entries - 1 completions before it
+                // hears of the new head, so the head moved. One that posted a whole ring
+                // more left `old_head` equal to it, which the EventIdx rule cannot tell
+                // from no move: tell it through the register.
+                Some(_) if reaped >= self.entries as usize => true,
+                Some(s) => {
+                    // The entries were read before the controller may reuse their slots.
+                    fence(Ordering::Release);
+                    // SAFETY: set_shadow's caller vouched for the entries.
+                    unsafe { ShadowSlots::update(s.cq_db, s.cq_ei, head, old_head) }
+                }
+            };
+            if mmio {
+                bar.write32(self.cq_doorbell, head as u32);
+            }
         }
         match bad {
             Some(cid) => Err(Error::BadCommandId {
