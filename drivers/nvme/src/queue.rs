@@ -809,4 +809,63 @@ mod tests {
             Err(Error::QueueDisabled { .. })
         ));
     }
+
+    #[test]
+    fn shadow_doorbells_write_mmio_only_when_the_event_index_is_passed() {
+        let (mut qp, pool) = queue(8);
+        let page = pool.alloc_zeroed(PAGE_SIZE).unwrap();
+        let word = |i: usize| page.as_mut_ptr().wrapping_add(4 * i).cast::<u32>();
+        let read = |i: usize| {
+            let mut b = [0u8; 4];
+            page.read_at(4 * i, &mut b);
+            u32::from_le_bytes(b)
+        };
+        let set = |i: usize, v: u32| page.write_at(4 * i, &v.to_le_bytes());
+        // Stale values from an earlier queue with this id, zeroed by set_shadow.
+        (0..4).for_each(|i| set(i, 77));
+        let slots = ShadowSlots {
+            sq_db: word(0),
+            sq_ei: word(1),
+            cq_db: word(2),
+            cq_ei: word(3),
+        };
+        // SAFETY: `page` outlives every ring and poll below.
+        unsafe { qp.set_shadow(Some(slots)) };
+        assert!(qp.has_shadow());
+        assert_eq!((read(0), read(1), read(2), read(3)), (0, 0, 0, 0));
+        let bar = FakeBar::default();
+        // EventIdx 0 and tail 0 -> 1: the controller wants to hear of it.
+        let a = qp.post(Sqe::new(2, 1), None, 1).unwrap();
+        qp.ring(&bar);
+        assert_eq!(read(0), 1);
+        assert_eq!(bar.0.lock().unwrap().as_slice(), &[(0x1008, 1)]);
+        // The controller has not caught up (EventIdx still 0): shadow write alone.
+        let b = qp.post(Sqe::new(2, 1), None, 2).unwrap();
+        qp.ring(&bar);
+        assert_eq!(read(0), 2);
+        assert_eq!(bar.0.lock().unwrap().len(), 1);
+        // It consumed up to 2 and asks to hear of what comes after.
+        set(1, 2);
+        let c = qp.post(Sqe::new(2, 1), None, 3).unwrap();
+        qp.ring(&bar);
+        assert_eq!(bar.0.lock().unwrap().last(), Some(&(0x1008, 3)));
+        // Completions: head 0 -> 2 passes EventIdx 0; then 2 -> 3 with EventIdx still 0
+        // does not.
+        complete(&qp, 0, a, 1, 0);
+        complete(&qp, 1, b, 1, 0);
+        assert_eq!(qp.poll(&bar, 16, |_| {}).unwrap(), 2);
+        assert_eq!(read(2), 2);
+        assert_eq!(bar.0.lock().unwrap().last(), Some(&(0x100c, 2)));
+        complete(&qp, 2, c, 1, 0);
+        assert_eq!(qp.poll(&bar, 16, |_| {}).unwrap(), 1);
+        assert_eq!(read(2), 3);
+        assert_eq!(bar.0.lock().unwrap().len(), 3, "no MMIO store for the head");
+        // Back to MMIO doorbells.
+        // SAFETY: no entries.
+        unsafe { qp.set_shadow(None) };
+        qp.post(Sqe::new(2, 1), None, 4).unwrap();
+        qp.ring(&bar);
+        assert_eq!(bar.0.lock().unwrap().last(), Some(&(0x1008, 4)));
+        assert_eq!(read(0), 3, "the shadow entry is no longer written");
+    }
 }
