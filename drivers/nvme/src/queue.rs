@@ -148,7 +148,8 @@ pub struct QueuePair {
     /// Config for the queue's current incarnation.
     shadow: Option<ShadowSlots>,
     trackers: Vec<Tracker>,
-    free: Vec<u16>,
+    /// Free command ids, a stack of fixed capacity (one per tracker): `free[..nfree]`.
+    free: FreeIds,
     scratch: Box<[u64; LIST_ENTRIES]>,
     /// The memory the trackers' PRP-list pages are carved from (one buffer, unless the
     /// pool could only give smaller pieces).
@@ -221,7 +222,7 @@ impl QueuePair {
             shadow: None,
             trackers,
             // Popped from the end: hand out low command ids first.
-            free: (0..slots).rev().collect(),
+            free: FreeIds::full(slots),
             scratch: Box::new([0; LIST_ENTRIES]),
             prp_lists,
             timeout,
@@ -287,26 +288,30 @@ impl QueuePair {
         self.shadow = slots;
     }
 
+    #[cold]
+    fn disabled_error(&self) -> Error {
+        Error::QueueDisabled {
+            ctrl: self.ctrl.clone(),
+            qid: self.qid,
+        }
+    }
+
     /// Writes a command into the next SQ slot without ringing the doorbell. Returns its
     /// command id.
+    #[inline]
     pub fn post(&mut self, mut sqe: Sqe, data: Option<DataPtr<'_>>, token: u64) -> Result<u16> {
         if self.disabled {
-            return Err(Error::QueueDisabled {
-                ctrl: self.ctrl.clone(),
-                qid: self.qid,
-            });
+            return Err(self.disabled_error());
         }
-        let Some(&cid) = self.free.last() else {
+        let Some(cid) = self.free.peek() else {
             return Err(Error::QueueFull { qid: self.qid });
         };
         let tracker = &mut self.trackers[cid as usize];
         if let Some(data) = data {
-            let prps = prp::build(data, &mut self.scratch, tracker.prp_iova).map_err(|e| {
-                Error::BadBuffer {
-                    ctrl: self.ctrl.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
+            let prps = match prp::build(data, &mut self.scratch, tracker.prp_iova) {
+                Ok(prps) => prps,
+                Err(e) => return Err(bad_buffer(&self.ctrl, e)),
+            };
             let list = &self.scratch[..prps.list_len.min(LIST_ENTRIES)];
             for (i, &entry) in list.iter().enumerate() {
                 // SAFETY: `prp_ptr` is this tracker's own page of `prp_lists`, which the
@@ -420,8 +425,7 @@ impl QueuePair {
         self.sq_rung = 0;
         self.cq_head = 0;
         self.phase = 1;
-        self.free.clear();
-        self.free.extend((0..self.trackers.len() as u16).rev());
+        self.free = FreeIds::full(self.trackers.len() as u16);
         for t in &mut self.trackers {
             t.busy = false;
         }
@@ -443,6 +447,7 @@ impl QueuePair {
     /// Reaps at most `max` completions, calling `each` for every one, then writes the CQ
     /// head doorbell once. A completion whose command id is not outstanding is consumed and
     /// reported as [`Error::BadCommandId`] after the rest of the batch is handled.
+    #[inline]
     pub fn poll(
         &mut self,
         bar: &dyn Bar,
@@ -537,6 +542,56 @@ impl QueuePair {
                 slba: t.slba,
                 waited: now.saturating_duration_since(at),
             })
+    }
+}
+
+#[cold]
+fn bad_buffer(ctrl: &str, e: prp::PrpError) -> Error {
+    Error::BadBuffer {
+        ctrl: ctrl.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// The free command ids of a queue pair: a stack that can hold every id at once, so that
+/// pushing never grows it (a command id is pushed only when its tracker was busy, which
+/// happens at most once per pop).
+#[derive(Debug)]
+struct FreeIds {
+    ids: Box<[u16]>,
+    len: usize,
+}
+
+impl FreeIds {
+    /// Every id of `count` trackers, the low ones on top.
+    fn full(count: u16) -> Self {
+        FreeIds {
+            ids: (0..count).rev().collect(),
+            len: count as usize,
+        }
+    }
+    #[inline]
+    fn len(&self) -> usize {
+        self.len
+    }
+    #[inline]
+    fn peek(&self) -> Option<u16> {
+        self.len
+            .checked_sub(1)
+            .and_then(|i| self.ids.get(i).copied())
+    }
+    #[inline]
+    fn pop(&mut self) {
+        self.len = self.len.saturating_sub(1);
+    }
+    #[inline]
+    fn push(&mut self, cid: u16) {
+        // Never full here: see the type's comment. Were it, the id is dropped rather than
+        // overwriting another.
+        if let Some(slot) = self.ids.get_mut(self.len) {
+            *slot = cid;
+            self.len += 1;
+        }
     }
 }
 
