@@ -1,6 +1,7 @@
 //! Admin commands (base spec 5): Identify (namespace, controller, active namespace list),
-//! Set Features (Number of Queues, Volatile Write Cache), and creating and deleting I/O
-//! queues. Every other opcode is an Invalid Command Opcode.
+//! Set Features (Number of Queues, Volatile Write Cache), creating and deleting I/O
+//! queues, and Doorbell Buffer Config when offered. Every other opcode is an Invalid
+//! Command Opcode.
 
 use nvcopy_vfio::DmaPool;
 
@@ -9,6 +10,7 @@ use super::dma::{prp_segments, to_host};
 use super::engine::{completion, post, State};
 use super::queues::{CompQueue, SubQueue};
 use super::regs::VERSION;
+use super::shadow::DoorbellBuffers;
 use super::status::{
     finish, Done, Exec, ABORTED_SQ_DELETED, COMPLETION_QUEUE_INVALID, INVALID_FIELD,
     INVALID_NAMESPACE, INVALID_OPCODE, INVALID_QUEUE_DELETION, INVALID_QUEUE_ID,
@@ -31,6 +33,9 @@ pub fn execute(p: &Params, pool: &DmaPool, st: &mut State, sqe: &Sqe) -> Done {
         admin::CREATE_SQ => create_sq(p, pool, st, sqe),
         admin::DELETE_SQ => delete_sq(pool, st, sqe),
         admin::DELETE_CQ => delete_cq(st, sqe),
+        admin::DOORBELL_BUFFER_CONFIG if p.doorbell_buffer => {
+            doorbell_buffer_config(p, pool, st, sqe)
+        }
         _ => Err(INVALID_OPCODE.into()),
     })
 }
@@ -80,6 +85,8 @@ fn identify_controller(p: &Params, nn: u32, crdt: [u16; 3]) -> Vec<u8> {
     b[78..80].copy_from_slice(&1u16.to_le_bytes()); // CNTLID
     b[80..84].copy_from_slice(&VERSION.to_le_bytes()); // VER
     b[111] = 1; // CNTRLTYPE: I/O controller
+    let oacs: u16 = if p.doorbell_buffer { 1 << 8 } else { 0 };
+    b[256..258].copy_from_slice(&oacs.to_le_bytes()); // OACS: Doorbell Buffer Config
     for (i, t) in crdt.iter().enumerate() {
         b[134 + 2 * i..136 + 2 * i].copy_from_slice(&t.to_le_bytes()); // CRDT1-3
     }
@@ -191,4 +198,29 @@ fn delete_cq(st: &mut State, sqe: &Sqe) -> Exec {
             Ok(0)
         }
     }
+}
+
+/// Doorbell Buffer Config (base spec 1.3 5.7): PRP1 is the Shadow Doorbell buffer, PRP2
+/// the EventIdx buffer, each memory-page aligned. As QEMU does, the queues that exist get
+/// their current tail or head written to their shadow entries; queues created later start
+/// from the host's entries (which a host zeroes before creating a queue).
+fn doorbell_buffer_config(p: &Params, pool: &DmaPool, st: &mut State, sqe: &Sqe) -> Exec {
+    let page = st.regs.page_size() as u64;
+    let (doorbells, eventidx) = (sqe.prp1, sqe.prp2);
+    if doorbells == 0 || eventidx == 0 || doorbells % page != 0 || eventidx % page != 0 {
+        return Err(INVALID_FIELD.into());
+    }
+    let bufs = DoorbellBuffers::new(doorbells, eventidx, p.stride);
+    for qid in 0..=p.io_queues {
+        if let Some(sq) = st.queues.sq(qid) {
+            bufs.write_doorbell(pool, qid, false, sq.tail)
+                .map_err(|_| Done::from(INVALID_FIELD))?;
+        }
+        if let Some(cq) = st.queues.cq(qid) {
+            bufs.write_doorbell(pool, qid, true, cq.head())
+                .map_err(|_| Done::from(INVALID_FIELD))?;
+        }
+    }
+    st.doorbell_buffers = Some(bufs);
+    Ok(0)
 }

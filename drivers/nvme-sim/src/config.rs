@@ -92,6 +92,7 @@ pub struct SimConfig {
     pub(super) ocfs: u16,
     pub(super) cap_timeout: u8,
     pub(super) vwc: bool,
+    pub(super) doorbell_buffer: bool,
     pub(super) serial: String,
     pub(super) model: String,
     pub(super) firmware: String,
@@ -110,6 +111,7 @@ impl Default for SimConfig {
             ocfs: 1,
             cap_timeout: 2,
             vwc: true,
+            doorbell_buffer: true,
             serial: "SIM0001".into(),
             model: "nvcopy software NVMe controller".into(),
             firmware: "1.0".into(),
@@ -120,8 +122,9 @@ impl Default for SimConfig {
 
 impl SimConfig {
     /// A controller with no namespaces, MDTS 5 (128 KiB), 1024-entry queues, 4 I/O queue
-    /// pairs, doorbell stride 4, Copy (format 0), Write Zeroes and Dataset Management, a
-    /// volatile write cache and CAP.TO of 1 s.
+    /// pairs, doorbell stride 4, Copy (format 0), Write Zeroes and Dataset Management,
+    /// Doorbell Buffer Config (shadow doorbells, as QEMU offers them), a volatile write
+    /// cache and CAP.TO of 1 s.
     pub fn new() -> Self {
         Self::default()
     }
@@ -194,6 +197,21 @@ impl SimConfig {
         self
     }
 
+    /// Offers Doorbell Buffer Config (OACS bit 8, admin opcode 7Ch) or not. Without it the
+    /// command is an Invalid Command Opcode and every doorbell is an MMIO write.
+    ///
+    /// With it the controller behaves as QEMU's does: once configured, it takes an I/O
+    /// queue's SQ tail from the Shadow Doorbell buffer whenever it processes the queue, and
+    /// after each command it writes the tail it has consumed to the queue's EventIdx and
+    /// reads the shadow tail again; before each completion it writes the CQ head it knows
+    /// to the CQ's EventIdx and reads the shadow head. The admin queue goes by its MMIO
+    /// doorbells, which the controller copies into its shadow entries. A reset forgets
+    /// the configuration.
+    pub fn doorbell_buffer(mut self, on: bool) -> Self {
+        self.doorbell_buffer = on;
+        self
+    }
+
     /// Whether Identify reports a volatile write cache.
     pub fn volatile_write_cache(mut self, on: bool) -> Self {
         self.vwc = on;
@@ -241,6 +259,7 @@ pub(super) struct Params {
     pub oncs: u16,
     pub ocfs: u16,
     pub vwc: bool,
+    pub doorbell_buffer: bool,
     pub serial: String,
     pub model: String,
     pub firmware: String,
@@ -273,6 +292,7 @@ impl Params {
             oncs: c.oncs,
             ocfs: c.ocfs,
             vwc: c.vwc,
+            doorbell_buffer: c.doorbell_buffer,
             serial: c.serial.clone(),
             model: c.model.clone(),
             firmware: c.firmware.clone(),

@@ -1,5 +1,6 @@
 //! What the controller has seen: doorbell stores per queue and commands per opcode, for
-//! tests (doorbell batching) and benchmarks (cost per command).
+//! tests (doorbell batching, shadow doorbells) and benchmarks (cost per command). Doorbell
+//! counts are MMIO stores only; a shadow doorbell write is not one.
 
 /// A snapshot of the controller's counters, from [`super::SimController::counters`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,6 +14,7 @@ pub struct Counters {
     swallowed: u64,
     held: u64,
     dropped: u64,
+    shadow_pickups: u64,
 }
 
 impl Counters {
@@ -27,6 +29,7 @@ impl Counters {
             swallowed: 0,
             held: 0,
             dropped: 0,
+            shadow_pickups: 0,
         }
     }
 
@@ -60,6 +63,10 @@ impl Counters {
 
     pub(super) fn note_held(&mut self) {
         self.held += 1;
+    }
+
+    pub(super) fn note_shadow_pickup(&mut self) {
+        self.shadow_pickups += 1;
     }
 
     pub(super) fn note_dropped(&mut self, n: usize) {
@@ -111,6 +118,13 @@ impl Counters {
     /// Commands held back by a `late` or `delay` fault, to run later.
     pub fn held(&self) -> u64 {
         self.held
+    }
+
+    /// Times a polling device ([`super::ThreadedSim::start_polling`], or the threaded
+    /// controller's own look at the shadow doorbells) found a shadow SQ tail moved that no
+    /// doorbell store had announced yet.
+    pub fn shadow_pickups(&self) -> u64 {
+        self.shadow_pickups
     }
 
     /// Held commands that never ran: a reset or a quiesce dropped them.

@@ -16,6 +16,7 @@ use super::guard::{pages_written, Guard, Watched};
 use super::namespace::SimNamespace;
 use super::queues::{CompQueue, Queues, SubQueue};
 use super::regs::Regs;
+use super::shadow::{self, DoorbellBuffers, EventIdx};
 use super::status::{Done, ABORTED_SQ_DELETED};
 use super::{admin, io};
 use crate::{CQE_SIZE, SQE_SIZE};
@@ -41,6 +42,10 @@ pub struct State {
     pub held: Vec<Held>,
     /// The page guard and what it caught.
     pub guard: Guard,
+    /// Shadow Doorbell and EventIdx buffers, from Doorbell Buffer Config until a reset.
+    pub doorbell_buffers: Option<DoorbellBuffers>,
+    /// What the controller publishes as EventIdx.
+    pub eventidx: EventIdx,
 }
 
 /// A command as the controller fetched it.
@@ -78,6 +83,8 @@ impl State {
             bus_master: true,
             held: Vec::new(),
             guard: Guard::default(),
+            doorbell_buffers: None,
+            eventidx: EventIdx::default(),
         }
     }
 
@@ -143,6 +150,7 @@ fn write_cc(p: &Params, pool: &DmaPool, st: &mut State, value: u32) {
 pub fn reset(st: &mut State) {
     st.drop_held();
     st.queues.clear();
+    st.doorbell_buffers = None;
     st.regs.rdy = false;
     st.regs.shst = 0;
     st.regs.cfs = false;
@@ -208,8 +216,20 @@ fn doorbell(p: &Params, pool: &DmaPool, st: &mut State, rel: usize, value: u32) 
             .map(|cq| cq.set_head(pool, value, drain))
         {
             Some(Ok(true)) => {}
-            Some(Err(_)) => st.regs.cfs = true,
-            Some(Ok(false)) | None => st.counters.note_invalid_doorbell(),
+            Some(Err(_)) => {
+                st.regs.cfs = true;
+                return;
+            }
+            Some(Ok(false)) | None => {
+                st.counters.note_invalid_doorbell();
+                return;
+            }
+        }
+        mirror_admin_doorbell(pool, st, qid, true, value);
+        // Publish the new head as EventIdx, so that the host tells of its next move if
+        // completions are still held back.
+        if shadow::sync_cq_head(pool, st, qid).is_err() {
+            st.regs.cfs = true;
         }
     } else {
         match st.queues.sq_mut(qid) {
@@ -219,12 +239,28 @@ fn doorbell(p: &Params, pool: &DmaPool, st: &mut State, rel: usize, value: u32) 
                 return;
             }
         }
+        mirror_admin_doorbell(pool, st, qid, false, value);
         process(p, pool, st, qid);
+    }
+}
+
+/// With doorbell buffers configured, the admin queue's MMIO doorbells are copied into
+/// its shadow entries, as QEMU does: hosts (Linux among them) do not update the admin
+/// queue's shadow entries, so the register is the truth for it.
+fn mirror_admin_doorbell(pool: &DmaPool, st: &mut State, qid: u16, cq: bool, value: u32) {
+    if let (0, Some(bufs)) = (qid, st.doorbell_buffers) {
+        if bufs.write_doorbell(pool, 0, cq, value).is_err() {
+            st.regs.cfs = true;
+        }
     }
 }
 
 /// Fetches and runs every entry of SQ `qid` between its head and tail.
 pub fn process(p: &Params, pool: &DmaPool, st: &mut State, qid: u16) {
+    // With shadow doorbells the tail is the shadow entry's, whatever the register said.
+    if !shadow::refresh_sq_tail(pool, st, qid) {
+        return;
+    }
     while st.fetching(qid) {
         let Some(sq) = st.queues.sq_mut(qid) else {
             return;
@@ -246,21 +282,24 @@ pub fn process(p: &Params, pool: &DmaPool, st: &mut State, qid: u16) {
         st.counters.note_command(qid == 0, sqe.opcode());
         if st.faults.swallows(qid, &sqe) {
             st.counters.note_swallowed();
-            continue;
+        } else {
+            let cmd = Fetched {
+                qid,
+                cqid,
+                sq_head,
+                sqe,
+                pages,
+                fail: st.faults.fails(qid, &sqe),
+            };
+            match st.faults.holds(qid, &sqe) {
+                Some(delay) => hold(st, cmd, delay),
+                None => run(p, pool, st, cmd),
+            }
         }
-        let cmd = Fetched {
-            qid,
-            cqid,
-            sq_head,
-            sqe,
-            pages,
-            fail: st.faults.fails(qid, &sqe),
-        };
-        if let Some(delay) = st.faults.holds(qid, &sqe) {
-            hold(st, cmd, delay);
-            continue;
+        // Tell the host how far it has been read, and look for more it wrote meanwhile.
+        if !shadow::sq_consumed(pool, st, qid) {
+            return;
         }
-        run(p, pool, st, cmd);
     }
 }
 
@@ -378,6 +417,11 @@ pub fn post(pool: &DmaPool, st: &mut State, cqid: u16, cqe: Cqe) {
         return;
     }
     st.counters.note_completion();
+    // Room the host made with a shadow head alone is room too.
+    if shadow::sync_cq_head(pool, st, cqid).is_err() {
+        st.regs.cfs = true;
+        return;
+    }
     if let Some(cq) = st.queues.cq_mut(cqid) {
         if cq.post(pool, cqe).is_err() {
             st.regs.cfs = true;

@@ -55,6 +55,7 @@ mod io;
 mod namespace;
 mod queues;
 mod regs;
+mod shadow;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -148,6 +149,24 @@ impl SimController {
         let r = f(&mut st);
         self.holding.store(!st.held.is_empty(), Ordering::Release);
         r
+    }
+
+    /// Whether the host's Doorbell Buffer Config is in force (since the last reset).
+    pub fn doorbell_buffers_configured(&self) -> bool {
+        self.lock().doorbell_buffers.is_some()
+    }
+
+    /// A polling device's turn: new work from shadow tails, room from shadow heads (see
+    /// [`ThreadedSim`]). Returns how many queues had new work.
+    pub(crate) fn poll_shadow_doorbells(&self) -> usize {
+        self.with_state(|st| shadow::poll(&self.params, &self.pool, st))
+    }
+
+    /// Publish EventIdx as a polling device does (one behind what was consumed), so that
+    /// the host never needs an MMIO doorbell after the first. Only for a controller whose
+    /// shadow doorbells something polls: [`ThreadedSim::start_polling`].
+    pub(crate) fn set_polling_eventidx(&self) {
+        self.with_state(|st| st.eventidx = shadow::EventIdx::Polling);
     }
 
     /// Runs whatever was left waiting (after I/O was resumed or a fault cleared).

@@ -83,6 +83,11 @@ impl CompQueue {
         }
     }
 
+    /// The head as the controller knows it.
+    pub fn head(&self) -> u32 {
+        self.head
+    }
+
     /// Entries posted and not yet consumed by the host.
     pub fn unconsumed(&self) -> u32 {
         (self.tail + self.size - self.head) % self.size

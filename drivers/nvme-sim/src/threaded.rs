@@ -5,6 +5,13 @@
 //! locks and file I/O on the driver's thread. [`ThreadedSim`] instead records doorbell
 //! stores in atomics and lets a device thread act on them, so a test can confine the
 //! driver's thread (seccomp, allocation counts) and measure only the driver.
+//!
+//! With shadow doorbells (Doorbell Buffer Config) the host writes an MMIO doorbell only
+//! when the controller's EventIdx asks for one, so the device thread also reads the
+//! shadow doorbells on every turn, as QEMU's device does when it processes a queue and on
+//! its timer: work posted without a register store is found all the same.
+//! [`ThreadedSim::start_polling`] goes further and models a polling device, whose
+//! EventIdx never asks for an MMIO write after the first.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,6 +41,20 @@ pub struct ThreadedSim {
 impl ThreadedSim {
     /// Starts the device thread for `sim`.
     pub fn start(sim: Arc<SimController>) -> Arc<ThreadedSim> {
+        Self::spawn(sim)
+    }
+
+    /// Starts the device thread for `sim` as a polling device: once the host configured
+    /// shadow doorbells, the controller keeps each EventIdx one behind what it consumed,
+    /// so the host never has to write an MMIO doorbell after a queue's first (every
+    /// [`nvcopy_nvme::IoQpair::ring`] that moved the tail after that is a shadow write
+    /// alone), and the device thread finds all work by reading the shadow doorbells.
+    pub fn start_polling(sim: Arc<SimController>) -> Arc<ThreadedSim> {
+        sim.set_polling_eventidx();
+        Self::spawn(sim)
+    }
+
+    fn spawn(sim: Arc<SimController>) -> Arc<ThreadedSim> {
         let count = sim.len().saturating_sub(DOORBELL_BASE) / 4;
         let doorbells = Arc::new(Doorbells {
             values: (0..count).map(|_| AtomicU32::new(0)).collect(),
@@ -64,6 +85,10 @@ fn device_loop(sim: &SimController, bells: &Doorbells) {
     while !bells.stop.load(Ordering::Acquire) {
         // Late and delayed commands land as soon as they are due, as on a device.
         sim.run_due();
+        // Work posted through shadow doorbells alone.
+        if sim.poll_shadow_doorbells() > 0 {
+            idle = 0;
+        }
         if !bells.pending.swap(false, Ordering::AcqRel) {
             idle = idle.saturating_add(1);
             if idle > 2000 {

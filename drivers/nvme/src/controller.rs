@@ -5,8 +5,16 @@
 //! CSTS.RDY = 1, then Identify, Set Features (Number of Queues) and namespace discovery.
 //! Every register wait is bounded by CAP.TO. Dropping the controller requests a normal
 //! shutdown (CC.SHN, 3.6.1) and waits for CSTS.SHST to report it complete.
+//!
+//! Where Identify Controller offers Doorbell Buffer Config (OACS bit 8), bring-up gives
+//! the controller a Shadow Doorbell buffer and an EventIdx buffer, and I/O queue pairs
+//! ring through them (see `queue.rs`); the admin queue always uses its MMIO doorbells, as
+//! Linux and SPDK do. A reset forgets the configuration, so [`Controller::reset`] gives it
+//! again, and each queue's entries are zeroed before the queue is created on the
+//! controller. When the command is missing or fails, every queue uses plain MMIO
+//! doorbells ([`Controller::shadow_doorbells`] says which).
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -16,9 +24,9 @@ use crate::error::{Error, Result};
 use crate::identify::{parse_ns_list, ControllerInfo, Namespace};
 use crate::io::IoQpair;
 use crate::prp::{DataPtr, MAX_TRANSFER};
-use crate::queue::{Completion, QueuePair};
+use crate::queue::{Completion, QueuePair, ShadowSlots};
 use crate::regs::Bar;
-use crate::spec::{admin, cc, csts, doorbell_offset, opcode_name, reg, Cap, Sqe};
+use crate::spec::{admin, cc, csts, doorbell_buffer, doorbell_offset, opcode_name, reg, Cap, Sqe};
 use crate::zns;
 
 /// How a controller is brought up.
@@ -32,6 +40,8 @@ pub struct ControllerOptions {
     pub io_timeout: Duration,
     /// I/O queue pairs to ask for with Set Features (Number of Queues).
     pub io_queues: u16,
+    /// Use shadow doorbells (Doorbell Buffer Config) where the controller offers them.
+    pub shadow_doorbells: bool,
 }
 
 impl Default for ControllerOptions {
@@ -41,6 +51,7 @@ impl Default for ControllerOptions {
             admin_timeout: Duration::from_secs(30),
             io_timeout: Duration::from_secs(30),
             io_queues: 64,
+            shadow_doorbells: true,
         }
     }
 }
@@ -97,6 +108,66 @@ pub struct Controller {
     /// Bumped at the end of every reset: queue pairs made under an older generation no
     /// longer exist on the controller and must be recovered.
     generation: AtomicU64,
+    /// The Shadow Doorbell and EventIdx buffers, when the controller offered Doorbell
+    /// Buffer Config and they could be had.
+    shadow: Option<ShadowBuffers>,
+    /// Whether the controller took the buffers since its last reset: queues created now
+    /// ring through them. Changed only under the admin queue's lock.
+    shadow_on: AtomicBool,
+}
+
+/// The two buffers of Doorbell Buffer Config, each covering every queue the controller
+/// granted.
+#[derive(Debug)]
+struct ShadowBuffers {
+    doorbells: DmaBuf,
+    eventidx: DmaBuf,
+}
+
+impl ShadowBuffers {
+    /// Zeroed buffers for the admin queue and `io_queues` I/O queue pairs.
+    fn alloc(pool: &DmaPool, io_queues: usize, stride: usize) -> Result<Self> {
+        let len = doorbell_buffer::len(io_queues, stride);
+        Ok(ShadowBuffers {
+            doorbells: pool.alloc_zeroed(len)?,
+            eventidx: pool.alloc_zeroed(len)?,
+        })
+    }
+
+    /// Queue `qid`'s four entries, if the buffers reach that far.
+    fn slots(&self, qid: u16, stride: usize) -> Option<ShadowSlots> {
+        let cq = doorbell_buffer::offset(qid, true, stride);
+        if cq + 4 > self.doorbells.len() || cq + 4 > self.eventidx.len() {
+            return None;
+        }
+        let sq = doorbell_buffer::offset(qid, false, stride);
+        // wrapping_add forms addresses inside the buffers (checked above) without unsafe.
+        let at = |b: &DmaBuf, off: usize| b.as_mut_ptr().wrapping_add(off).cast::<u32>();
+        Some(ShadowSlots {
+            sq_db: at(&self.doorbells, sq),
+            sq_ei: at(&self.eventidx, sq),
+            cq_db: at(&self.doorbells, cq),
+            cq_ei: at(&self.eventidx, cq),
+        })
+    }
+}
+
+/// Doorbell Buffer Config with `bufs`. Ok(false) when the controller refused it (any
+/// command status): it then keeps using the MMIO doorbells alone. Other errors (a
+/// timeout, a fatal status) are the controller failing, and are returned.
+fn configure_shadow(
+    name: &str,
+    bar: &dyn Bar,
+    cap: Cap,
+    aq: &mut QueuePair,
+    bufs: &ShadowBuffers,
+) -> Result<bool> {
+    let sqe = Sqe::doorbell_buffer_config(bufs.doorbells.iova(), bufs.eventidx.iova());
+    match admin_sync(name, bar, cap, aq, sqe, None) {
+        Ok(_) => Ok(true),
+        Err(Error::Command { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 impl std::fmt::Debug for Controller {
@@ -444,9 +515,17 @@ fn zoned_geometry(id: &mut Identifier<'_>, ns: &Namespace) -> Result<Option<zns:
 
 impl Controller {
     /// DMA memory a controller brought up with `opts` takes from the pool before any I/O
-    /// queue pair: the admin queue pair and the page Identify data lands in.
+    /// queue pair: the admin queue pair, the page Identify data lands in, and with
+    /// `shadow_doorbells` the Shadow Doorbell and EventIdx buffers (sized for the usual
+    /// doorbell stride of 4 bytes; a controller with a wider stride that finds no room for
+    /// bigger ones uses MMIO doorbells).
     pub fn dma_bytes(opts: &ControllerOptions) -> usize {
-        QueuePair::dma_bytes(opts.admin_entries) + PAGE_SIZE
+        let shadow = if opts.shadow_doorbells {
+            2 * doorbell_buffer::len(opts.io_queues.max(1) as usize, 4).next_multiple_of(PAGE_SIZE)
+        } else {
+            0
+        };
+        QueuePair::dma_bytes(opts.admin_entries) + PAGE_SIZE + shadow
     }
 
     /// DMA memory one I/O queue pair of `entries` slots takes at most (see
@@ -469,6 +548,18 @@ impl Controller {
         let info = ControllerInfo::parse(id.run(0, admin::CNS_CONTROLLER)?);
         let io_queues = negotiate_queues(&name, bar.as_ref(), cap, id.aq, opts.io_queues)?;
         let namespaces = discover_namespaces(&mut id)?;
+        drop(id);
+        let mut shadow = None;
+        let mut shadow_on = false;
+        if opts.shadow_doorbells && info.supports_doorbell_buffer() {
+            // Without the memory the controller simply keeps its MMIO doorbells.
+            if let Ok(bufs) = ShadowBuffers::alloc(&pool, io_queues, cap.doorbell_stride()) {
+                shadow_on = configure_shadow(&name, bar.as_ref(), cap, &mut aq, &bufs)?;
+                // Refused: the controller never used the buffers, which go back (as Linux
+                // frees them). Taken: they stay for the controller's life.
+                shadow = shadow_on.then_some(bufs);
+            }
+        }
         Ok(Arc::new(Controller {
             name,
             bar,
@@ -481,6 +572,8 @@ impl Controller {
             qids: Mutex::new(vec![false; io_queues]),
             health: AtomicU8::new(HEALTH_READY),
             generation: AtomicU64::new(0),
+            shadow,
+            shadow_on: AtomicBool::new(shadow_on),
         }))
     }
 
@@ -535,6 +628,15 @@ impl Controller {
     /// The options it was brought up with.
     pub fn options(&self) -> &ControllerOptions {
         &self.opts
+    }
+
+    /// Whether the controller took the Shadow Doorbell and EventIdx buffers (Doorbell
+    /// Buffer Config) at bring-up or its last reset, so that I/O queue pairs created or
+    /// recovered now ring through them. False when the controller does not offer the
+    /// command, refused it, or `shadow_doorbells` was off: every doorbell is then an MMIO
+    /// write.
+    pub fn shadow_doorbells(&self) -> bool {
+        self.shadow_on.load(Ordering::Acquire)
     }
 
     /// An active namespace that nvcopy can do I/O on: no metadata, 512 to 4096-byte blocks.
@@ -648,9 +750,11 @@ impl Controller {
         let health = if disable(&self.name, b, self.cap).is_err() {
             Health::Failed { quiet: b.quiesce() }
         } else {
-            // The controller is quiet: no command of the old queues runs any more.
+            // The controller is quiet: no command of the old queues runs any more. The
+            // reset also made it forget the doorbell buffers.
             aq.abort_all(|_| {});
             aq.reinit();
+            self.shadow_on.store(false, Ordering::Release);
             let want = lock(&self.qids).len() as u16;
             let up = enable(&self.name, b, self.cap, &aq).and_then(|()| {
                 negotiate_queues(&self.name, b, self.cap, &mut aq, want).and_then(|granted| {
@@ -664,6 +768,19 @@ impl Controller {
                         Ok(())
                     }
                 })
+            });
+            let up = up.and_then(|()| match &self.shadow {
+                Some(bufs) => {
+                    // No queue but the admin queue exists now: start the buffers over
+                    // from zero (the entries of each I/O queue are zeroed again when it
+                    // is re-created), then hand them over again.
+                    bufs.doorbells.zero();
+                    bufs.eventidx.zero();
+                    let on = configure_shadow(&self.name, b, self.cap, &mut aq, bufs)?;
+                    self.shadow_on.store(on, Ordering::Release);
+                    Ok(())
+                }
+                None => Ok(()),
             });
             match up {
                 Ok(()) => Health::Ready,
@@ -682,7 +799,10 @@ impl Controller {
     /// Creates the CQ and then the SQ of an I/O queue pair on the controller (base spec
     /// 5.4, 5.5), polled, interrupts off, under the generation `gen`. Fails with
     /// [`Error::QueueDisabled`] when the controller was reset since, or failed.
-    pub(crate) fn create_queues(&self, qp: &QueuePair, gen: u64) -> Result<()> {
+    ///
+    /// The queue pair rings through its shadow doorbell entries if the controller took
+    /// the buffers since its last reset (the entries are zeroed first), else through MMIO.
+    pub(crate) fn create_queues(&self, qp: &mut QueuePair, gen: u64) -> Result<()> {
         let mut aq = lock(&self.admin);
         if self.generation() != gen {
             return Err(Error::QueueDisabled {
@@ -691,6 +811,15 @@ impl Controller {
             });
         }
         let (qid, entries) = (qp.qid(), qp.entries());
+        let slots = match &self.shadow {
+            Some(bufs) if self.shadow_doorbells() => bufs.slots(qid, self.cap.doorbell_stride()),
+            _ => None,
+        };
+        // SAFETY: the entries are queue `qid`'s own (qids are handed out once, under
+        // `qids`), inside buffers this controller owns and never frees before it drops.
+        // The queue pair is only rung and polled through an IoQpair, which holds an Arc of
+        // this controller, so the buffers outlive every use.
+        unsafe { qp.set_shadow(slots) };
         let cq = Sqe::create_io_cq(qid, entries, qp.cq_iova());
         self.admin_locked(&mut aq, cq, None)?;
         // Bound to the CQ of the same id.
@@ -737,8 +866,9 @@ impl Controller {
                 &self.pool,
                 self.opts.io_timeout,
             )?;
+            let mut qp = qp;
             let gen = self.generation();
-            self.create_queues(&qp, gen)?;
+            self.create_queues(&mut qp, gen)?;
             Ok((qp, gen))
         })();
         match made {
@@ -780,6 +910,15 @@ impl Controller {
 
 impl Drop for Controller {
     fn drop(&mut self) {
+        if let Health::Failed { quiet: false } = self.health() {
+            // The controller may still write its admin queue and the EventIdx buffer:
+            // that memory never goes back to the pool.
+            lock(&self.admin).quarantine();
+            if let Some(bufs) = &mut self.shadow {
+                bufs.doorbells.quarantine();
+                bufs.eventidx.quarantine();
+            }
+        }
         if self.health() != Health::Ready {
             return;
         }

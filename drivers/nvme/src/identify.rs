@@ -87,7 +87,7 @@ impl ControllerInfo {
     }
     /// Doorbell Buffer Config (shadow doorbells).
     pub fn supports_doorbell_buffer(&self) -> bool {
-        self.oacs & (1 << 8) != 0
+        self.oacs & crate::spec::doorbell_buffer::OACS_BIT != 0
     }
     /// "major.minor.tertiary".
     pub fn version_string(&self) -> String {

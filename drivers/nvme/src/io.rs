@@ -90,7 +90,7 @@ impl IoQpair {
         match health {
             Health::Ready => {
                 self.qp.reinit();
-                match self.ctrl.create_queues(&self.qp, gen) {
+                match self.ctrl.create_queues(&mut self.qp, gen) {
                     Ok(()) => {
                         self.generation = gen;
                         Recovery::Reissue
@@ -149,7 +149,27 @@ impl IoQpair {
     pub fn free_slots(&self) -> usize {
         self.qp.free_slots()
     }
+    /// Whether this queue pair rings through shadow doorbells (see
+    /// [`Controller::shadow_doorbells`]); decided when it was created or last recovered.
+    pub fn shadow_doorbells(&self) -> bool {
+        self.qp.has_shadow()
+    }
 
+    #[cold]
+    fn bad_length(&self, ns: &Namespace, len: usize) -> Error {
+        let bs = ns.lba_size as usize;
+        if len == 0 || len % bs != 0 || len / bs > MAX_NLB as usize {
+            return self.bad_buffer(format!(
+                "{len} bytes is not 1 to {MAX_NLB} blocks of {bs} bytes"
+            ));
+        }
+        self.bad_buffer(format!(
+            "{len} bytes exceeds the controller's maximum transfer of {}",
+            self.max_transfer
+        ))
+    }
+
+    #[cold]
     pub(crate) fn bad_buffer(&self, reason: String) -> Error {
         Error::BadBuffer {
             ctrl: self.ctrl.name().to_string(),
@@ -157,6 +177,7 @@ impl IoQpair {
         }
     }
 
+    #[inline]
     pub(crate) fn rw(
         &mut self,
         opcode: u8,
@@ -170,17 +191,12 @@ impl IoQpair {
         // not divisions, on this per-command path.
         let shift = ns.lba_size.trailing_zeros();
         let blocks = len >> shift;
-        if len == 0 || len & (ns.lba_size as usize - 1) != 0 || blocks > MAX_NLB as usize {
-            let bs = ns.lba_size;
-            return Err(self.bad_buffer(format!(
-                "{len} bytes is not 1 to {MAX_NLB} blocks of {bs} bytes"
-            )));
-        }
-        if len > self.max_transfer {
-            return Err(self.bad_buffer(format!(
-                "{len} bytes exceeds the controller's maximum transfer of {}",
-                self.max_transfer
-            )));
+        if len == 0
+            || len & (ns.lba_size as usize - 1) != 0
+            || blocks > MAX_NLB as usize
+            || len > self.max_transfer
+        {
+            return Err(self.bad_length(ns, len));
         }
         let mut s = Sqe::new(opcode, ns.nsid);
         s.set_slba(lba);
@@ -189,6 +205,7 @@ impl IoQpair {
     }
 
     /// Posts a Read of `data.len()` bytes from `lba`.
+    #[inline]
     pub fn submit_read(
         &mut self,
         ns: &Namespace,
@@ -200,6 +217,7 @@ impl IoQpair {
     }
 
     /// Posts a Write of `data.len()` bytes at `lba`.
+    #[inline]
     pub fn submit_write(
         &mut self,
         ns: &Namespace,

@@ -5,6 +5,14 @@
 //! with an acquire fence before the rest of the entry is trusted; the head doorbell is
 //! written once per batch. Command ids index a slab of trackers (as in SPDK), and a
 //! command id that comes back from the device is checked before it is used.
+//!
+//! With shadow doorbells (Doorbell Buffer Config) a new tail or head goes to the queue's
+//! entry in the Shadow Doorbell buffer first, and the MMIO doorbell is written only when
+//! the controller's EventIdx says it wants to hear of the move (see [`ShadowSlots`]).
+//!
+//! Every tracker owns its PRP-list page from the queue's creation: one DMA allocation for
+//! all of them, carved one page per tracker (as libvfn and SPDK do), so that posting a
+//! command takes no lock and allocates nothing.
 
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
@@ -14,7 +22,7 @@ use nvcopy_vfio::{DmaBuf, DmaPool, Iova, PAGE_SIZE};
 use crate::error::{Error, Result};
 use crate::prp::{self, DataPtr, LIST_ENTRIES};
 use crate::regs::Bar;
-use crate::spec::{doorbell_offset, Cqe, Sqe};
+use crate::spec::{doorbell_buffer, doorbell_offset, Cqe, Sqe};
 use crate::status::Status;
 
 /// Bytes per SQ entry (CC.IOSQES = 6).
@@ -52,8 +60,10 @@ struct Tracker {
     opcode: u8,
     nsid: u32,
     slba: u64,
-    /// One page for this command's PRP list, allocated the first time it is needed.
-    prp_list: Option<DmaBuf>,
+    /// This command's PRP-list page, carved out of the queue's list memory at creation:
+    /// its device address and its first entry.
+    prp_iova: Iova,
+    prp_ptr: *mut u64,
 }
 
 /// The command a timed-out tracker held.
@@ -67,6 +77,51 @@ pub struct Expired {
     pub slba: u64,
     /// How long it has been outstanding.
     pub waited: Duration,
+}
+
+/// A queue pair's four entries in the controller's Shadow Doorbell and EventIdx buffers
+/// (Doorbell Buffer Config, base spec 1.3 section 5.7): where the host writes its SQ tail
+/// and CQ head, and where the controller says past which value it wants an MMIO doorbell
+/// write as well.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ShadowSlots {
+    /// Shadow SQ tail doorbell (host writes).
+    pub sq_db: *mut u32,
+    /// SQ EventIdx (controller writes).
+    pub sq_ei: *mut u32,
+    /// Shadow CQ head doorbell (host writes).
+    pub cq_db: *mut u32,
+    /// CQ EventIdx (controller writes).
+    pub cq_ei: *mut u32,
+}
+
+impl ShadowSlots {
+    /// Publishes a doorbell move from `old` to `new` in the shadow entry `db` and says
+    /// whether the MMIO doorbell must be written too, by the EventIdx rule (Linux's
+    /// `nvme_dbbuf_update_and_check_event`).
+    ///
+    /// # Safety
+    /// `db` and `ei` must be valid, 4-byte aligned entries of the Shadow Doorbell and
+    /// EventIdx buffers, kept allocated while the call runs.
+    #[inline]
+    unsafe fn update(db: *mut u32, ei: *const u32, new: u16, old: u16) -> bool {
+        // SAFETY: the caller vouches for `db`. Volatile: the controller reads it.
+        unsafe { db.write_volatile(new as u32) };
+        // A full fence, not a release one: the store above must be visible to the
+        // controller before the EventIdx load below reads anything. That is store-load
+        // ordering, which only a full barrier gives (x86 lets a later load pass an
+        // earlier store through the store buffer; Linux uses mb() here). The controller
+        // does the mirror image: it writes EventIdx, fences, then reads the shadow entry.
+        // With both fences at least one side sees the other's store, so either we see an
+        // EventIdx that makes us write the MMIO doorbell, or the controller sees our new
+        // value; without ours, both could read stale values and the command would sit in
+        // the ring until something else woke the controller.
+        fence(Ordering::SeqCst);
+        // SAFETY: the caller vouches for `ei`. Volatile: the controller writes it at any
+        // time.
+        let event = unsafe { ei.read_volatile() } as u16;
+        doorbell_buffer::need_event(event, new, old)
+    }
 }
 
 /// One queue pair and its trackers.
@@ -89,23 +144,30 @@ pub struct QueuePair {
     phase: u16,
     sq_doorbell: usize,
     cq_doorbell: usize,
+    /// The queue's shadow doorbell entries, when the controller took a Doorbell Buffer
+    /// Config for the queue's current incarnation.
+    shadow: Option<ShadowSlots>,
     trackers: Vec<Tracker>,
-    free: Vec<u16>,
+    /// Free command ids, a stack of fixed capacity (one per tracker): `free[..nfree]`.
+    free: FreeIds,
     scratch: Box<[u64; LIST_ENTRIES]>,
-    pool: DmaPool,
+    /// The memory the trackers' PRP-list pages are carved from (one buffer, unless the
+    /// pool could only give smaller pieces).
+    prp_lists: Vec<DmaBuf>,
     timeout: Duration,
     disabled: bool,
 }
 
-// SAFETY: the raw ring pointers lead only into `sq` and `cq`, which the queue pair owns;
-// moving the queue pair to another thread moves the rings' only users with it. It is not
+// SAFETY: the raw ring and PRP-list pointers lead only into `sq`, `cq` and `prp_lists`,
+// which the queue pair owns; moving the queue pair to another thread moves the only users
+// of that memory with it. The shadow doorbell pointers lead to this queue's own entries of
+// the controller's buffers (`set_shadow`), which no other queue pair writes. It is not
 // Sync: one thread drives a queue pair, as each reactor owns its own.
 unsafe impl Send for QueuePair {}
 
 impl QueuePair {
-    /// DMA memory a queue pair of `entries` slots can take at most: its two rings, each
-    /// rounded up to whole pages, and one PRP-list page for each command slot (taken the
-    /// first time that slot carries a transfer needing a list).
+    /// DMA memory a queue pair of `entries` slots takes: its two rings, each rounded up to
+    /// whole pages, and one PRP-list page for each command slot, all taken at creation.
     pub fn dma_bytes(entries: u16) -> usize {
         let entries = entries.max(2) as usize;
         let ring = |entry: usize| (entries * entry).div_ceil(PAGE_SIZE) * PAGE_SIZE;
@@ -128,15 +190,18 @@ impl QueuePair {
         let cq = pool.alloc_zeroed(entries as usize * CQE_SIZE)?;
         let slots = entries - 1;
         let slot_cid = vec![0; entries as usize];
-        let trackers = (0..slots)
-            .map(|_| Tracker {
+        let (prp_lists, pages) = carve_prp_lists(pool, slots as usize)?;
+        let trackers = pages
+            .into_iter()
+            .map(|(prp_iova, prp_ptr)| Tracker {
                 busy: false,
                 token: 0,
                 submitted: None,
                 opcode: 0,
                 nsid: 0,
                 slba: 0,
-                prp_list: None,
+                prp_iova,
+                prp_ptr,
             })
             .collect();
         Ok(QueuePair {
@@ -154,11 +219,12 @@ impl QueuePair {
             phase: 1,
             sq_doorbell: doorbell_offset(qid, false, stride),
             cq_doorbell: doorbell_offset(qid, true, stride),
+            shadow: None,
             trackers,
             // Popped from the end: hand out low command ids first.
-            free: (0..slots).rev().collect(),
+            free: FreeIds::full(slots),
             scratch: Box::new([0; LIST_ENTRIES]),
-            pool: pool.clone(),
+            prp_lists,
             timeout,
             disabled: false,
         })
@@ -197,39 +263,63 @@ impl QueuePair {
     pub fn is_disabled(&self) -> bool {
         self.disabled
     }
+    /// Whether the queue's doorbells go through shadow doorbell entries.
+    pub fn has_shadow(&self) -> bool {
+        self.shadow.is_some()
+    }
+
+    /// Uses `slots` (or plain MMIO doorbells, for None) from now on, and sets the entries
+    /// to what a new queue starts from: tail and head 0, and EventIdx 0 so that the first
+    /// doorbell is written to MMIO as well. Called before the queue is created on the
+    /// controller, while the controller does not use these entries.
+    ///
+    /// # Safety
+    /// The four pointers must be valid, 4-byte aligned entries of the Shadow Doorbell and
+    /// EventIdx buffers that belong to this queue alone, and stay allocated for as long as
+    /// this queue pair is rung or polled.
+    pub(crate) unsafe fn set_shadow(&mut self, slots: Option<ShadowSlots>) {
+        if let Some(s) = slots {
+            for p in [s.sq_db, s.sq_ei, s.cq_db, s.cq_ei] {
+                // SAFETY: the caller vouches for the entries; the controller does not use
+                // them while the queue does not exist on it.
+                unsafe { p.write_volatile(0) };
+            }
+        }
+        self.shadow = slots;
+    }
+
+    #[cold]
+    fn disabled_error(&self) -> Error {
+        Error::QueueDisabled {
+            ctrl: self.ctrl.clone(),
+            qid: self.qid,
+        }
+    }
 
     /// Writes a command into the next SQ slot without ringing the doorbell. Returns its
     /// command id.
+    #[inline]
     pub fn post(&mut self, mut sqe: Sqe, data: Option<DataPtr<'_>>, token: u64) -> Result<u16> {
         if self.disabled {
-            return Err(Error::QueueDisabled {
-                ctrl: self.ctrl.clone(),
-                qid: self.qid,
-            });
+            return Err(self.disabled_error());
         }
-        let Some(&cid) = self.free.last() else {
+        let Some(cid) = self.free.peek() else {
             return Err(Error::QueueFull { qid: self.qid });
         };
         let tracker = &mut self.trackers[cid as usize];
         if let Some(data) = data {
-            let list_iova = match &tracker.prp_list {
-                Some(page) => page.iova(),
-                None => Iova(0),
+            let prps = match prp::build(data, &mut self.scratch, tracker.prp_iova) {
+                Ok(prps) => prps,
+                Err(e) => return Err(bad_buffer(&self.ctrl, e)),
             };
-            let mut prps =
-                prp::build(data, &mut self.scratch, list_iova).map_err(|e| Error::BadBuffer {
-                    ctrl: self.ctrl.clone(),
-                    reason: e.to_string(),
-                })?;
-            if prps.list_len > 0 {
-                if tracker.prp_list.is_none() {
-                    let page = self.pool.alloc(PAGE_SIZE)?;
-                    prps.prp2 = page.iova().0;
-                    tracker.prp_list = Some(page);
-                }
-                if let Some(page) = &tracker.prp_list {
-                    page.slice().copy_from(&self.scratch[..prps.list_len]);
-                }
+            let list = &self.scratch[..prps.list_len.min(LIST_ENTRIES)];
+            for (i, &entry) in list.iter().enumerate() {
+                // SAFETY: `prp_ptr` is this tracker's own page of `prp_lists`, which the
+                // queue keeps allocated, and i < LIST_ENTRIES keeps the store inside that
+                // page. The page is not in use: its tracker is free, so the device has no
+                // command that reads it. Volatile, because it is DMA memory; the release
+                // fence in `ring` orders these stores before the doorbell.
+                unsafe { tracker.prp_ptr.add(i).write_volatile(entry) };
             }
             sqe.prp1 = prps.prp1;
             sqe.prp2 = prps.prp2;
@@ -256,28 +346,40 @@ impl QueuePair {
     }
 
     /// Tells the controller about every posted entry: one doorbell store for the batch,
-    /// none when nothing new was posted. The commands handed over are stamped with the
-    /// time of this store, which is when their deadlines start.
+    /// none when nothing new was posted, and with shadow doorbells none either when the
+    /// controller's EventIdx says it will look at the shadow entry by itself. The commands
+    /// handed over are stamped with the time of this ring, which is when their deadlines
+    /// start.
     #[inline]
     pub fn ring(&mut self, bar: &dyn Bar) {
-        if self.sq_tail != self.sq_rung {
-            // The entries must be visible in memory before the device can see the new tail.
-            fence(Ordering::Release);
-            bar.write32(self.sq_doorbell, self.sq_tail as u32);
-            let now = Instant::now();
-            let mut slot = self.sq_rung;
-            while slot != self.sq_tail {
-                let cid = self.slot_cid[slot as usize];
-                if let Some(t) = self.trackers.get_mut(cid as usize) {
-                    t.submitted = Some(now);
-                }
-                slot += 1;
-                if slot == self.entries {
-                    slot = 0;
-                }
-            }
-            self.sq_rung = self.sq_tail;
+        let (tail, old) = (self.sq_tail, self.sq_rung);
+        if tail == old {
+            return;
         }
+        // The entries (and their PRP lists) must be visible in memory before the device
+        // can see the new tail, in the shadow entry or in the register.
+        fence(Ordering::Release);
+        let mmio = match self.shadow {
+            None => true,
+            // SAFETY: set_shadow's caller vouched for the entries for the queue's life.
+            Some(s) => unsafe { ShadowSlots::update(s.sq_db, s.sq_ei, tail, old) },
+        };
+        if mmio {
+            bar.write32(self.sq_doorbell, tail as u32);
+        }
+        let now = Instant::now();
+        let mut slot = old;
+        while slot != tail {
+            let cid = self.slot_cid[slot as usize];
+            if let Some(t) = self.trackers.get_mut(cid as usize) {
+                t.submitted = Some(now);
+            }
+            slot += 1;
+            if slot == self.entries {
+                slot = 0;
+            }
+        }
+        self.sq_rung = tail;
     }
 
     /// Fails every outstanding command with a synthesized "Command Aborted due to SQ
@@ -323,8 +425,7 @@ impl QueuePair {
         self.sq_rung = 0;
         self.cq_head = 0;
         self.phase = 1;
-        self.free.clear();
-        self.free.extend((0..self.trackers.len() as u16).rev());
+        self.free = FreeIds::full(self.trackers.len() as u16);
         for t in &mut self.trackers {
             t.busy = false;
         }
@@ -333,19 +434,20 @@ impl QueuePair {
 
     /// Gives up the queue's memory for good: its rings and PRP-list pages are never
     /// returned to the pool, because the controller could not be proven to have stopped
-    /// writing them. The queue is disabled.
+    /// using them. The queue is disabled.
     pub fn quarantine(&mut self) {
         self.disabled = true;
         self.sq.quarantine();
         self.cq.quarantine();
-        for page in self.trackers.iter_mut().filter_map(|t| t.prp_list.as_mut()) {
-            page.quarantine();
+        for lists in &mut self.prp_lists {
+            lists.quarantine();
         }
     }
 
     /// Reaps at most `max` completions, calling `each` for every one, then writes the CQ
     /// head doorbell once. A completion whose command id is not outstanding is consumed and
     /// reported as [`Error::BadCommandId`] after the rest of the batch is handled.
+    #[inline]
     pub fn poll(
         &mut self,
         bar: &dyn Bar,
@@ -354,6 +456,7 @@ impl QueuePair {
     ) -> Result<usize> {
         let mut reaped = 0;
         let mut bad = None;
+        let old_head = self.cq_head;
         while reaped < max {
             debug_assert!(self.cq_head < self.entries);
             // SAFETY: cq_head < entries, so the entry lies inside the CQ ring that `self.cq`
@@ -395,7 +498,24 @@ impl QueuePair {
             }
         }
         if reaped > 0 {
-            bar.write32(self.cq_doorbell, self.cq_head as u32);
+            let head = self.cq_head;
+            let mmio = match self.shadow {
+                None => true,
+                // A device within the spec posts at most entries - 1 completions before it
+                // hears of the new head, so the head moved. One that posted a whole ring
+                // more left `old_head` equal to it, which the EventIdx rule cannot tell
+                // from no move: tell it through the register.
+                Some(_) if reaped >= self.entries as usize => true,
+                Some(s) => {
+                    // The entries were read before the controller may reuse their slots.
+                    fence(Ordering::Release);
+                    // SAFETY: set_shadow's caller vouched for the entries.
+                    unsafe { ShadowSlots::update(s.cq_db, s.cq_ei, head, old_head) }
+                }
+            };
+            if mmio {
+                bar.write32(self.cq_doorbell, head as u32);
+            }
         }
         match bad {
             Some(cid) => Err(Error::BadCommandId {
@@ -423,6 +543,87 @@ impl QueuePair {
                 waited: now.saturating_duration_since(at),
             })
     }
+}
+
+#[cold]
+fn bad_buffer(ctrl: &str, e: prp::PrpError) -> Error {
+    Error::BadBuffer {
+        ctrl: ctrl.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// The free command ids of a queue pair: a stack that can hold every id at once, so that
+/// pushing never grows it (a command id is pushed only when its tracker was busy, which
+/// happens at most once per pop).
+#[derive(Debug)]
+struct FreeIds {
+    ids: Box<[u16]>,
+    len: usize,
+}
+
+impl FreeIds {
+    /// Every id of `count` trackers, the low ones on top.
+    fn full(count: u16) -> Self {
+        FreeIds {
+            ids: (0..count).rev().collect(),
+            len: count as usize,
+        }
+    }
+    #[inline]
+    fn len(&self) -> usize {
+        self.len
+    }
+    #[inline]
+    fn peek(&self) -> Option<u16> {
+        self.len
+            .checked_sub(1)
+            .and_then(|i| self.ids.get(i).copied())
+    }
+    #[inline]
+    fn pop(&mut self) {
+        self.len = self.len.saturating_sub(1);
+    }
+    #[inline]
+    fn push(&mut self, cid: u16) {
+        // Never full here: see the type's comment. Were it, the id is dropped rather than
+        // overwriting another.
+        if let Some(slot) = self.ids.get_mut(self.len) {
+            *slot = cid;
+            self.len += 1;
+        }
+    }
+}
+
+/// Carves one PRP-list page for each of `count` trackers out of as few DMA buffers as the
+/// pool allows: one buffer when it has a contiguous run of `count` pages (the usual case),
+/// else pieces of half the size, and so on down to single pages, so that a fragmented
+/// pool that still has the pages free does not fail queue creation. Returns the buffers
+/// and each tracker's page (device address, first entry).
+#[allow(clippy::type_complexity)]
+fn carve_prp_lists(pool: &DmaPool, count: usize) -> Result<(Vec<DmaBuf>, Vec<(Iova, *mut u64)>)> {
+    let mut bufs = Vec::new();
+    let mut pages = Vec::with_capacity(count);
+    let mut piece = count.min(pool.max_contiguous() / PAGE_SIZE).max(1);
+    while pages.len() < count {
+        let n = piece.min(count - pages.len());
+        let buf = match pool.alloc(n * PAGE_SIZE) {
+            Ok(buf) => buf,
+            Err(nvcopy_vfio::Error::PoolExhausted { .. }) if piece > 1 => {
+                piece = piece.div_ceil(2);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for i in 0..n {
+            let at = i * PAGE_SIZE;
+            // wrapping_add forms the address without unsafe; it lies inside `buf`.
+            let ptr = buf.as_mut_ptr().wrapping_add(at).cast::<u64>();
+            pages.push((buf.iova().add(at as u64), ptr));
+        }
+        bufs.push(buf);
+    }
+    Ok((bufs, pages))
 }
 
 #[cfg(test)]
@@ -538,28 +739,85 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_pair_takes_no_more_dma_memory_than_it_reports() {
+    fn a_queue_pair_takes_its_dma_memory_at_creation_and_none_in_post() {
         let pool = DmaPool::unmapped(256 * PAGE_SIZE).unwrap();
         let data = pool.alloc(16 * PAGE_SIZE).unwrap();
         let before = pool.free_pages();
         let mut qp = QueuePair::new("test", 1, 8, 4, &pool, Duration::from_secs(5)).unwrap();
-        // Every slot carries a transfer that needs a PRP list page.
-        for _ in 0..7 {
-            let d = DataPtr::Contig {
-                iova: data.iova(),
-                len: 16 * PAGE_SIZE,
-            };
-            qp.post(Sqe::new(2, 1), Some(d), 0).unwrap();
-        }
         let used = (before - pool.free_pages()) * PAGE_SIZE;
         assert_eq!(
             used,
             QueuePair::dma_bytes(8),
-            "rings plus one list page a slot"
+            "rings plus one list page a slot, all at creation"
         );
+        assert_eq!(qp.prp_lists.len(), 1, "one allocation for every list page");
+        let after_creation = pool.free_pages();
+        // Every slot carries a transfer that needs a PRP list page; a full queue refuses.
+        let d = DataPtr::Contig {
+            iova: data.iova(),
+            len: 16 * PAGE_SIZE,
+        };
+        let mut lists = Vec::new();
+        for _ in 0..7 {
+            let cid = qp.post(Sqe::new(2, 1), Some(d), 0).unwrap();
+            let sqe: Sqe = qp.sq.slice().read_obj(cid as usize * SQE_SIZE).unwrap();
+            lists.push(sqe.prp2);
+        }
+        assert!(matches!(
+            qp.post(Sqe::new(2, 1), Some(d), 0),
+            Err(Error::QueueFull { qid: 1 })
+        ));
+        assert_eq!(pool.free_pages(), after_creation, "post allocates nothing");
+        lists.sort_unstable();
+        lists.dedup();
+        assert_eq!(lists.len(), 7, "each tracker has a page of its own");
+        let base = qp.prp_lists[0].iova().0;
+        for (i, l) in lists.iter().enumerate() {
+            assert_eq!(*l, base + (i * PAGE_SIZE) as u64, "carved in order");
+        }
         assert_eq!(
             QueuePair::dma_bytes(1024),
             64 * 1024 + 16 * 1024 + 1023 * PAGE_SIZE
+        );
+    }
+
+    #[test]
+    fn a_fragmented_pool_still_gives_every_tracker_a_page() {
+        let pool = DmaPool::unmapped(32 * PAGE_SIZE).unwrap();
+        // Hold every other page: no two free pages are adjacent.
+        let all: Vec<DmaBuf> = (0..32).map(|_| pool.alloc(PAGE_SIZE).unwrap()).collect();
+        let kept: Vec<DmaBuf> = all
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, b)| (i % 2 == 0).then_some(b))
+            .collect();
+        assert_eq!(pool.free_pages(), 16);
+        // Rings of one page each and 7 list pages: 9 single pages.
+        let qp = QueuePair::new("test", 1, 8, 4, &pool, Duration::from_secs(5)).unwrap();
+        assert_eq!(qp.prp_lists.len(), 7);
+        assert_eq!(pool.free_pages(), 16 - 9);
+        drop(kept);
+    }
+
+    #[test]
+    fn quarantine_keeps_the_prp_list_pages_out_of_the_pool() {
+        let pool = DmaPool::unmapped(64 * PAGE_SIZE).unwrap();
+        let before = pool.free_pages();
+        let mut qp = QueuePair::new("test", 1, 8, 4, &pool, Duration::from_secs(5)).unwrap();
+        qp.quarantine();
+        assert!(qp.is_disabled());
+        drop(qp);
+        assert_eq!(
+            (before - pool.free_pages()) * PAGE_SIZE,
+            QueuePair::dma_bytes(8),
+            "rings and list pages all stay out"
+        );
+        let qp = QueuePair::new("test", 1, 8, 4, &pool, Duration::from_secs(5)).unwrap();
+        drop(qp);
+        assert_eq!(
+            (before - pool.free_pages()) * PAGE_SIZE,
+            QueuePair::dma_bytes(8),
+            "a queue that was not quarantined gives everything back"
         );
     }
 
@@ -605,5 +863,64 @@ mod tests {
             qp.post(Sqe::new(2, 1), None, 0),
             Err(Error::QueueDisabled { .. })
         ));
+    }
+
+    #[test]
+    fn shadow_doorbells_write_mmio_only_when_the_event_index_is_passed() {
+        let (mut qp, pool) = queue(8);
+        let page = pool.alloc_zeroed(PAGE_SIZE).unwrap();
+        let word = |i: usize| page.as_mut_ptr().wrapping_add(4 * i).cast::<u32>();
+        let read = |i: usize| {
+            let mut b = [0u8; 4];
+            page.read_at(4 * i, &mut b);
+            u32::from_le_bytes(b)
+        };
+        let set = |i: usize, v: u32| page.write_at(4 * i, &v.to_le_bytes());
+        // Stale values from an earlier queue with this id, zeroed by set_shadow.
+        (0..4).for_each(|i| set(i, 77));
+        let slots = ShadowSlots {
+            sq_db: word(0),
+            sq_ei: word(1),
+            cq_db: word(2),
+            cq_ei: word(3),
+        };
+        // SAFETY: `page` outlives every ring and poll below.
+        unsafe { qp.set_shadow(Some(slots)) };
+        assert!(qp.has_shadow());
+        assert_eq!((read(0), read(1), read(2), read(3)), (0, 0, 0, 0));
+        let bar = FakeBar::default();
+        // EventIdx 0 and tail 0 -> 1: the controller wants to hear of it.
+        let a = qp.post(Sqe::new(2, 1), None, 1).unwrap();
+        qp.ring(&bar);
+        assert_eq!(read(0), 1);
+        assert_eq!(bar.0.lock().unwrap().as_slice(), &[(0x1008, 1)]);
+        // The controller has not caught up (EventIdx still 0): shadow write alone.
+        let b = qp.post(Sqe::new(2, 1), None, 2).unwrap();
+        qp.ring(&bar);
+        assert_eq!(read(0), 2);
+        assert_eq!(bar.0.lock().unwrap().len(), 1);
+        // It consumed up to 2 and asks to hear of what comes after.
+        set(1, 2);
+        let c = qp.post(Sqe::new(2, 1), None, 3).unwrap();
+        qp.ring(&bar);
+        assert_eq!(bar.0.lock().unwrap().last(), Some(&(0x1008, 3)));
+        // Completions: head 0 -> 2 passes EventIdx 0; then 2 -> 3 with EventIdx still 0
+        // does not.
+        complete(&qp, 0, a, 1, 0);
+        complete(&qp, 1, b, 1, 0);
+        assert_eq!(qp.poll(&bar, 16, |_| {}).unwrap(), 2);
+        assert_eq!(read(2), 2);
+        assert_eq!(bar.0.lock().unwrap().last(), Some(&(0x100c, 2)));
+        complete(&qp, 2, c, 1, 0);
+        assert_eq!(qp.poll(&bar, 16, |_| {}).unwrap(), 1);
+        assert_eq!(read(2), 3);
+        assert_eq!(bar.0.lock().unwrap().len(), 3, "no MMIO store for the head");
+        // Back to MMIO doorbells.
+        // SAFETY: no entries.
+        unsafe { qp.set_shadow(None) };
+        qp.post(Sqe::new(2, 1), None, 4).unwrap();
+        qp.ring(&bar);
+        assert_eq!(bar.0.lock().unwrap().last(), Some(&(0x1008, 4)));
+        assert_eq!(read(0), 3, "the shadow entry is no longer written");
     }
 }

@@ -550,3 +550,90 @@ mod create_queue_tests {
         );
     }
 }
+
+/// Doorbell Buffer Config (admin opcode 7Ch; base spec 1.3 section 5.7, 1.4 and later
+/// 5.8), offered when Identify Controller OACS bit 8 is set. PRP1 is the Shadow Doorbell
+/// buffer, PRP2 the EventIdx buffer, both memory-page aligned. Both are laid out like the
+/// doorbell registers with the controller's doorbell stride: the entry of SQ y's tail is
+/// at byte `2y * stride`, that of CQ y's head at `(2y + 1) * stride`
+/// ([`doorbell_buffer::offset`]). The host writes new tails and heads to the Shadow
+/// Doorbell buffer; the controller writes, in the EventIdx buffer, the value past which
+/// it wants an MMIO doorbell write as well ([`doorbell_buffer::need_event`]). A
+/// controller reset forgets the configuration.
+pub mod doorbell_buffer {
+    /// OACS bit 8: Doorbell Buffer Config is supported.
+    pub const OACS_BIT: u16 = 1 << 8;
+
+    /// Byte offset of a queue's entry in the Shadow Doorbell and EventIdx buffers: the
+    /// doorbell register's offset from the first doorbell.
+    pub fn offset(qid: u16, completion: bool, stride: usize) -> usize {
+        super::doorbell_offset(qid, completion, stride) - super::reg::DOORBELL_BASE
+    }
+
+    /// Bytes each buffer needs for the admin queue and `io_queues` I/O queue pairs.
+    pub fn len(io_queues: usize, stride: usize) -> usize {
+        2 * (io_queues + 1) * stride
+    }
+
+    /// Whether moving a doorbell from `old` to `new` passed the controller's EventIdx
+    /// `event_idx`, so that it wants the MMIO doorbell write too: `event_idx` lies in
+    /// `[old, new)` (modulo 2^16; indexes below the queue size wrap consistently). The
+    /// same rule as Linux's `nvme_dbbuf_need_event` and virtio's `vring_need_event`.
+    #[inline]
+    pub fn need_event(event_idx: u16, new: u16, old: u16) -> bool {
+        new.wrapping_sub(event_idx).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+}
+
+impl Sqe {
+    /// Doorbell Buffer Config with the Shadow Doorbell buffer at `shadow` (PRP1) and the
+    /// EventIdx buffer at `eventidx` (PRP2).
+    pub fn doorbell_buffer_config(shadow: nvcopy_vfio::Iova, eventidx: nvcopy_vfio::Iova) -> Sqe {
+        let mut s = Sqe::new(admin::DOORBELL_BUFFER_CONFIG, 0);
+        s.prp1 = shadow.0;
+        s.prp2 = eventidx.0;
+        s
+    }
+}
+
+#[cfg(test)]
+mod doorbell_buffer_tests {
+    use super::doorbell_buffer::{len, need_event, offset};
+    use super::*;
+
+    #[test]
+    fn entries_follow_the_doorbell_stride() {
+        assert_eq!(offset(0, false, 4), 0);
+        assert_eq!(offset(0, true, 4), 4);
+        assert_eq!(offset(3, false, 4), 24);
+        assert_eq!(offset(3, true, 16), 7 * 16);
+        assert_eq!(len(64, 4), 520);
+        let s = Sqe::doorbell_buffer_config(nvcopy_vfio::Iova(0x1000), nvcopy_vfio::Iova(0x2000));
+        assert_eq!(
+            (s.opcode(), s.nsid, s.prp1, s.prp2),
+            (0x7c, 0, 0x1000, 0x2000)
+        );
+    }
+
+    #[test]
+    fn an_event_is_needed_only_when_the_move_passes_the_event_index() {
+        // The controller caught up with tail 5 and asks to hear of anything after it.
+        assert!(need_event(5, 6, 5));
+        assert!(need_event(5, 9, 5));
+        // It has not yet caught up with 5 (it last saw 3): it will look again itself.
+        assert!(!need_event(3, 6, 5));
+        assert!(!need_event(4, 6, 5));
+        // The move 5 -> 9 passes an event index of 7.
+        assert!(need_event(7, 9, 5));
+        assert!(!need_event(9, 9, 5), "9 itself is not passed");
+        // Across the wrap of a 4-entry ring: 3 -> 1 passes 3 and 0, not 1 or 2.
+        assert!(need_event(3, 1, 3));
+        assert!(need_event(0, 1, 3));
+        assert!(!need_event(1, 1, 3));
+        assert!(!need_event(2, 1, 3));
+        // Across 2^16.
+        assert!(need_event(0xffff, 1, 0xffff));
+        assert!(need_event(0, 1, 0xffff));
+        assert!(!need_event(0xfffe, 1, 0xffff));
+    }
+}

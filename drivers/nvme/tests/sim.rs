@@ -70,7 +70,12 @@ fn init_reads_identify_fields() {
     assert_eq!(info.nn, 2);
     assert!(info.supports_copy() && info.supports_write_zeroes() && info.supports_dsm());
     assert!(info.vwc);
-    assert!(!info.supports_doorbell_buffer());
+    assert!(info.supports_doorbell_buffer());
+    assert!(
+        rig.ctrl.shadow_doorbells(),
+        "the controller took the doorbell buffers"
+    );
+    assert!(rig.sim.doorbell_buffers_configured());
     assert_eq!(rig.ctrl.max_transfer(), 256 << 10);
     assert_eq!(rig.ctrl.cap().mqes(), 512);
     assert_eq!(rig.ctrl.io_queues(), 3, "asked for 64, granted 3");

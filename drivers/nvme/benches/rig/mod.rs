@@ -24,8 +24,13 @@ impl Rig {
     pub fn new(depth: usize) -> Rig {
         // 64 MiB namespace: reads of never-written LBAs return zeroes without a copy of
         // a backing store, so the controller's own work per read stays small and steady.
+        // NVCOPY_IO_SHADOW=0: a controller without Doorbell Buffer Config, so that every
+        // doorbell is an MMIO store (the default offers it, as QEMU does).
+        let shadow = std::env::var("NVCOPY_IO_SHADOW").map_or(true, |v| v != "0");
         let dev = nvcopy_testkit::Rig::with(
-            SimConfig::new().namespace(NamespaceConfig::new(512, 1 << 17)),
+            SimConfig::new()
+                .doorbell_buffer(shadow)
+                .namespace(NamespaceConfig::new(512, 1 << 17)),
             32 << 20,
             ControllerOptions::default(),
         );
