@@ -47,13 +47,16 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::fmt;
+mod vm_common;
+
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use vm_common::{first_difference, json, read_at, setup_sh, strings, Run};
 
 const MIB: u64 = 1 << 20;
 const BIG: u64 = 512 * MIB;
@@ -164,33 +167,6 @@ struct Proc {
     started: Instant,
 }
 
-/// A finished one.
-struct Run {
-    args: Vec<String>,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-    secs: f64,
-}
-
-impl fmt::Display for Run {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "`nvcopy {}` -> {} after {:.1} s\n--- stdout:\n{}--- stderr:\n{}---",
-            self.args.join(" "),
-            self.status,
-            self.secs,
-            self.stdout,
-            self.stderr
-        )
-    }
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
 impl Proc {
     fn spawn(args: &[String], tag: &str) -> Proc {
         let dir = std::env::temp_dir();
@@ -287,10 +263,6 @@ fn nvcopy(args: &[String], limit: Duration) -> Run {
     Proc::spawn(args, "run").wait(limit)
 }
 
-fn json(run: &Run) -> serde_json::Value {
-    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("summary is not JSON ({e}): {run}"))
-}
-
 fn field(v: &serde_json::Value, name: &str) -> u64 {
     v[name]
         .as_u64()
@@ -307,17 +279,6 @@ fn fresh_map(name: &str) -> PathBuf {
 // ---------------------------------------------------------------------------------------
 // The scratch drive: maps out to the host, through the kernel driver
 // ---------------------------------------------------------------------------------------
-
-fn setup_sh(args: &[&str]) -> String {
-    let out = Command::new("setup.sh").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "setup.sh {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Writes the file at `map` into `slot` of the scratch drive, through the kernel nvme
 /// driver, and gives the drive back to vfio-pci.
@@ -600,21 +561,6 @@ fn image_dir() -> PathBuf {
     std::env::var_os("NVCOPY_TRUST_IMAGES")
         .expect("NVCOPY_TRUST_IMAGES names the directory of the suite's images")
         .into()
-}
-
-/// Reads `len` bytes at `at` of the file.
-fn read_at(path: &Path, at: u64, len: u64) -> Vec<u8> {
-    let mut f = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    f.seek(SeekFrom::Start(at)).unwrap();
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact(&mut buf).unwrap();
-    buf
-}
-
-/// The first offset where `got` and `want` differ, if any.
-fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {
-    assert_eq!(got.len(), want.len());
-    got.iter().zip(want).position(|(a, b)| a != b)
 }
 
 fn assert_whole_copy(image: &str) {
