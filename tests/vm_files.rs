@@ -218,23 +218,24 @@ fn refused(args: &[String], words: &str) {
 // Guest tests
 // ---------------------------------------------------------------------------------------
 
+/// A slice of block device `dev` to `dest_at` of the VFIO destination, then a slice of the
+/// VFIO source onto `dev` as `write` says.
+fn block_device_both_ways(dev: &str, dest_at: u64, (_, to, from): (&str, u64, u64)) {
+    copy(&from_to(&slice(dev, 0), &[at(DEST, dest_at)]));
+    copy(&from_to(&slice(SRC, from), &[at(dev, to)]));
+}
+
 #[test]
 #[ignore = "needs the VM"]
 fn guest_kernel_nvme_namespace_is_a_source_and_a_destination() {
     let kernel = OnKernelDriver::new(KERNEL);
-    let dev = kernel.blockdev();
-    copy(&from_to(&slice(&dev, 0), &[at(DEST, DEST_SLICES[0].0)]));
-    let (_, to, from) = KERNEL_WRITE;
-    copy(&from_to(&slice(SRC, from), &[at(&dev, to)]));
+    block_device_both_ways(&kernel.blockdev(), DEST_SLICES[0].0, KERNEL_WRITE);
 }
 
 #[test]
 #[ignore = "needs the VM"]
 fn guest_virtio_disk_is_a_source_and_a_destination() {
-    let dev = virtio_disk("raw");
-    copy(&from_to(&slice(&dev, 0), &[at(DEST, DEST_SLICES[3].0)]));
-    let (_, to, from) = RAW_WRITE;
-    copy(&from_to(&slice(SRC, from), &[at(&dev, to)]));
+    block_device_both_ways(&virtio_disk("raw"), DEST_SLICES[3].0, RAW_WRITE);
 }
 
 #[test]

@@ -49,14 +49,13 @@
 
 mod vm_common;
 
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use vm_common::{first_difference, json, read_at, setup_sh, strings, Run};
+use vm_common::{first_difference, json, read_at, setup_sh, strings, Proc, Run};
 
 const MIB: u64 = 1 << 20;
 const BIG: u64 = 512 * MIB;
@@ -158,80 +157,7 @@ fn read_map(path: &Path) -> Option<Blocks> {
 // Running nvcopy in the guest
 // ---------------------------------------------------------------------------------------
 
-/// A running nvcopy, its output going to files (nothing can block on a full pipe).
-struct Proc {
-    args: Vec<String>,
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-    started: Instant,
-}
-
 impl Proc {
-    fn spawn(args: &[String], tag: &str) -> Proc {
-        let dir = std::env::temp_dir();
-        let out = dir.join(format!("vm-trust-{tag}.out"));
-        let err = dir.join(format!("vm-trust-{tag}.err"));
-        let child = Command::new("nvcopy")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting nvcopy: {e}"));
-        Proc {
-            args: args.to_vec(),
-            child,
-            out,
-            err,
-            started: Instant::now(),
-        }
-    }
-
-    fn run(&self, status: ExitStatus) -> Run {
-        let read = |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap()).into_owned();
-        let run = Run {
-            args: self.args.clone(),
-            status,
-            stdout: read(&self.out),
-            stderr: read(&self.err),
-            secs: self.started.elapsed().as_secs_f64(),
-        };
-        eprintln!(
-            "{:6.1} s  {}  nvcopy {}",
-            run.secs,
-            run.status,
-            run.args.join(" ")
-        );
-        run
-    }
-
-    /// What the process printed so far (for failure messages).
-    fn so_far(&self) -> String {
-        let out = std::fs::read_to_string(&self.out).unwrap_or_default();
-        let err = std::fs::read_to_string(&self.err).unwrap_or_default();
-        format!(
-            "`nvcopy {}` after {:.1} s\n--- stdout:\n{out}--- stderr:\n{err}---",
-            self.args.join(" "),
-            self.started.elapsed().as_secs_f64()
-        )
-    }
-
-    /// Waits for the process to end, killing it (and failing) after `limit`.
-    fn wait(mut self, limit: Duration) -> Run {
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return self.run(st);
-            }
-            if self.started.elapsed() > limit {
-                let _ = self.child.kill();
-                let st = self.child.wait().unwrap();
-                panic!("killed after {limit:?}: {}", self.run(st));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// Waits until the map at `map` records some bytes as copied (`+`) while the copy is
     /// still running: the moment is mid-copy, and there is progress to resume from.
     /// Returns the `+` bytes seen.

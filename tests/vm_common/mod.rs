@@ -6,8 +6,8 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------------------
@@ -45,56 +45,90 @@ impl fmt::Display for Run {
     }
 }
 
-/// Runs nvcopy (the one on PATH: the guest's /bin/nvcopy), killing it (and failing)
-/// after `limit`.
+/// A running nvcopy (the one on PATH: the guest's /bin/nvcopy), its output going to
+/// files rather than pipes: nothing can block on a full pipe, and a hung nvcopy is killed
+/// with what it printed so far.
+pub struct Proc {
+    pub args: Vec<String>,
+    pub child: Child,
+    pub out: PathBuf,
+    pub err: PathBuf,
+    pub started: Instant,
+}
+
+impl Proc {
+    /// Starts nvcopy with `args`; `tag` names its output files in the temp directory.
+    pub fn spawn(args: &[String], tag: &str) -> Proc {
+        let dir = std::env::temp_dir();
+        let out = dir.join(format!("nvcopy-{tag}.out"));
+        let err = dir.join(format!("nvcopy-{tag}.err"));
+        let child = Command::new("nvcopy")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).unwrap())
+            .stderr(File::create(&err).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting nvcopy: {e}"));
+        Proc {
+            args: args.to_vec(),
+            child,
+            out,
+            err,
+            started: Instant::now(),
+        }
+    }
+
+    /// The finished process, with `status`.
+    pub fn run(&self, status: ExitStatus) -> Run {
+        let read = |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap()).into_owned();
+        let run = Run {
+            args: self.args.clone(),
+            status,
+            stdout: read(&self.out),
+            stderr: read(&self.err),
+            secs: self.started.elapsed().as_secs_f64(),
+        };
+        // Shown with --nocapture, and for failed tests.
+        let line: Vec<&str> = run.args.iter().take(8).map(String::as_str).collect();
+        eprintln!(
+            "{:6.1} s  {}  nvcopy {}",
+            run.secs,
+            run.status,
+            line.join(" ")
+        );
+        run
+    }
+
+    /// What the process printed so far (for failure messages).
+    pub fn so_far(&self) -> String {
+        let out = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let err = std::fs::read_to_string(&self.err).unwrap_or_default();
+        format!(
+            "`nvcopy {}` after {:.1} s\n--- stdout:\n{out}--- stderr:\n{err}---",
+            self.args.join(" "),
+            self.started.elapsed().as_secs_f64()
+        )
+    }
+
+    /// Waits for the process to end, killing it (and failing) after `limit`.
+    pub fn wait(mut self, limit: Duration) -> Run {
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return self.run(st);
+            }
+            if self.started.elapsed() > limit {
+                let _ = self.child.kill();
+                let st = self.child.wait().unwrap();
+                panic!("killed after {limit:?}: {}", self.run(st));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs nvcopy, killing it (and failing) after `limit`.
 pub fn nvcopy_for(args: &[String], limit: Duration) -> Run {
-    let dir = std::env::temp_dir();
-    let out_path = dir.join(format!("nvcopy-{}.out", std::process::id()));
-    let err_path = dir.join(format!("nvcopy-{}.err", std::process::id()));
-    let started = Instant::now();
-    // Files rather than pipes: nothing can block on a full pipe, and a hung nvcopy is
-    // killed with what it printed so far.
-    let mut child = Command::new("nvcopy")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(File::create(&out_path).unwrap())
-        .stderr(File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting nvcopy: {e}"));
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let st = child.wait().unwrap();
-            let run = Run {
-                args: args.to_vec(),
-                status: st,
-                stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
-                stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
-                secs: started.elapsed().as_secs_f64(),
-            };
-            panic!("killed after {limit:?}: {run}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let run = Run {
-        args: args.to_vec(),
-        status,
-        stdout: String::from_utf8_lossy(&std::fs::read(&out_path).unwrap()).into_owned(),
-        stderr: String::from_utf8_lossy(&std::fs::read(&err_path).unwrap()).into_owned(),
-        secs: started.elapsed().as_secs_f64(),
-    };
-    // Shown with --nocapture, and for failed tests.
-    let line: Vec<&str> = args.iter().take(8).map(String::as_str).collect();
-    eprintln!(
-        "{:6.1} s  {}  nvcopy {}",
-        run.secs,
-        run.status,
-        line.join(" ")
-    );
-    run
+    Proc::spawn(args, &std::process::id().to_string()).wait(limit)
 }
 
 pub fn strings(args: &[&str]) -> Vec<String> {
