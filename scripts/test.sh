@@ -101,6 +101,15 @@ if [ "${NVCOPY_SKIP_VM:-0}" != 1 ]; then
     check vm-trust-images bash scripts/vm-trust-suite.sh prepare "$TRUSTIMG"
     tests vm-trust timeout -k 10 900 bash scripts/vm-trust-suite.sh run "$TRUSTIMG" --timeout 600
     tests vm-trust-host env NVCOPY_TRUST_IMAGES="$TRUSTIMG" cargo test --test vm_trust -- --ignored host_
+    # Files and kernel block devices next to VFIO drives (tests/vm_files.rs; the layout is
+    # in scripts/vm-files-suite.sh): a namespace on the kernel nvme driver, a virtio-blk
+    # disk and a file on a mounted ext4 as sources and destinations, a fan-out to a drive
+    # and a file, mounted devices refused. The host checks the images, the ext4 one with
+    # e2fsck and debugfs.
+    FILESIMG=$VMWORK/files-images
+    check vm-files-images bash scripts/vm-files-suite.sh prepare "$FILESIMG"
+    tests vm-files timeout -k 10 900 bash scripts/vm-files-suite.sh run "$FILESIMG" --timeout 600
+    tests vm-files-host env NVCOPY_FILES_IMAGES="$FILESIMG" cargo test --test vm_files -- --ignored host_
 fi
 
 echo

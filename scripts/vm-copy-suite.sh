@@ -71,6 +71,10 @@ prepare_drive() {
     esac
 }
 
+layout() {
+    each_drive print_drive
+}
+
 prepare() {
     PREPARE_DIR=$1
     mkdir -p "$PREPARE_DIR" || die "cannot create $PREPARE_DIR"
@@ -94,20 +98,6 @@ run() {
         -- /tests/nvcopy-vm_copy --ignored guest_ --test-threads=1
 }
 
-case ${1:-} in
-    prepare)
-        (($# == 2)) || usage
-        prepare "$2"
-        ;;
-    run)
-        (($# >= 2)) || usage
-        dir=$2
-        shift 2
-        run "$dir" "$@"
-        ;;
-    layout)
-        (($# == 1)) || usage
-        each_drive print_drive
-        ;;
-    *) usage ;;
-esac
+# shellcheck source=scripts/vm/suite.sh
+source "$SCRIPT_DIR/vm/suite.sh" || die "cannot read $SCRIPT_DIR/vm/suite.sh"
+suite_main "$@"

@@ -65,16 +65,6 @@ run() {
         -- /tests/nvcopy-vm_trust --ignored guest_ --test-threads=1
 }
 
-case ${1:-} in
-    prepare)
-        (($# == 2)) || usage
-        prepare "$2"
-        ;;
-    run)
-        (($# >= 2)) || usage
-        dir=$2
-        shift 2
-        run "$dir" "$@"
-        ;;
-    *) usage ;;
-esac
+# shellcheck source=scripts/vm/suite.sh
+source "$SCRIPT_DIR/vm/suite.sh" || die "cannot read $SCRIPT_DIR/vm/suite.sh"
+suite_main "$@"

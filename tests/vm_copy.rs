@@ -35,12 +35,15 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::fmt;
+mod vm_common;
+
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use vm_common::{driver_of, nvcopy_for, ok, strings, OnKernelDriver, Run};
 
 const MIB: u64 = 1 << 20;
 const BIG: u64 = 512 * MIB;
@@ -446,98 +449,6 @@ impl Write {
 // Running nvcopy in the guest
 // ---------------------------------------------------------------------------------------
 
-/// One finished nvcopy process.
-struct Run {
-    args: Vec<String>,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-    secs: f64,
-}
-
-impl fmt::Display for Run {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut shown: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let n = shown.len();
-        let tail = if n > 12 {
-            shown.truncate(12);
-            format!(" ... ({} more arguments)", n - 12)
-        } else {
-            String::new()
-        };
-        write!(
-            f,
-            "`nvcopy {}{tail}` -> {} after {:.1} s\n--- stdout:\n{}--- stderr:\n{}---",
-            shown.join(" "),
-            self.status,
-            self.secs,
-            self.stdout,
-            self.stderr
-        )
-    }
-}
-
-fn nvcopy_for(args: &[String], limit: Duration) -> Run {
-    let dir = std::env::temp_dir();
-    let out_path = dir.join(format!("vm-copy-{}.out", std::process::id()));
-    let err_path = dir.join(format!("vm-copy-{}.err", std::process::id()));
-    let started = Instant::now();
-    // Files rather than pipes: nothing can block on a full pipe, and a hung nvcopy is
-    // killed with what it printed so far.
-    let mut child = Command::new("nvcopy")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(File::create(&out_path).unwrap())
-        .stderr(File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting nvcopy: {e}"));
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let st = child.wait().unwrap();
-            let run = Run {
-                args: args.to_vec(),
-                status: st,
-                stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
-                stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
-                secs: started.elapsed().as_secs_f64(),
-            };
-            panic!("killed after {limit:?}: {run}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let run = Run {
-        args: args.to_vec(),
-        status,
-        stdout: String::from_utf8_lossy(&std::fs::read(&out_path).unwrap()).into_owned(),
-        stderr: String::from_utf8_lossy(&std::fs::read(&err_path).unwrap()).into_owned(),
-        secs: started.elapsed().as_secs_f64(),
-    };
-    // Shown with --nocapture, and for failed tests.
-    let line: Vec<&str> = args.iter().take(8).map(String::as_str).collect();
-    eprintln!(
-        "{:6.1} s  {}  nvcopy {}",
-        run.secs,
-        run.status,
-        line.join(" ")
-    );
-    run
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
-/// Runs nvcopy and requires success.
-fn ok(args: &[String], limit: Duration) -> Run {
-    let run = nvcopy_for(args, limit);
-    assert!(run.status.success(), "expected success: {run}");
-    run
-}
-
 /// Runs every job of `test` from [`ops`].
 fn run_ops(test: &str) -> Vec<Run> {
     let mine: Vec<Op> = ops().into_iter().filter(|o| o.test == test).collect();
@@ -616,58 +527,6 @@ const OVERLAP: &[&str] = &["overlap"];
 const SAME_LENGTH: &[&str] = &["same length", "length"];
 const SMALL_BYTES: &[&str] = &["67108864", "64 MiB", "64.0 MiB"];
 const BIG_BYTES: &[&str] = &["536870912", "512 MiB", "512.0 MiB"];
-
-fn setup_sh(args: &[&str]) {
-    let out = Command::new("setup.sh").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "setup.sh {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn driver_of(bdf: &str) -> Option<String> {
-    std::fs::read_link(format!("/sys/bus/pci/devices/{bdf}/driver"))
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-}
-
-/// Waits (a little) for `bdf` to be bound to `driver`.
-fn wait_for_driver(bdf: &str, driver: &str) {
-    let t = Instant::now();
-    while driver_of(bdf).as_deref() != Some(driver) {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "{bdf} is bound to {:?}, not {driver}",
-            driver_of(bdf)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Hands a controller to the kernel nvme driver for as long as it lives.
-struct OnKernelDriver(&'static str);
-
-impl OnKernelDriver {
-    fn new(bdf: &'static str) -> Self {
-        setup_sh(&["reset", bdf]);
-        wait_for_driver(bdf, "nvme");
-        OnKernelDriver(bdf)
-    }
-}
-
-impl Drop for OnKernelDriver {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            // Best effort: a second panic would abort the whole suite.
-            let _ = Command::new("setup.sh").args(["bind", self.0]).status();
-            return;
-        }
-        setup_sh(&["bind", self.0]);
-        wait_for_driver(self.0, "vfio-pci");
-    }
-}
 
 const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
 
@@ -898,16 +757,7 @@ fn guest_refuses_a_device_not_bound_to_vfio() {
 #[ignore = "needs the VM"]
 fn guest_setup_sh_bind_refuses_a_drive_held_open() {
     let kernel = OnKernelDriver::new(R512);
-    let out = Command::new("setup.sh")
-        .args(["blockdev", R512])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "setup.sh blockdev {R512}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let dev = kernel.blockdev();
     // A process that has the namespace open (as its stdin) and does nothing else.
     let mut holder = Command::new("sleep")
         .arg("600")

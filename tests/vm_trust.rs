@@ -47,13 +47,15 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::fmt;
-use std::fs::File;
+mod vm_common;
+
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use vm_common::{first_difference, json, read_at, setup_sh, strings, Proc, Run};
 
 const MIB: u64 = 1 << 20;
 const BIG: u64 = 512 * MIB;
@@ -155,107 +157,7 @@ fn read_map(path: &Path) -> Option<Blocks> {
 // Running nvcopy in the guest
 // ---------------------------------------------------------------------------------------
 
-/// A running nvcopy, its output going to files (nothing can block on a full pipe).
-struct Proc {
-    args: Vec<String>,
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-    started: Instant,
-}
-
-/// A finished one.
-struct Run {
-    args: Vec<String>,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-    secs: f64,
-}
-
-impl fmt::Display for Run {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "`nvcopy {}` -> {} after {:.1} s\n--- stdout:\n{}--- stderr:\n{}---",
-            self.args.join(" "),
-            self.status,
-            self.secs,
-            self.stdout,
-            self.stderr
-        )
-    }
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
 impl Proc {
-    fn spawn(args: &[String], tag: &str) -> Proc {
-        let dir = std::env::temp_dir();
-        let out = dir.join(format!("vm-trust-{tag}.out"));
-        let err = dir.join(format!("vm-trust-{tag}.err"));
-        let child = Command::new("nvcopy")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting nvcopy: {e}"));
-        Proc {
-            args: args.to_vec(),
-            child,
-            out,
-            err,
-            started: Instant::now(),
-        }
-    }
-
-    fn run(&self, status: ExitStatus) -> Run {
-        let read = |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap()).into_owned();
-        let run = Run {
-            args: self.args.clone(),
-            status,
-            stdout: read(&self.out),
-            stderr: read(&self.err),
-            secs: self.started.elapsed().as_secs_f64(),
-        };
-        eprintln!(
-            "{:6.1} s  {}  nvcopy {}",
-            run.secs,
-            run.status,
-            run.args.join(" ")
-        );
-        run
-    }
-
-    /// What the process printed so far (for failure messages).
-    fn so_far(&self) -> String {
-        let out = std::fs::read_to_string(&self.out).unwrap_or_default();
-        let err = std::fs::read_to_string(&self.err).unwrap_or_default();
-        format!(
-            "`nvcopy {}` after {:.1} s\n--- stdout:\n{out}--- stderr:\n{err}---",
-            self.args.join(" "),
-            self.started.elapsed().as_secs_f64()
-        )
-    }
-
-    /// Waits for the process to end, killing it (and failing) after `limit`.
-    fn wait(mut self, limit: Duration) -> Run {
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return self.run(st);
-            }
-            if self.started.elapsed() > limit {
-                let _ = self.child.kill();
-                let st = self.child.wait().unwrap();
-                panic!("killed after {limit:?}: {}", self.run(st));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// Waits until the map at `map` records some bytes as copied (`+`) while the copy is
     /// still running: the moment is mid-copy, and there is progress to resume from.
     /// Returns the `+` bytes seen.
@@ -287,10 +189,6 @@ fn nvcopy(args: &[String], limit: Duration) -> Run {
     Proc::spawn(args, "run").wait(limit)
 }
 
-fn json(run: &Run) -> serde_json::Value {
-    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("summary is not JSON ({e}): {run}"))
-}
-
 fn field(v: &serde_json::Value, name: &str) -> u64 {
     v[name]
         .as_u64()
@@ -307,17 +205,6 @@ fn fresh_map(name: &str) -> PathBuf {
 // ---------------------------------------------------------------------------------------
 // The scratch drive: maps out to the host, through the kernel driver
 // ---------------------------------------------------------------------------------------
-
-fn setup_sh(args: &[&str]) -> String {
-    let out = Command::new("setup.sh").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "setup.sh {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Writes the file at `map` into `slot` of the scratch drive, through the kernel nvme
 /// driver, and gives the drive back to vfio-pci.
@@ -600,21 +487,6 @@ fn image_dir() -> PathBuf {
     std::env::var_os("NVCOPY_TRUST_IMAGES")
         .expect("NVCOPY_TRUST_IMAGES names the directory of the suite's images")
         .into()
-}
-
-/// Reads `len` bytes at `at` of the file.
-fn read_at(path: &Path, at: u64, len: u64) -> Vec<u8> {
-    let mut f = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    f.seek(SeekFrom::Start(at)).unwrap();
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact(&mut buf).unwrap();
-    buf
-}
-
-/// The first offset where `got` and `want` differ, if any.
-fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {
-    assert_eq!(got.len(), want.len());
-    got.iter().zip(want).position(|(a, b)| a != b)
 }
 
 fn assert_whole_copy(image: &str) {
