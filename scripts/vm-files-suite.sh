@@ -11,6 +11,7 @@
 #   10.0  NVMe, vfio  source.img    64 MiB  random: the source of every copy out of VFIO
 #   11.0  NVMe, vfio  dest.img      64 MiB  sparse: 4 x 16 MiB, one per copy into VFIO
 #   12.0  NVMe        kernel.img    64 MiB  random (+ .orig): left on the kernel nvme driver
+#   13.0  NVMe, vfio  zoned.img     32 MiB  sparse; zoned (ZNS), 4 MiB zones: copied onto twice
 #   08.0  virtio-blk  fs.img       128 MiB  ext4 made from DIR/fs (src.bin, out/); serial nvcopy-fs
 #   09.0  virtio-blk  raw.img       64 MiB  random (+ .orig); serial nvcopy-raw
 #   0a.0  virtio-blk  mounted.img   16 MiB  empty ext4 (+ .orig), mounted read-only: refused
@@ -49,6 +50,7 @@ prepare() {
     rm -rf "$dir"/*.img "$dir"/*.orig "$dir/fs"
     head -c 64M /dev/urandom >"$dir/source.img" || die "cannot write $dir/source.img"
     truncate -s 64M "$dir/dest.img" || die "cannot create $dir/dest.img"
+    truncate -s 32M "$dir/zoned.img" || die "cannot create $dir/zoned.img"
     random_image "$dir/kernel.img" 64M
     random_image "$dir/raw.img" 64M
     # The file system's initial contents stay in DIR/fs for the host tests.
@@ -69,7 +71,7 @@ virtio_disk() {
 run() {
     local dir=$1 img
     shift
-    for img in source dest kernel raw fs mounted; do
+    for img in source dest kernel zoned raw fs mounted; do
         [[ -f $dir/$img.img ]] || die "$dir/$img.img is missing: run '$0 prepare $dir' first"
     done
     VIRTIO=()
@@ -78,6 +80,7 @@ run() {
     virtio_disk mounted "$dir/mounted.img" 0xa
     bash "$SCRIPT_DIR/vm.sh" run "$@" \
         --nvme "file=$dir/source.img" --nvme "file=$dir/dest.img" --nvme "file=$dir/kernel.img" \
+        --nvme "file=$dir/zoned.img,zoned=4M" \
         "${VIRTIO[@]}" --kmod ext4 --kmod crc32c_generic --kmod virtio_pci --kmod virtio_blk \
         -- /tests/nvcopy-vm_files --ignored guest_ --test-threads=1 --nocapture
 }
