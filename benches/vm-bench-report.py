@@ -283,6 +283,53 @@ def main():
         best = max((p for p in sweep if p["rate_mb_s"] is not None), key=lambda p: p["rate_mb_s"], default=None)
         if best:
             print("\nbest point: chunk %dK, QD%d, %.0f MB/s" % (best["chunk_bytes"] // 1024, best["qd"], best["rate_mb_s"]))
+    doorbells = {}
+    for r in recs:
+        if r.get("test") == "doorbells":
+            doorbells[r.get("mode")] = {k: num(r.get(k)) for k in ("mmio_sq", "mmio_cq", "commands", "per_command")}
+    result["doorbells"] = doorbells
+    if doorbells:
+        print("\n## Doorbell MMIO writes per I/O command (QEMU trace, %s MiB 1 -> 1 copy)\n" % (
+            int(num(next(r for r in recs if r.get("test") == "doorbells").get("bytes")) or 0) >> 20))
+        print("| doorbells | SQ tail writes | CQ head writes | I/O commands | writes per command |")
+        print("|---|---|---|---|---|")
+        for mode, d in doorbells.items():
+            print("| %s | %d | %d | %d | %.4f |" % (mode, d["mmio_sq"], d["mmio_cq"], d["commands"], d["per_command"]))
+
+    # Issue 9's goals, each from this boot.
+    comp = {c["test"]: c for c in result["comparisons"]}
+    def med(x):
+        return x["median"] if x else None
+    def ratio(test, key):
+        c = comp.get(test)
+        if not c:
+            return None
+        n, d = c["nvcopy"].get(key), c["dd"].get(key)
+        return med(d) / med(n) if med(n) and med(d) else None
+    def data_ratio(test):
+        c = comp.get(test)
+        if not c:
+            return None
+        n, d = c["nvcopy"].get("data_phase_mb_s"), c["dd"].get("wall_mb_s")
+        return med(n) / med(d) if med(n) and med(d) else None
+    c4 = fixed.get("copy4k/nvcopy")
+    goals = [
+        (size_label(mb) + " 1->1 copy, whole process: dd wall / nvcopy wall", ratio("copy1to1", "wall_s"), ">=", 2.5),
+        (size_label(mb) + " 1->1 copy, data phase: nvcopy data-phase MB/s / dd MB/s", data_ratio("copy1to1"), ">=", 3.5),
+        ("doorbell MMIO writes per command (shadow doorbells)", (doorbells.get("shadow") or {}).get("per_command"), "<", 0.05),
+        ("4 KiB copy between two controllers, whole process, s", med(c4["wall_s"]) if c4 else None, "<=", 0.25),
+        ("sequential read, whole process: dd wall / nvcopy wall", ratio("read", "wall_s"), ">=", 1.5),
+        ("1->3 fan-out: nvcopy wall / three dd copies' wall", (1 / ratio("copy1to3", "wall_s")) if ratio("copy1to3", "wall_s") else None, "<=", 0.3),
+    ]
+    result["goals"] = []
+    print("\n## Goals (issue 9), this boot\n")
+    print("| goal | measured | target | met |")
+    print("|---|---|---|---|")
+    for name, v, op, target in goals:
+        met = None if v is None else {">=": v >= target, "<": v < target, "<=": v <= target}[op]
+        result["goals"].append({"goal": name, "measured": v, "op": op, "target": target, "met": met})
+        print("| %s | %s | %s %s | %s |" % (name, "-" if v is None else "%.3f" % v, op, target,
+                                          "-" if met is None else ("yes" if met else "NO")))
     if errs:
         print("\nfailed runs: %s" % errs)
 

@@ -167,6 +167,11 @@ struct HwArgs {
     /// Use ordinary 4 KiB pages for DMA memory when no hugepages are reserved.
     #[arg(long)]
     small_pages: bool,
+    /// Ring every doorbell by MMIO even where the controller offers shadow doorbells
+    /// (Doorbell Buffer Config): for a controller whose implementation misbehaves, or to
+    /// measure the difference.
+    #[arg(long)]
+    no_shadow_doorbells: bool,
 }
 
 impl HwArgs {
@@ -186,6 +191,10 @@ impl HwArgs {
                 PageKind::Huge
             },
             pool_bytes: 4 << 20,
+            controller: nvcopy_nvme::ControllerOptions {
+                shadow_doorbells: !self.no_shadow_doorbells,
+                ..Default::default()
+            },
             ..Default::default()
         }
     }

@@ -40,6 +40,7 @@ vm_cmd_bench() {
         --add "$VM_SCRIPT_DIR/bench-guest.sh:/bin/bench-guest.sh" "${envs[@]}" "$@" \
         -- sh /bin/bench-guest.sh | tee "$log"
     rc=${PIPESTATUS[0]}
+    ((rc != 0)) || vm_bench_doorbells "$tmp" "$log" || rc=$?
     if grep -q '^BENCH ' "$log"; then
         BENCH_QEMU_VERSION=$("$VM_QEMU" --version | head -n 1) BENCH_LOAD_START=$load \
             python3 "$VM_REPO/benches/vm-bench-report.py" "$log" "$out" --raw "${out%.json}.raw" ||
@@ -53,4 +54,36 @@ vm_cmd_bench() {
     fi
     rm -rf "$tmp"
     return "$rc"
+}
+
+# Doorbell MMIO writes per command, from the device's side: QEMU's own trace events
+# (pci_nvme_mmio_doorbell_sq/cq for every doorbell register write, pci_nvme_io_cmd for
+# every I/O command) over one DB_MB MiB 1 -> 1 copy at the default chunk and depth, once
+# with shadow doorbells (the default) and once with --no-shadow-doorbells, each in a boot
+# of its own so that the two traces cannot mix. Each MMIO write is a trap into the
+# hypervisor under emulation. Appends BENCH lines (test=doorbells) to $2 for the report;
+# the admin queue (qid 0) is left out: it always rings by MMIO.
+vm_bench_doorbells() {
+    local tmp=$1 log=$2 mb=${DB_MB:-256} mode trace sq cq cmds rc=0
+    head -c "$((mb << 20))" "$tmp/src.img" >"$tmp/db-src.img" && truncate -s "$((mb << 20))" "$tmp/db-dst.img" ||
+        { vm_log "bench: cannot make the doorbell images"; return 1; }
+    for mode in shadow mmio; do
+        trace=$tmp/doorbells-$mode.log
+        local -a extra=()
+        [[ $mode == mmio ]] && extra=(--no-shadow-doorbells)
+        vm_log "bench: doorbell writes per command, $mode doorbells ($mb MiB copy, QEMU trace)"
+        vm_boot --no-build --timeout 900 --nvme "file=$tmp/db-src.img" --nvme "file=$tmp/db-dst.img" \
+            --qemu-arg=-trace --qemu-arg=pci_nvme_mmio_doorbell_sq \
+            --qemu-arg=-trace --qemu-arg=pci_nvme_mmio_doorbell_cq \
+            --qemu-arg=-trace --qemu-arg=pci_nvme_io_cmd --qemu-arg=-D --qemu-arg="$trace" \
+            -- nvcopy copy --from "0000:00:10.0+${mb}M" --to "0000:00:11.0+${mb}M" "${extra[@]}" >/dev/null || rc=$?
+        ((rc == 0)) || { vm_log "bench: the $mode doorbell run failed ($rc)"; return "$rc"; }
+        sq=$(grep -c 'pci_nvme_mmio_doorbell_sq sqid [1-9]' "$trace" || true)
+        cq=$(grep -c 'pci_nvme_mmio_doorbell_cq cqid [1-9]' "$trace" || true)
+        cmds=$(grep -c 'pci_nvme_io_cmd' "$trace" || true)
+        ((cmds > 0)) || { vm_log "bench: no I/O commands in $trace"; return 1; }
+        printf 'BENCH test=doorbells tool=nvcopy run=1 wall=0 bytes=%s mode=%s mmio_sq=%s mmio_cq=%s commands=%s per_command=%s\n' \
+            "$((mb << 20))" "$mode" "$sq" "$cq" "$cmds" "$(awk -v a="$sq" -v b="$cq" -v c="$cmds" 'BEGIN { printf "%.4f", (a + b) / c }')" |
+            tee -a "$log"
+    done
 }
