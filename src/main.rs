@@ -195,7 +195,6 @@ impl HwArgs {
                 shadow_doorbells: !self.no_shadow_doorbells,
                 ..Default::default()
             },
-            ..Default::default()
         }
     }
 }
