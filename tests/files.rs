@@ -416,3 +416,74 @@ fn nvme_and_files_mix_in_one_job_both_ways() {
     drop(engine);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A loop device over a file in `dir`, detached on drop; None where this process cannot
+/// make one (not root, no loop driver): the test then says so.
+struct Loop(String);
+
+impl Loop {
+    fn attach(image: &Path) -> Option<Loop> {
+        let out = Command::new("losetup")
+            .args(["-f", "--show", s(image)])
+            .output()
+            .ok()?;
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && dev.starts_with("/dev/loop")).then_some(Loop(dev))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_kernel_block_device_is_a_source_and_a_destination_unless_someone_holds_it() {
+    let d = scratch("loop");
+    let (img, src, back) = (d.join("disk.img"), d.join("src.img"), d.join("back.img"));
+    std::fs::write(&img, vec![0u8; 16 * MIB]).unwrap();
+    let data = pattern(31, 8 * MIB);
+    std::fs::write(&src, &data).unwrap();
+    let Some(dev) = Loop::attach(&img) else {
+        assert_ne!(effective_uid(), 0, "root could not attach a loop device");
+        eprintln!("skipped: attaching a loop device needs root");
+        return;
+    };
+    let at = format!("{}@4M", dev.0);
+    ok(&["copy", "--from", s(&src), "--to", &at, "--json"]);
+    let got = std::fs::read(&img).unwrap();
+    assert!(
+        got[4 * MIB..12 * MIB] == data[..],
+        "the loop device's backing file"
+    );
+    assert!(
+        got[..4 * MIB].iter().all(|&b| b == 0),
+        "bytes before the region"
+    );
+    // Back out of it, into a file.
+    ok(&["copy", "--from", &format!("{at}+8M"), "--to", s(&back)]);
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "read back from the block device"
+    );
+    // Another program holding it open: refused, named, nothing written.
+    let mut holder = Command::new("sleep")
+        .arg("30")
+        .stdin(std::fs::File::open(&dev.0).unwrap())
+        .spawn()
+        .unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let r = refused(
+        &["copy", "--from", s(&back), "--to", &dev.0],
+        &["is open in process", &holder.id().to_string()],
+    );
+    drop(r);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a refused job wrote"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}

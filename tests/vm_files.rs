@@ -325,6 +325,35 @@ fn guest_zoned_namespace_is_reset_and_written_in_order_twice_in_a_row() {
     assert!(zero.stderr.contains("zoned namespace"), "{zero}");
 }
 
+#[test]
+#[ignore = "needs the VM"]
+fn guest_a_filesystem_without_direct_io_is_refused_and_buffered_works() {
+    // The guest's /tmp is in its initramfs (ramfs), which has no O_DIRECT on Linux 6.1.
+    let path = "/tmp/nodirect.img";
+    refused(
+        &strings(&["--from", &format!("{SRC}+1M"), "--to", path]),
+        "--buffered",
+    );
+    assert!(
+        !Path::new(path).exists(),
+        "the refused destination was left behind"
+    );
+    let a = strings(&[
+        "copy",
+        "--json",
+        "--buffered",
+        "--from",
+        &format!("{SRC}+1M"),
+        "--to",
+        path,
+    ]);
+    let run = ok(&a, Duration::from_secs(120));
+    assert_eq!(json(&run)["bytes_ok"], MIB, "{run}");
+    let got = std::fs::read(path).unwrap();
+    assert_eq!(got.len() as u64, MIB, "{run}");
+    let _ = std::fs::remove_file(path);
+}
+
 // ---------------------------------------------------------------------------------------
 // Host tests: the images, after the guest exited
 // ---------------------------------------------------------------------------------------

@@ -37,6 +37,15 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// A block device another program has open.
+    #[error("{path}: the block device is open in process {pid} (see /proc/{pid}/cmdline); stop that program first, so that nothing else reads or writes it during the copy")]
+    OpenElsewhere {
+        /// Path.
+        path: PathBuf,
+        /// A process that has it open.
+        pid: u32,
+    },
+
     /// The filesystem refuses O_DIRECT.
     #[error("{path}: the filesystem does not support direct I/O (O_DIRECT); add --buffered to go through the page cache (a Flush still makes the copy durable)")]
     NoDirectIo {

@@ -105,7 +105,13 @@ impl BlockFile {
         if created {
             oo.create_new(true);
         }
-        let file = oo.open(path).map_err(|e| match e.raw_os_error() {
+        let file = oo.open(path).inspect_err(|_| {
+            // open(2) may create the file and then refuse O_DIRECT on it.
+            if created {
+                let _ = std::fs::remove_file(path);
+            }
+        });
+        let file = file.map_err(|e| match e.raw_os_error() {
             Some(libc::EBUSY) => Error::Busy {
                 path: path.to_path_buf(),
             },
@@ -133,6 +139,15 @@ impl BlockFile {
                 (meta.dev(), meta.ino()),
             ),
             FileKind::BlockDevice => {
+                // O_EXCL sees the kernel's holders (mounts, device mapper, md, swap) and
+                // other exclusive openers; a program that opened it plainly shows only in
+                // /proc.
+                if let Some(pid) = other_opener(meta.rdev()) {
+                    return Err(Error::OpenElsewhere {
+                        path: path.to_path_buf(),
+                        pid,
+                    });
+                }
                 let mut f = &file;
                 let len = f.seek(SeekFrom::End(0)).map_err(io(path, "size"))?;
                 (len, logical_block_size(&file, path)?, (meta.rdev(), 0))
@@ -233,6 +248,41 @@ impl BlockFile {
         }
         Ok(())
     }
+}
+
+/// A process other than this one with the block device `rdev` open, from the
+/// descriptors listed in /proc/PID/fd (those this process may read: all, as root).
+fn other_opener(rdev: u64) -> Option<u32> {
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if !target.starts_with("/dev") {
+                continue;
+            }
+            let same = std::fs::metadata(&target)
+                .is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == rdev);
+            if same {
+                return Some(pid);
+            }
+        }
+    }
+    None
 }
 
 /// The offset alignment the filesystem asks of direct I/O to this file (statx
