@@ -168,10 +168,12 @@ fn without_doorbell_buffer_config_every_doorbell_is_mmio() {
     let rings = write_then_read(&mut q, &ns, &b, 20, 3, false);
     let c = rig.sim.counters();
     assert_eq!(c.sq_doorbell_writes(1), rings);
-    assert_eq!(
-        c.cq_doorbell_writes(1),
-        rings,
-        "one batch reaped per ring here"
+    // The CQ head is reported lazily, when the controller's view of the CQ would pass
+    // half the ring: fewer CQ doorbells than rings, but some.
+    let cq = c.cq_doorbell_writes(1);
+    assert!(
+        0 < cq && cq < rings,
+        "{cq} CQ head writes for {rings} rings"
     );
 }
 
