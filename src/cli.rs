@@ -21,6 +21,7 @@ use nvcopy::open::{open_job, remove_created, FileOptions};
 use nvcopy::platform::PlatformOptions;
 use nvcopy::progress::MapKeeper;
 use nvcopy::region::{self, Region, RegionSpec, Role};
+use nvcopy::trace;
 
 /// A copy or zero as the command line asked for it.
 #[derive(Clone, Debug)]
@@ -363,13 +364,16 @@ pub fn pool_bytes(num_pages: usize, eo: &EngineOptions, controllers: usize) -> R
         })
 }
 
-/// Runs a copy or zero job end to end.
+/// Runs a copy or zero job end to end, and hands back its summary with the engine, which
+/// is still open: the caller prints the summary before it closes the engine
+/// ([`Engine::close`]), since every destination was already flushed when the job's
+/// callback ran, and closing takes the devices' resets.
 pub fn run(
     req: &JobRequest,
     platform: &PlatformOptions,
     eo: &EngineOptions,
     show_progress: bool,
-) -> Result<Summary> {
+) -> Result<(Summary, Engine)> {
     precheck(req)?;
     let mut addrs: Vec<PciAddress> = req
         .from
@@ -417,6 +421,7 @@ pub fn run(
         return Err(Refusal::BadOptions(OptionConflict::HashNeedsWholeSource).into());
     }
     let signals = Signals::install()?;
+    trace::step("client, map and signal handlers set up");
     let start = Instant::now();
     let handle = match &from {
         Some(f) if req.verify_only => client.read(f, req.flags, &options, |_, _| {})?,
@@ -446,6 +451,7 @@ pub fn run(
         }
         Ok(outcome)
     })?;
+    trace::step("job done (every destination flushed)");
     if let Some(k) = keeper.as_mut() {
         k.finish(&handle, !outcome.write_err.any())?;
     }
@@ -487,7 +493,7 @@ pub fn run(
             facts: d.facts().into_iter().collect(),
         })
         .collect();
-    Ok(Summary {
+    let summary = Summary {
         devices,
         hash,
         verify,
@@ -518,7 +524,10 @@ pub fn run(
             .map(|(_, r)| r.to_string())
             .collect(),
         outcome,
-    })
+    };
+    drop(handle);
+    drop(client);
+    Ok((summary, engine))
 }
 
 /// Waits for the job: a progress bar on a terminal, a plain line every few seconds

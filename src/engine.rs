@@ -13,12 +13,13 @@ use nvcopy_nvme::Controller;
 use nvcopy_vfio::{DmaPool, PciAddress};
 
 use crate::endpoint::nvme::NvmeDevice;
-use crate::endpoint::{Device, Devices};
+use crate::endpoint::{Device, Devices, Endpoint};
 use crate::error::{Error, Refusal, Result};
 use crate::job::{Flags, Job, JobKind};
 use crate::platform::{Platform, PlatformOptions};
 use crate::reactor::Reactor;
 use crate::region::{Region, RegionSpec};
+use crate::trace;
 
 /// Jobs waiting in one reactor's inbox at most.
 const INBOX: usize = 1024;
@@ -162,20 +163,46 @@ impl Engine {
             return Err(Refusal::NoControllers.into());
         }
         let n = opts.reactors.max(1);
+        // Creating an I/O queue pair takes two admin commands: each device makes its
+        // reactors' endpoints in a thread of its own, beside the others.
+        let made = std::thread::scope(|s| {
+            let handles: Vec<_> = devices
+                .iter()
+                .map(|dev| {
+                    let pool = &pool;
+                    let entries = opts.queue_entries;
+                    s.spawn(move || {
+                        let t = std::time::Instant::now();
+                        let eps = (0..n.min(dev.max_endpoints()))
+                            .map(|_| dev.open_endpoint(pool, entries))
+                            .collect::<Result<Vec<_>>>();
+                        trace::span(t, format_args!("{}: endpoints opened", dev.name()));
+                        eps
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .zip(&devices)
+                .map(|(h, dev)| {
+                    h.join().map_err(|_| Error::Panicked {
+                        what: format!("{}: opening endpoints", dev.name()),
+                    })?
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
         let mut has_queue = vec![vec![false; devices.len()]; n];
-        let mut reactor_queues = Vec::with_capacity(n);
-        for (r, row) in has_queue.iter_mut().enumerate() {
-            let mut queues = Vec::with_capacity(devices.len());
-            for (c, dev) in devices.iter().enumerate() {
-                if r < dev.max_endpoints() {
-                    queues.push(Some(dev.open_endpoint(&pool, opts.queue_entries)?));
-                    row[c] = true;
-                } else {
-                    queues.push(None);
-                }
+        let mut reactor_queues: Vec<Vec<Option<Box<dyn Endpoint>>>> =
+            (0..n).map(|_| Vec::with_capacity(devices.len())).collect();
+        for (c, eps) in made.into_iter().enumerate() {
+            let mut eps = eps.into_iter();
+            for (r, queues) in reactor_queues.iter_mut().enumerate() {
+                let ep = eps.next();
+                has_queue[r][c] = ep.is_some();
+                queues.push(ep);
             }
-            reactor_queues.push(queues);
         }
+        trace::step("endpoints opened");
         let shared = Arc::new(EngineShared {
             devices,
             pool,
@@ -208,6 +235,7 @@ impl Engine {
             t.unpark();
         }
         let engine = Engine { shared, handles };
+        trace::step("reactors spawned");
         for _ in 0..n {
             match started.recv() {
                 Ok((_, Ok(()))) => {}
@@ -220,6 +248,7 @@ impl Engine {
                 }
             }
         }
+        trace::step("reactors ready (pinned, seccomp filter on)");
         Ok(engine)
     }
 
@@ -230,16 +259,13 @@ impl Engine {
         opts: EngineOptions,
     ) -> Result<Engine> {
         let p = Platform::open(addrs, platform)?;
-        let mut trace = crate::platform::StartupTrace::new();
         let mut unique: Vec<Arc<Controller>> = Vec::new();
         for c in p.controllers {
             if !unique.iter().any(|u| Arc::ptr_eq(u, &c)) {
                 unique.push(c);
             }
         }
-        let engine = Engine::new(unique, p.pool, opts);
-        trace.step("engine: I/O queues created, reactors started");
-        engine
+        Engine::new(unique, p.pool, opts)
     }
 
     pub(crate) fn shared(&self) -> &Arc<EngineShared> {
@@ -271,8 +297,26 @@ impl Engine {
     }
 }
 
-impl Drop for Engine {
-    fn drop(&mut self) {
+impl Engine {
+    /// Stops the reactors (their endpoints close: NVMe I/O queues are deleted), then
+    /// shuts every device down and closes it, all devices at once, and unmaps the pool.
+    /// Dropping the engine does the same; this is the same with each step traced.
+    /// Clients and their jobs must be gone for the devices to close here: a device
+    /// still held elsewhere closes when its last holder lets go.
+    pub fn close(mut self) {
+        self.teardown();
+        let shared = self.shared.clone();
+        drop(self);
+        if Arc::strong_count(&shared) == 1 {
+            drop(shared);
+            trace::step("DMA pool unmapped");
+        }
+    }
+
+    fn teardown(&mut self) {
+        if self.handles.is_empty() && self.shared.devices.is_empty() {
+            return;
+        }
         self.shared.stop.store(true, Ordering::Release);
         for t in self.shared.threads.get().into_iter().flatten() {
             t.unpark();
@@ -280,15 +324,17 @@ impl Drop for Engine {
         for h in self.handles.drain(..) {
             let _ = h.join();
         }
+        trace::step("reactors stopped, their endpoints closed");
         // Closing a device makes vfio-pci reset it (100 ms or more each): when nothing else
-        // holds the controllers, shut them down and close them all at once.
+        // holds the devices, shut them down and close them all at once.
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            let devices = std::mem::take(&mut shared.devices);
-            std::thread::scope(|s| {
-                for c in devices {
-                    s.spawn(move || drop(c));
-                }
-            });
+            crate::platform::close_devices(std::mem::take(&mut shared.devices));
         }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.teardown();
     }
 }

@@ -46,6 +46,7 @@ pub mod platform;
 pub mod progress;
 mod reactor;
 pub mod region;
+pub mod trace;
 
 pub use client::{Client, JobHandle, JobOptions};
 pub use engine::{Engine, EngineOptions};

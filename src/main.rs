@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use cli::JobRequest;
 use nvcopy::platform::{Platform, PlatformOptions};
 use nvcopy::region::{parse_size, Region, RegionSpec};
+use nvcopy::trace;
 use nvcopy::{EngineOptions, Error, Flags, Result};
 use nvcopy_vfio::{IommuMode, PageKind, PciAddress, Sysfs, NVME_CLASS};
 use report::{human_bytes, list_text, ControllerReport, ListEntry};
@@ -268,12 +269,16 @@ fn run_job(from: Option<RegionSpec>, to: Vec<RegionSpec>, a: JobArgs) -> Result<
         seccomp: !a.no_seccomp,
         ..Default::default()
     };
-    let summary = cli::run(&req, &a.hw.options(), &eo, !a.json)?;
+    let (summary, engine) = cli::run(&req, &a.hw.options(), &eo, !a.json)?;
+    // The summary goes out before the devices are closed: the job's callback ran after
+    // every destination's Flush completed, so what it says is already durable.
     print(&if a.json {
         json(&summary)?
     } else {
         summary.to_text()
     })?;
+    trace::step("summary printed");
+    engine.close();
     if let Some(signal) = summary.interrupted_by {
         Err(Error::Interrupted { signal })
     } else if summary.ok() {
@@ -308,7 +313,10 @@ fn run(cli: Cli) -> Result<()> {
                 json(&report)?
             } else {
                 report.to_text()
-            })
+            })?;
+            trace::step("report printed");
+            platform.close();
+            Ok(())
         }
         Command::Copy { from, to, job } => run_job(Some(from), to, job),
         Command::Zero { to, job } => run_job(None, to, job),
@@ -359,7 +367,12 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    trace::start();
+    let cli = Cli::parse();
+    trace::step("command line parsed");
+    let result = run(cli);
+    trace::step("exiting");
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         // The shell's convention for a process stopped by a signal: 128 + its number.
         Err(Error::Interrupted { signal }) => ExitCode::from((128 + signal.clamp(0, 127)) as u8),

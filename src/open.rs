@@ -19,8 +19,9 @@ use crate::endpoint::nvme::NvmeDevice;
 use crate::endpoint::{Device, Devices};
 use crate::engine::{Engine, EngineOptions};
 use crate::error::Result;
-use crate::platform::{Platform, PlatformOptions, StartupTrace};
+use crate::platform::{Platform, PlatformOptions};
 use crate::region::{Region, RegionSpec};
+use crate::trace;
 
 /// How files and block devices are opened.
 #[derive(Clone, Copy, Debug)]
@@ -73,7 +74,6 @@ pub fn open_job(
     let mut addrs: Vec<_> = from.into_iter().chain(to).filter_map(|r| r.pci()).collect();
     addrs.sort();
     addrs.dedup();
-    let mut trace = StartupTrace::new();
     let (mut devices, pool): (Devices, DmaPool) = if addrs.is_empty() {
         (Vec::new(), DmaPool::unmapped(platform.pool_bytes)?)
     } else {
@@ -86,7 +86,10 @@ pub fn open_job(
         }
         (unique.into_iter().map(NvmeDevice::shared).collect(), p.pool)
     };
-    let anchor = Arc::new(Anchor::new(files.sqpoll));
+    // The anchor ring's SQPOLL thread is a kernel thread that polls a core: only for
+    // jobs that have a file or a block device.
+    let any_file = from.into_iter().chain(to).any(|r| r.path().is_some());
+    let anchor = Arc::new(Anchor::new(files.sqpoll && any_file));
     let mut created = Vec::new();
     let result = (|| -> Result<(Option<Region>, Vec<Region>)> {
         // The source first: its length is the job's.
@@ -146,7 +149,7 @@ pub fn open_job(
             return Err(e);
         }
     };
-    trace.step("files opened");
+    trace::step("files opened, regions resolved");
     let engine = match Engine::with_devices(devices, pool, opts) {
         Ok(e) => e,
         Err(e) => {
@@ -154,7 +157,6 @@ pub fn open_job(
             return Err(e);
         }
     };
-    trace.step("engine: endpoints created, reactors started");
     Ok(OpenedJob {
         engine,
         from,

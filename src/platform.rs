@@ -1,14 +1,20 @@
 //! Bringing up the hardware for a run: open every named controller through VFIO, map one
-//! DMA pool shared by all of them, and initialise each controller on it. The devices are
-//! opened before the pool because the IOMMU's usable IOVA ranges are known only once a
-//! group is attached to the container.
+//! DMA pool shared by all of them, and initialise each controller on it. The pool is
+//! mapped into the IOMMU after the devices are opened because the IOMMU's usable IOVA
+//! ranges are known only once a group is attached to the container; its memory is taken
+//! meanwhile. And the way down: shut the controllers down and close them.
 
+use std::fmt::Display;
 use std::sync::Arc;
+use std::time::Instant;
 
 use nvcopy_nvme::{Bar, Controller, ControllerOptions};
-use nvcopy_vfio::{DmaPool, IommuMode, PageKind, PciAddress, Vfio};
+use nvcopy_vfio::{DmaPool, HostMemory, IommuMode, PageKind, PciAddress, Vfio};
 
+use crate::endpoint::nvme::NvmeDevice;
+use crate::endpoint::Devices;
 use crate::error::Result;
+use crate::trace;
 
 /// How to bring the hardware up.
 #[derive(Clone, Debug)]
@@ -34,37 +40,6 @@ impl Default for PlatformOptions {
     }
 }
 
-/// Prints how long each bring-up step took when NVCOPY_TRACE=1: start-up is most of a
-/// short copy's wall time, and this says which step to blame.
-pub(crate) struct StartupTrace {
-    on: bool,
-    start: std::time::Instant,
-    last: std::time::Instant,
-}
-
-impl StartupTrace {
-    pub(crate) fn new() -> Self {
-        let now = std::time::Instant::now();
-        StartupTrace {
-            on: std::env::var_os("NVCOPY_TRACE").is_some_and(|v| v == "1"),
-            start: now,
-            last: now,
-        }
-    }
-
-    pub(crate) fn step(&mut self, what: impl std::fmt::Display) {
-        if self.on {
-            let now = std::time::Instant::now();
-            eprintln!(
-                "nvcopy: trace: {:>8.2} ms  (+{:.2} ms) {what}",
-                (now - self.start).as_secs_f64() * 1e3,
-                (now - self.last).as_secs_f64() * 1e3
-            );
-            self.last = now;
-        }
-    }
-}
-
 /// Controllers ready for I/O and the memory they share.
 pub struct Platform {
     /// The VFIO container.
@@ -75,69 +50,101 @@ pub struct Platform {
     pub controllers: Vec<Arc<Controller>>,
 }
 
+/// Joins a scoped thread, turning a panic into an error that names `what`.
+fn join<T>(h: std::thread::ScopedJoinHandle<'_, Result<T>>, what: impl Display) -> Result<T> {
+    h.join().map_err(|_| crate::Error::Panicked {
+        what: what.to_string(),
+    })?
+}
+
 impl Platform {
     /// Opens and initialises the controllers at `addrs` (duplicates are opened once).
+    ///
+    /// Opening a device waits for vfio-pci's function reset (100 ms or more), so the
+    /// devices are opened at once, in one thread each, while another thread takes the
+    /// pool's memory; the memory is mapped into the IOMMU once the devices are open
+    /// (its usable ranges are known only then), and the controllers are brought up at
+    /// once too. Errors come in that order: devices, pool, controllers.
     pub fn open(addrs: &[PciAddress], opts: &PlatformOptions) -> Result<Platform> {
         // Options that can never work are refused before any device is touched.
         opts.page_kind.check_mode(opts.mode)?;
         // Sysfs first: "no such device" and "not bound to vfio-pci" are the likelier
         // mistakes, and they say more than a missing /dev/vfio would.
-        let mut trace = StartupTrace::new();
         let sysfs = nvcopy_vfio::Sysfs::default();
         for &a in addrs {
             sysfs.vfio_group_of(a)?;
         }
-        trace.step("sysfs checks");
+        trace::step("sysfs checks");
         let vfio = Vfio::new(opts.mode)?;
-        trace.step("VFIO container");
+        trace::step("VFIO container opened");
         let mut unique: Vec<PciAddress> = Vec::new();
         for a in addrs {
             if !unique.contains(a) {
                 unique.push(*a);
             }
         }
-        // Opening a device waits for the kernel's function reset (100 ms or more): open
-        // them all at once so that the waits overlap.
-        let results: Vec<_> = std::thread::scope(|s| {
+        let (pool, opened) = std::thread::scope(|s| -> Result<(DmaPool, Vec<Arc<Controller>>)> {
             let vfio = &vfio;
-            let handles: Vec<_> = unique
+            let opens: Vec<_> = unique
                 .iter()
-                .map(|&a| s.spawn(move || vfio.open(a)))
-                .collect();
-            handles.into_iter().map(|h| h.join()).collect()
-        });
-        let mut devices = Vec::with_capacity(unique.len());
-        for (a, r) in unique.iter().zip(results) {
-            match r {
-                Ok(dev) => devices.push(dev?),
-                Err(_) => {
-                    return Err(crate::Error::Panicked {
-                        what: format!("{a}: opening the device"),
+                .map(|&a| {
+                    s.spawn(move || {
+                        let t = Instant::now();
+                        let d = vfio.open(a);
+                        trace::span(
+                            t,
+                            format_args!(
+                                "{a}: VFIO device opened (reset by vfio-pci), BAR0 mapped"
+                            ),
+                        );
+                        Ok(d?)
                     })
-                }
+                })
+                .collect();
+            // Spawned after the opens: while it populates the memory it holds the
+            // process's mmap lock, which spawning a thread (its stack) waits for.
+            let memory = s.spawn(|| {
+                let t = Instant::now();
+                let m = HostMemory::new(opts.pool_bytes, opts.page_kind);
+                trace::span(
+                    t,
+                    format_args!(
+                        "DMA pool: {} MiB of memory taken and populated",
+                        opts.pool_bytes.div_ceil(1 << 20)
+                    ),
+                );
+                Ok(m?)
+            });
+            let mut devices = Vec::with_capacity(unique.len());
+            for (a, h) in unique.iter().zip(opens) {
+                devices.push(join(h, format_args!("{a}: opening the device"))?);
             }
-        }
-        trace.step(format_args!(
-            "{} VFIO device(s) opened (reset by vfio-pci), BAR0 mapped",
-            devices.len()
-        ));
-        let pool = DmaPool::new(&vfio, opts.pool_bytes, opts.page_kind)?;
-        trace.step(format_args!(
-            "DMA pool of {} MiB mapped",
-            opts.pool_bytes >> 20
-        ));
-        let mut opened = Vec::with_capacity(devices.len());
-        for dev in devices {
-            let name = dev.addr().to_string();
-            let bar: Arc<dyn Bar> = Arc::new(dev);
-            opened.push(Controller::new(
-                &name,
-                bar,
-                pool.clone(),
-                opts.controller.clone(),
-            )?);
-            trace.step(format_args!("{name}: controller enabled and identified"));
-        }
+            trace::step(format_args!("{} VFIO device(s) opened", devices.len()));
+            let memory = join(memory, "taking the DMA pool's memory")?;
+            trace::step("DMA pool's memory ready");
+            let pool = DmaPool::map(vfio, memory)?;
+            trace::step("DMA pool mapped into the IOMMU");
+            let ups: Vec<_> = devices
+                .into_iter()
+                .map(|dev| {
+                    let pool = pool.clone();
+                    s.spawn(move || {
+                        let t = Instant::now();
+                        let name = dev.addr().to_string();
+                        let bar: Arc<dyn Bar> = Arc::new(dev);
+                        let c = Controller::new(&name, bar, pool, opts.controller.clone());
+                        trace::span(t, format_args!("{name}: controller enabled and identified"));
+                        Ok(c?)
+                    })
+                })
+                .collect();
+            let mut opened = Vec::with_capacity(unique.len());
+            for (a, h) in unique.iter().zip(ups) {
+                opened.push(join(h, format_args!("{a}: bringing the controller up"))?);
+            }
+            trace::step(format_args!("{} controller(s) ready", opened.len()));
+            Ok((pool, opened))
+        })?;
         let controllers = addrs
             .iter()
             .filter_map(|a| {
@@ -153,6 +160,41 @@ impl Platform {
             controllers,
         })
     }
+
+    /// Shuts the controllers down and closes them, all at once (see
+    /// [`close_devices`]); the pool is unmapped when its last user goes. Dropping a
+    /// platform does the same one controller after another.
+    pub fn close(self) {
+        let mut unique: Vec<Arc<Controller>> = Vec::new();
+        for c in self.controllers {
+            if !unique.iter().any(|u| Arc::ptr_eq(u, &c)) {
+                unique.push(c);
+            }
+        }
+        close_devices(unique.into_iter().map(NvmeDevice::shared).collect());
+        drop(self.pool);
+        trace::step("DMA pool unmapped");
+    }
+}
+
+/// Shuts every device down (NVMe: CC.SHN) and closes it, in one thread each: closing a
+/// VFIO device makes vfio-pci reset it, 100 ms or more each. A device something else
+/// still holds is only shut down here and closed when its last holder lets go.
+pub(crate) fn close_devices(devices: Devices) {
+    std::thread::scope(|s| {
+        for d in devices {
+            s.spawn(move || {
+                let name = d.name().to_string();
+                let t = Instant::now();
+                d.shutdown();
+                trace::span(t, format_args!("{name}: shut down"));
+                let t = Instant::now();
+                drop(d);
+                trace::span(t, format_args!("{name}: closed (reset by vfio-pci)"));
+            });
+        }
+    });
+    trace::step("devices shut down and closed");
 }
 
 #[cfg(test)]

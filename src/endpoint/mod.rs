@@ -116,6 +116,9 @@ pub trait Device: Send + Sync {
     fn fatal_status(&self) -> bool {
         false
     }
+    /// Tells the device the host is done with it, once every endpoint is closed (NVMe:
+    /// the shutdown notification, CC.SHN), before it is closed. Nothing by default.
+    fn shutdown(&self) {}
     /// How many endpoints it can give (the I/O queue pairs an NVMe controller granted):
     /// reactors past that many do not reach it.
     fn max_endpoints(&self) -> usize;

@@ -95,6 +95,10 @@ impl Device for NvmeDevice {
         self.ctrl.fatal_status()
     }
 
+    fn shutdown(&self) {
+        self.ctrl.shutdown();
+    }
+
     fn max_endpoints(&self) -> usize {
         self.ctrl.io_queues()
     }

@@ -114,6 +114,9 @@ pub struct Controller {
     /// Whether the controller took the buffers since its last reset: queues created now
     /// ring through them. Changed only under the admin queue's lock.
     shadow_on: AtomicBool,
+    /// Set once the shutdown notification was given ([`Controller::shutdown`]): the
+    /// controller then takes no more commands.
+    shut_down: AtomicBool,
 }
 
 /// The two buffers of Doorbell Buffer Config, each covering every queue the controller
@@ -574,6 +577,7 @@ impl Controller {
             generation: AtomicU64::new(0),
             shadow,
             shadow_on: AtomicBool::new(shadow_on),
+            shut_down: AtomicBool::new(false),
         }))
     }
 
@@ -698,7 +702,7 @@ impl Controller {
     }
 
     pub(crate) fn check_alive(&self) -> Result<()> {
-        if self.health() != Health::Ready {
+        if self.health() != Health::Ready || self.shut_down.load(Ordering::Acquire) {
             return Err(Error::QueueDisabled {
                 ctrl: self.name.clone(),
                 qid: 0,
@@ -743,7 +747,10 @@ impl Controller {
     /// reset the controller since, nothing is done again. Returns the resulting health.
     pub fn reset(&self, seen: u64) -> Health {
         let mut aq = lock(&self.admin);
-        if self.generation() != seen || self.health() != Health::Ready {
+        if self.generation() != seen
+            || self.health() != Health::Ready
+            || self.shut_down.load(Ordering::Acquire)
+        {
             return self.health();
         }
         let b = self.bar.as_ref();
@@ -908,6 +915,40 @@ impl Controller {
     }
 }
 
+impl Controller {
+    /// Normal shutdown (base spec 3.6.1): sets CC.SHN and waits for CSTS.SHST to say it is
+    /// complete, so that the device saves its state before the host lets go of it (a real
+    /// drive counts an unsafe shutdown otherwise). The wait is bounded by CAP.TO (between
+    /// 0.5 and 10 s); an emulated controller completes at once.
+    ///
+    /// Done once: the controller takes no more commands after it (queue pairs dropped
+    /// later are not deleted on it), and dropping it does not notify it again. A failed
+    /// controller is not notified. The I/O queues should be deleted first (3.6.1.1):
+    /// drop every [`IoQpair`] before calling this.
+    pub fn shutdown(&self) {
+        if self.health() != Health::Ready || self.shut_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // The admin queue's lock: no admin command is in flight while CC.SHN is set.
+        let _aq = lock(&self.admin);
+        let b = self.bar.as_ref();
+        let cfg = b.read32(reg::CC);
+        b.write32(reg::CC, (cfg & !cc::SHN_MASK) | cc::SHN_NORMAL);
+        let limit = Duration::from_millis(self.cap.timeout_ms().clamp(500, 10_000));
+        let start = Instant::now();
+        loop {
+            let s = b.read32(reg::CSTS);
+            if s == u32::MAX
+                || s & csts::SHST_MASK == csts::SHST_COMPLETE
+                || start.elapsed() >= limit
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
 impl Drop for Controller {
     fn drop(&mut self) {
         if let Health::Failed { quiet: false } = self.health() {
@@ -919,19 +960,6 @@ impl Drop for Controller {
                 bufs.eventidx.quarantine();
             }
         }
-        if self.health() != Health::Ready {
-            return;
-        }
-        // Normal shutdown lets the device flush its caches before the host lets go of it.
-        let b = self.bar.as_ref();
-        let cfg = b.read32(reg::CC);
-        b.write32(reg::CC, (cfg & !cc::SHN_MASK) | cc::SHN_NORMAL);
-        let limit = Duration::from_millis(self.cap.timeout_ms().clamp(500, 10_000));
-        let start = Instant::now();
-        while b.read32(reg::CSTS) & csts::SHST_MASK != csts::SHST_COMPLETE
-            && start.elapsed() < limit
-        {
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        self.shutdown();
     }
 }

@@ -40,6 +40,46 @@ impl PageKind {
     }
 }
 
+impl PageKind {
+    fn unit(self) -> usize {
+        match self {
+            PageKind::Huge => HUGEPAGE_SIZE,
+            PageKind::Small => PAGE_SIZE,
+        }
+    }
+}
+
+/// Memory for a pool, allocated and populated (faulted in, zeroed by the kernel, locked)
+/// but not yet reachable by any device. Taking it costs most of a pool's set-up time and
+/// needs no device, so it can run while the devices are being opened; [`DmaPool::map`]
+/// then maps it into the IOMMU.
+#[derive(Debug)]
+pub struct HostMemory {
+    region: MmapRegion,
+    kind: PageKind,
+}
+
+impl HostMemory {
+    /// `bytes`, rounded up to whole pages of `kind`, populated.
+    pub fn new(bytes: usize, kind: PageKind) -> Result<HostMemory> {
+        let size = bytes.max(PAGE_SIZE).next_multiple_of(kind.unit());
+        Ok(HostMemory {
+            region: map_memory(size, kind)?,
+            kind,
+        })
+    }
+
+    /// Bytes allocated.
+    pub fn len(&self) -> usize {
+        self.region.len()
+    }
+
+    /// Never true: at least one page is allocated.
+    pub fn is_empty(&self) -> bool {
+        self.region.len() == 0
+    }
+}
+
 /// How a pool offset becomes a device address.
 #[derive(Debug)]
 enum Translation {
@@ -94,12 +134,16 @@ impl DmaPool {
     /// of `vfio`. Open the devices first: the IOMMU's usable ranges are known only then.
     pub fn new(vfio: &Arc<Vfio>, bytes: usize, kind: PageKind) -> Result<DmaPool> {
         kind.check_mode(vfio.mode())?;
-        let unit = match kind {
-            PageKind::Huge => HUGEPAGE_SIZE,
-            PageKind::Small => PAGE_SIZE,
-        };
-        let size = bytes.max(PAGE_SIZE).next_multiple_of(unit);
-        let region = map_memory(size, kind)?;
+        DmaPool::map(vfio, HostMemory::new(bytes, kind)?)
+    }
+
+    /// Maps memory from [`HostMemory::new`] for every device of `vfio` (see
+    /// [`DmaPool::new`], which is both steps in one).
+    pub fn map(vfio: &Arc<Vfio>, memory: HostMemory) -> Result<DmaPool> {
+        let HostMemory { region, kind } = memory;
+        kind.check_mode(vfio.mode())?;
+        let unit = kind.unit();
+        let size = region.len();
         let (translation, contig_pages, mapping) = match vfio.mode() {
             IommuMode::Type1 => {
                 let iova = vfio.alloc_iova(size)?;

@@ -19,7 +19,7 @@ mod pci;
 
 pub use container::{IommuMode, Vfio};
 pub use device::PciDevice;
-pub use dma::{DmaBuf, DmaPool, PageKind, HUGEPAGE_SIZE, PAGE_SIZE};
+pub use dma::{DmaBuf, DmaPool, HostMemory, PageKind, HUGEPAGE_SIZE, PAGE_SIZE};
 pub use error::{Error, Result};
 pub use iova::Iova;
 pub use mmio::Mmio;
