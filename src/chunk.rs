@@ -894,7 +894,10 @@ mod tests {
         assert_eq!(c.reissue(Op::Write(1), t0), Effects::default());
         let fx = c.completed(Op::Read, Completed::Ok, POLICY, t0);
         assert_eq!(fx.dests, mask(&[0]));
-        assert!(c.completed(Op::Write(0), Completed::Ok, POLICY, t0).finished);
+        assert!(
+            c.completed(Op::Write(0), Completed::Ok, POLICY, t0)
+                .finished
+        );
         assert_eq!(c.phase(), Phase::Free);
     }
 

@@ -120,9 +120,10 @@ pub(crate) struct Reactor {
     slots: Vec<Slot>,
     free: Vec<u16>,
     retries: BinaryHeap<Reverse<(Instant, u64)>>,
-    events: Vec<(usize, Done)>,
-    /// One endpoint's completions, before they join `events`.
-    polled: Vec<Done>,
+    /// The completions of one pass, every endpoint's in turn, polled straight in.
+    events: Vec<Done>,
+    /// Which endpoint each run of `events` came from: (queue index, end of its run).
+    runs: Vec<(usize, usize)>,
     aborted: Vec<Done>,
     zero_iovas: Vec<Iova>,
     // Keeps the shared zero page alive for `zero_iovas`.
@@ -178,7 +179,7 @@ impl Reactor {
             free: (0..qd as u16).rev().collect(),
             retries: BinaryHeap::with_capacity(qd * 66 + JOBS),
             events: Vec::with_capacity(CQ_BATCH * shared.devices.len()),
-            polled: Vec::with_capacity(CQ_BATCH),
+            runs: Vec::with_capacity(shared.devices.len()),
             // One queue's trackers at most: recovery aborts one queue at a time.
             aborted: Vec::with_capacity(shared.opts.queue_entries as usize),
             zero_iovas: vec![zero_page.iova(); max_pages],
@@ -278,18 +279,27 @@ impl Reactor {
     /// Reaps completions from every queue and settles their commands.
     fn reap(&mut self) -> bool {
         self.events.clear();
+        self.runs.clear();
+        // Every queue is reaped before any completion is settled: settling issues new
+        // commands, which find the trackers these completions free.
         for (ci, q) in self.queues.iter_mut().enumerate() {
             if let Some(q) = q {
                 if q.outstanding() == 0 {
                     continue;
                 }
-                self.polled.clear();
-                q.poll(CQ_BATCH, &mut self.polled);
-                self.events.extend(self.polled.iter().map(|&d| (ci, d)));
+                let before = self.events.len();
+                q.poll(CQ_BATCH, &mut self.events);
+                if self.events.len() > before {
+                    self.runs.push((ci, self.events.len()));
+                }
             }
         }
+        let mut run = 0;
         for i in 0..self.events.len() {
-            let (ci, d) = self.events[i];
+            while self.runs[run].1 <= i {
+                run += 1;
+            }
+            let (ci, d) = (self.runs[run].0, self.events[i]);
             let Some((owner, op)) = Owner::of(d.token) else {
                 continue;
             };
@@ -504,11 +514,16 @@ impl Reactor {
     }
 
     fn job_of(&self, owner: Owner) -> Option<&Arc<Job>> {
-        let ji = match owner {
-            Owner::Slot(si) => self.slots.get(si as usize)?.job,
-            Owner::Job(ji) => ji,
-        };
+        let ji = self.job_index(owner)?;
         Some(&self.jobs.get(ji as usize)?.as_ref()?.job)
+    }
+
+    /// The job-table index of the job a command belongs to.
+    fn job_index(&self, owner: Owner) -> Option<u16> {
+        match owner {
+            Owner::Slot(si) => Some(self.slots.get(si as usize)?.job),
+            Owner::Job(ji) => Some(ji),
+        }
     }
 
     /// The controller a command of `job` goes to.
@@ -574,9 +589,19 @@ impl Reactor {
     /// A chunk's read completed: hash the data where the job asks for it (the source's
     /// hash for a later verify, or a destination's to compare with it).
     fn read_done(&mut self, si: u16) {
-        let Some(job) = self.job_of(Owner::Slot(si)).cloned() else {
+        let Some(job) = self.job_of(Owner::Slot(si)) else {
             return;
         };
+        // Most copies look at no data: decided on a borrowed job, before an Arc clone.
+        let looks = match &job.kind {
+            JobKind::Copy { .. } => job.hashes().is_some() || job.sparse.any(),
+            JobKind::Verify { .. } => true,
+            JobKind::Zero | JobKind::Flush => false,
+        };
+        if !looks {
+            return;
+        }
+        let job = job.clone();
         let (cell, offset, len, way) = {
             let s = &self.slots[si as usize];
             (s.cell, s.offset, s.len, s.way)
@@ -657,10 +682,10 @@ impl Reactor {
         let d8 = d as u8;
         Some(match owner {
             Owner::Job(_) => Op::Flush(d8),
-            Owner::Slot(_) => match self.job_of(owner)?.kind {
-                JobKind::Copy { .. } if self.job_of(owner)?.offloaded.contains(d) => Op::Copy(d8),
-                JobKind::Copy { .. } => Op::Write(d8),
-                JobKind::Zero | JobKind::Flush | JobKind::Verify { .. } => Op::Zero(d8),
+            Owner::Slot(_) => match self.job_of(owner)? {
+                job if !matches!(job.kind, JobKind::Copy { .. }) => Op::Zero(d8),
+                job if job.offloaded.contains(d) => Op::Copy(d8),
+                _ => Op::Write(d8),
             },
         })
     }
@@ -668,10 +693,15 @@ impl Reactor {
     /// Posts one command (the doorbell rings at the end of the pass); a command that could
     /// not be posted is settled at once.
     fn issue(&mut self, owner: Owner, op: Op) {
-        let Some(job) = self.job_of(owner).cloned() else {
+        let Some(ji) = self.job_index(owner) else {
             return;
         };
-        let Some(ci) = Self::ctrl_of(&job, op, self.way_of(owner)) else {
+        // The job is borrowed from the table, not cloned out of its Arc: the borrow ends
+        // with `r`, before a refusal is settled.
+        let Some(job) = self.jobs[ji as usize].as_ref().map(|e| &*e.job) else {
+            return;
+        };
+        let Some(ci) = Self::ctrl_of(job, op, self.way_of(owner)) else {
             return;
         };
         let used = self.shared.devices[ci].generation() - job.base_gen[ci];
@@ -683,7 +713,19 @@ impl Reactor {
                 self.faults[ci]
             )))
         } else {
-            self.post(owner, op, &job, ci)
+            match self.queues[ci].as_mut() {
+                None => Err(IssueError::Failed(format!(
+                    "{}: this reactor has no endpoint on the device",
+                    self.shared.devices[ci].name()
+                ))),
+                Some(q) => command(job, owner, op, &self.slots, &self.zero_iovas).and_then(|cmd| {
+                    match q.submit(cmd, owner.token(op)) {
+                        Ok(()) => Ok(()),
+                        Err(Refused::Full) => Err(IssueError::Full),
+                        Err(Refused::Invalid(e)) => Err(IssueError::Failed(e)),
+                    }
+                }),
+            }
         };
         match r {
             Ok(()) => {}
@@ -692,113 +734,6 @@ impl Reactor {
             Err(IssueError::NoNamespace) => self.settle(owner, op, ci, Completed::Failed, || {
                 format!("{op:?} does not fit this job (a planning bug)")
             }),
-        }
-    }
-
-    fn post(
-        &mut self,
-        owner: Owner,
-        op: Op,
-        job: &Job,
-        ci: usize,
-    ) -> std::result::Result<(), IssueError> {
-        let token = owner.token(op);
-        let Some(q) = self.queues[ci].as_mut() else {
-            return Err(IssueError::Failed(format!(
-                "{}: this reactor has no endpoint on the device",
-                self.shared.devices[ci].name()
-            )));
-        };
-        let (offset, len, iovas) = match owner {
-            Owner::Slot(si) => {
-                let s = &self.slots[si as usize];
-                (
-                    s.offset,
-                    s.len,
-                    &s.iovas[..s.len.div_ceil(PAGE_SIZE).min(s.iovas.len())],
-                )
-            }
-            Owner::Job(_) => (0, 0, &[][..]),
-        };
-        let at = |r: &crate::Region| r.offset + offset;
-        let data = Pages { iovas, len };
-        let cmd = match (op, &job.kind) {
-            (Op::Read, JobKind::Copy { from }) => Command::Read {
-                volume: job.src_vol.as_ref().ok_or(IssueError::NoNamespace)?,
-                at: at(from),
-                data,
-            },
-            (Op::Read, JobKind::Verify { .. }) => {
-                let way = match owner {
-                    Owner::Slot(si) => self.slots[si as usize].way as usize,
-                    Owner::Job(_) => return Err(IssueError::NoNamespace),
-                };
-                Command::Read {
-                    volume: &job.dst_vol[way],
-                    at: at(&job.to[way]),
-                    data,
-                }
-            }
-            (Op::Write(d), _) => {
-                let (to, volume) = (&job.to[d as usize], &job.dst_vol[d as usize]);
-                let hole = match owner {
-                    Owner::Slot(si) => self.slots[si as usize].all_zero,
-                    Owner::Job(_) => false,
-                };
-                if hole && job.sparse.contains(d as usize) {
-                    // --sparse: an all-zero chunk becomes a hole, which reads back as zeroes
-                    // whatever the destination held before.
-                    Command::Deallocate {
-                        volume,
-                        at: at(to),
-                        len: len as u64,
-                    }
-                } else {
-                    Command::Write {
-                        volume,
-                        at: at(to),
-                        data,
-                    }
-                }
-            }
-            (Op::Copy(d), JobKind::Copy { from }) => {
-                let Owner::Slot(si) = owner else {
-                    return Err(IssueError::NoNamespace);
-                };
-                Command::Copy {
-                    volume: &job.dst_vol[d as usize],
-                    from: at(from),
-                    to: at(&job.to[d as usize]),
-                    len: len as u64,
-                    descs: &self.slots[si as usize].descs,
-                }
-            }
-            (Op::Zero(d), _) => {
-                let (to, volume) = (&job.to[d as usize], &job.dst_vol[d as usize]);
-                if job.write_zeroes.contains(d as usize) {
-                    Command::WriteZeroes {
-                        volume,
-                        at: at(to),
-                        len: len as u64,
-                    }
-                } else {
-                    let iovas = &self.zero_iovas[..len.div_ceil(PAGE_SIZE)];
-                    Command::Write {
-                        volume,
-                        at: at(to),
-                        data: Pages { iovas, len },
-                    }
-                }
-            }
-            (Op::Flush(d), _) => Command::Flush {
-                volume: &job.dst_vol[d as usize],
-            },
-            (Op::Read | Op::Copy(_), _) => return Err(IssueError::NoNamespace),
-        };
-        match q.submit(cmd, token) {
-            Ok(()) => Ok(()),
-            Err(Refused::Full) => Err(IssueError::Full),
-            Err(Refused::Invalid(e)) => Err(IssueError::Failed(e)),
         }
     }
 
@@ -857,7 +792,8 @@ impl Reactor {
         let slot = &mut self.slots[si as usize];
         let ji = slot.job;
         let entry = self.jobs[ji as usize].as_mut()?;
-        let job = entry.job.clone();
+        // Borrowed, not cloned: every use of the job is over before `apply` below.
+        let job = &*entry.job;
         if slot.quarantine {
             job.client.pages.quarantine(&mut slot.pages);
         } else {
@@ -876,10 +812,12 @@ impl Reactor {
         // The job hears of this chunk before the turn passes on: the next chunk may end
         // at once (its writes refused), and its end must not be taken for the last one
         // while this one is still counted in flight.
-        if job.chunk_ended(cell, len, ok) {
+        let flush = job.chunk_ended(cell, len, ok);
+        let sequential = job.flags.contains(Flags::WRITE_SEQUENTIAL);
+        if flush {
             self.start_flush(ji);
         }
-        if let (Some(n), true) = (next, job.flags.contains(Flags::WRITE_SEQUENTIAL)) {
+        if let (Some(n), true) = (next, sequential) {
             let fx = self.slots[n as usize].chunk.turn(self.now);
             self.apply(Owner::Slot(n), None, fx);
         }
@@ -1004,6 +942,103 @@ impl Reactor {
         }
         self.aborted = aborted;
     }
+}
+
+/// The command `op` of `owner` is, built from the job and the slot's pages: what to send,
+/// apart from sending it (which needs the endpoint, borrowed beside these).
+fn command<'a>(
+    job: &'a Job,
+    owner: Owner,
+    op: Op,
+    slots: &'a [Slot],
+    zero_iovas: &'a [Iova],
+) -> std::result::Result<Command<'a>, IssueError> {
+    let (offset, len, iovas) = match owner {
+        Owner::Slot(si) => {
+            let s = &slots[si as usize];
+            (
+                s.offset,
+                s.len,
+                &s.iovas[..s.len.div_ceil(PAGE_SIZE).min(s.iovas.len())],
+            )
+        }
+        Owner::Job(_) => (0, 0, &[][..]),
+    };
+    let at = |r: &crate::Region| r.offset + offset;
+    let data = Pages { iovas, len };
+    Ok(match (op, &job.kind) {
+        (Op::Read, JobKind::Copy { from }) => Command::Read {
+            volume: job.src_vol.as_ref().ok_or(IssueError::NoNamespace)?,
+            at: at(from),
+            data,
+        },
+        (Op::Read, JobKind::Verify { .. }) => {
+            let way = match owner {
+                Owner::Slot(si) => slots[si as usize].way as usize,
+                Owner::Job(_) => return Err(IssueError::NoNamespace),
+            };
+            Command::Read {
+                volume: &job.dst_vol[way],
+                at: at(&job.to[way]),
+                data,
+            }
+        }
+        (Op::Write(d), _) => {
+            let (to, volume) = (&job.to[d as usize], &job.dst_vol[d as usize]);
+            let hole = match owner {
+                Owner::Slot(si) => slots[si as usize].all_zero,
+                Owner::Job(_) => false,
+            };
+            if hole && job.sparse.contains(d as usize) {
+                // --sparse: an all-zero chunk becomes a hole, which reads back as zeroes
+                // whatever the destination held before.
+                Command::Deallocate {
+                    volume,
+                    at: at(to),
+                    len: len as u64,
+                }
+            } else {
+                Command::Write {
+                    volume,
+                    at: at(to),
+                    data,
+                }
+            }
+        }
+        (Op::Copy(d), JobKind::Copy { from }) => {
+            let Owner::Slot(si) = owner else {
+                return Err(IssueError::NoNamespace);
+            };
+            Command::Copy {
+                volume: &job.dst_vol[d as usize],
+                from: at(from),
+                to: at(&job.to[d as usize]),
+                len: len as u64,
+                descs: &slots[si as usize].descs,
+            }
+        }
+        (Op::Zero(d), _) => {
+            let (to, volume) = (&job.to[d as usize], &job.dst_vol[d as usize]);
+            if job.write_zeroes.contains(d as usize) {
+                Command::WriteZeroes {
+                    volume,
+                    at: at(to),
+                    len: len as u64,
+                }
+            } else {
+                let iovas = &zero_iovas[..len.div_ceil(PAGE_SIZE)];
+                Command::Write {
+                    volume,
+                    at: at(to),
+                    data: Pages { iovas, len },
+                }
+            }
+        }
+        (Op::Flush(d), _) => Command::Flush {
+            volume: &job.dst_vol[d as usize],
+        },
+        (Op::Read | Op::Copy(_), _) => return Err(IssueError::NoNamespace),
+    })
 }
 
 /// Why a command could not be posted.
