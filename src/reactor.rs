@@ -94,6 +94,8 @@ struct Slot {
     deferred: bool,
     /// The data read is all zeroes (looked at only for jobs with `--sparse` destinations).
     all_zero: bool,
+    /// The job looks at the data once read ([`ActiveJob::looks`]).
+    looks: bool,
 }
 
 /// A job this reactor works on.
@@ -107,6 +109,9 @@ struct ActiveJob {
     claimable: bool,
     /// This reactor flushes the job's destinations and then finishes it.
     flush: Option<Chunk>,
+    /// The job looks at a chunk's data once it is read (hashes it, or looks for zeroes):
+    /// decided once here rather than after every read.
+    looks: bool,
 }
 
 pub(crate) struct Reactor {
@@ -165,6 +170,7 @@ impl Reactor {
                     mismatch: false,
                     deferred: false,
                     all_zero: false,
+                    looks: false,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -265,12 +271,18 @@ impl Reactor {
             } else {
                 VecDeque::new()
             };
+            let looks = match &job.kind {
+                JobKind::Copy { .. } => job.hashes().is_some() || job.sparse.any(),
+                JobKind::Verify { .. } => true,
+                JobKind::Zero | JobKind::Flush => false,
+            };
             self.jobs[ji as usize] = Some(ActiveJob {
                 job,
                 live: 0,
                 order,
                 claimable: true,
                 flush: None,
+                looks,
             });
             self.claimable.push(ji);
         }
@@ -453,7 +465,9 @@ impl Reactor {
         } else {
             true
         };
+        let looks = entry.looks;
         let slot = &mut self.slots[si as usize];
+        slot.looks = looks;
         slot.job = ji;
         slot.cell = cell;
         slot.offset = offset;
@@ -566,7 +580,11 @@ impl Reactor {
         if before != after {
             match (after, owner) {
                 (Cmd::Done(Outcome::Failed), _) => self.note_failure(owner, op, msg),
-                (Cmd::Done(Outcome::Ok), Owner::Slot(si)) if op == Op::Read => self.read_done(si),
+                (Cmd::Done(Outcome::Ok), Owner::Slot(si))
+                    if op == Op::Read && self.slots[si as usize].looks =>
+                {
+                    self.read_done(si)
+                }
                 _ => {}
             }
         }
@@ -586,22 +604,13 @@ impl Reactor {
         }
     }
 
-    /// A chunk's read completed: hash the data where the job asks for it (the source's
-    /// hash for a later verify, or a destination's to compare with it).
+    /// A chunk's read completed, for a job that looks at the data ([`ActiveJob::looks`]):
+    /// hash it where the job asks for it (the source's hash for a later verify, or a
+    /// destination's to compare with it), or look for zeroes (`--sparse`).
     fn read_done(&mut self, si: u16) {
-        let Some(job) = self.job_of(Owner::Slot(si)) else {
+        let Some(job) = self.job_of(Owner::Slot(si)).cloned() else {
             return;
         };
-        // Most copies look at no data: decided on a borrowed job, before an Arc clone.
-        let looks = match &job.kind {
-            JobKind::Copy { .. } => job.hashes().is_some() || job.sparse.any(),
-            JobKind::Verify { .. } => true,
-            JobKind::Zero | JobKind::Flush => false,
-        };
-        if !looks {
-            return;
-        }
-        let job = job.clone();
         let (cell, offset, len, way) = {
             let s = &self.slots[si as usize];
             (s.cell, s.offset, s.len, s.way)
