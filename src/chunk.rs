@@ -462,12 +462,9 @@ impl Chunk {
     }
 
     fn check_end(&mut self, fx: &mut Effects) {
-        let busy = self.phase == Phase::Free
-            || self.phase == Phase::Reading
-            || self.phase == Phase::AwaitingTurn
-            || self.read.pending()
-            || self.pending.any();
-        if !busy {
+        // Only a chunk whose writes were started can end, once nothing is pending.
+        let done = self.phase == Phase::Writing && !self.read.pending() && !self.pending.any();
+        if done {
             self.phase = Phase::Free;
             fx.finished = true;
         }

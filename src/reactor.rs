@@ -133,8 +133,9 @@ pub(crate) struct Reactor {
     zero_iovas: Vec<Iova>,
     // Keeps the shared zero page alive for `zero_iovas`.
     _zero_page: DmaBuf,
-    /// Per controller: how long a command may take, retries included.
-    deadlines: Vec<Duration>,
+    /// Per controller: how often a command may be retried and how long it may take,
+    /// retries included.
+    policies: Vec<RetryPolicy>,
     /// Per controller: what last made this reactor reset it, for error messages.
     faults: Vec<String>,
     /// A chunk's data copied out of DMA memory, to hash it.
@@ -174,7 +175,14 @@ impl Reactor {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let deadlines = shared.devices.iter().map(|d| d.io_timeout()).collect();
+        let policies = shared
+            .devices
+            .iter()
+            .map(|d| RetryPolicy {
+                max_tries: shared.opts.retries,
+                deadline: d.io_timeout(),
+            })
+            .collect();
         let now = Instant::now();
         Ok(Reactor {
             id,
@@ -190,7 +198,7 @@ impl Reactor {
             aborted: Vec::with_capacity(shared.opts.queue_entries as usize),
             zero_iovas: vec![zero_page.iova(); max_pages],
             _zero_page: zero_page,
-            deadlines,
+            policies,
             faults: vec![String::new(); shared.devices.len()],
             scratch: vec![0; crate::endpoint::MAX_CHUNK],
             slots,
@@ -566,19 +574,20 @@ impl Reactor {
         how: Completed,
         msg: impl FnOnce() -> String,
     ) {
-        let policy = RetryPolicy {
-            max_tries: self.shared.opts.retries,
-            deadline: self.deadlines.get(ci).copied().unwrap_or(Duration::ZERO),
-        };
+        let policy = self.policies.get(ci).copied().unwrap_or(RetryPolicy {
+            max_tries: 0,
+            deadline: Duration::ZERO,
+        });
         let now = self.now;
         let Some(chunk) = self.chunk_mut(owner) else {
             return;
         };
-        let before = chunk.cmd(op.dest());
+        // Only a command in flight moves (to a retry or to done); any other completion of
+        // it is stale and changes nothing. Told by the variant, without comparing times.
+        let moved = matches!(chunk.cmd(op.dest()), Cmd::InFlight { .. });
         let fx = chunk.completed(op, how, policy, now);
-        let after = chunk.cmd(op.dest());
-        if before != after {
-            match (after, owner) {
+        if moved {
+            match (chunk.cmd(op.dest()), owner) {
                 (Cmd::Done(Outcome::Failed), _) => self.note_failure(owner, op, msg),
                 (Cmd::Done(Outcome::Ok), Owner::Slot(si))
                     if op == Op::Read && self.slots[si as usize].looks =>
