@@ -711,15 +711,21 @@ impl Reactor {
     /// Posts one command (the doorbell rings at the end of the pass); a command that could
     /// not be posted is settled at once.
     fn issue(&mut self, owner: Owner, op: Op) {
-        let Some(ji) = self.job_index(owner) else {
+        // The slot and the job are looked up once, and the job is borrowed from the
+        // table, not cloned out of its Arc: the borrows end with `r`, before a refusal is
+        // settled.
+        let (ji, slot) = match owner {
+            Owner::Slot(si) => match self.slots.get(si as usize) {
+                Some(s) => (s.job, Some(s)),
+                None => return,
+            },
+            Owner::Job(ji) => (ji, None),
+        };
+        let Some(job) = self.jobs.get(ji as usize).and_then(|e| e.as_ref()) else {
             return;
         };
-        // The job is borrowed from the table, not cloned out of its Arc: the borrow ends
-        // with `r`, before a refusal is settled.
-        let Some(job) = self.jobs[ji as usize].as_ref().map(|e| &*e.job) else {
-            return;
-        };
-        let Some(ci) = Self::ctrl_of(job, op, self.way_of(owner)) else {
+        let job = &*job.job;
+        let Some(ci) = Self::ctrl_of(job, op, slot.map_or(0, |s| s.way)) else {
             return;
         };
         let used = self.shared.devices[ci].generation() - job.base_gen[ci];
@@ -736,7 +742,7 @@ impl Reactor {
                     "{}: this reactor has no endpoint on the device",
                     self.shared.devices[ci].name()
                 ))),
-                Some(q) => command(job, owner, op, &self.slots, &self.zero_iovas).and_then(|cmd| {
+                Some(q) => command(job, slot, op, &self.zero_iovas).and_then(|cmd| {
                     match q.submit(cmd, owner.token(op)) {
                         Ok(()) => Ok(()),
                         Err(Refused::Full) => Err(IssueError::Full),
@@ -962,25 +968,22 @@ impl Reactor {
     }
 }
 
-/// The command `op` of `owner` is, built from the job and the slot's pages: what to send,
-/// apart from sending it (which needs the endpoint, borrowed beside these).
+/// The command `op` is, built from the job and the chunk's slot (None for a job's
+/// flushes): what to send, apart from sending it (which needs the endpoint, borrowed
+/// beside these).
 fn command<'a>(
     job: &'a Job,
-    owner: Owner,
+    slot: Option<&'a Slot>,
     op: Op,
-    slots: &'a [Slot],
     zero_iovas: &'a [Iova],
 ) -> std::result::Result<Command<'a>, IssueError> {
-    let (offset, len, iovas) = match owner {
-        Owner::Slot(si) => {
-            let s = &slots[si as usize];
-            (
-                s.offset,
-                s.len,
-                &s.iovas[..s.len.div_ceil(PAGE_SIZE).min(s.iovas.len())],
-            )
-        }
-        Owner::Job(_) => (0, 0, &[][..]),
+    let (offset, len, iovas) = match slot {
+        Some(s) => (
+            s.offset,
+            s.len,
+            &s.iovas[..s.len.div_ceil(PAGE_SIZE).min(s.iovas.len())],
+        ),
+        None => (0, 0, &[][..]),
     };
     let at = |r: &crate::Region| r.offset + offset;
     let data = Pages { iovas, len };
@@ -991,9 +994,8 @@ fn command<'a>(
             data,
         },
         (Op::Read, JobKind::Verify { .. }) => {
-            let way = match owner {
-                Owner::Slot(si) => slots[si as usize].way as usize,
-                Owner::Job(_) => return Err(IssueError::NoNamespace),
+            let Some(way) = slot.map(|s| s.way as usize) else {
+                return Err(IssueError::NoNamespace);
             };
             Command::Read {
                 volume: &job.dst_vol[way],
@@ -1003,10 +1005,7 @@ fn command<'a>(
         }
         (Op::Write(d), _) => {
             let (to, volume) = (&job.to[d as usize], &job.dst_vol[d as usize]);
-            let hole = match owner {
-                Owner::Slot(si) => slots[si as usize].all_zero,
-                Owner::Job(_) => false,
-            };
+            let hole = slot.is_some_and(|s| s.all_zero);
             if hole && job.sparse.contains(d as usize) {
                 // --sparse: an all-zero chunk becomes a hole, which reads back as zeroes
                 // whatever the destination held before.
@@ -1024,7 +1023,7 @@ fn command<'a>(
             }
         }
         (Op::Copy(d), JobKind::Copy { from }) => {
-            let Owner::Slot(si) = owner else {
+            let Some(s) = slot else {
                 return Err(IssueError::NoNamespace);
             };
             Command::Copy {
@@ -1032,7 +1031,7 @@ fn command<'a>(
                 from: at(from),
                 to: at(&job.to[d as usize]),
                 len: len as u64,
-                descs: &slots[si as usize].descs,
+                descs: &s.descs,
             }
         }
         (Op::Zero(d), _) => {
