@@ -314,34 +314,41 @@ impl Reactor {
                 }
             }
         }
-        let mut run = 0;
-        for i in 0..self.events.len() {
-            while self.runs[run].1 <= i {
-                run += 1;
+        let mut start = 0;
+        for r in 0..self.runs.len() {
+            let (ci, end) = self.runs[r];
+            for i in start..end {
+                let d = self.events[i];
+                let Some((owner, op)) = Owner::of(d.token) else {
+                    continue;
+                };
+                let (how, msg) = if d.ok() {
+                    (Completed::Ok, None)
+                } else {
+                    self.failure(ci, &d)
+                };
+                self.settle(owner, op, ci, how, || match msg {
+                    Some(m) => m,
+                    None => format!("command failed with code {:#x}", d.code),
+                });
             }
-            let (ci, d) = (self.runs[run].0, self.events[i]);
-            let Some((owner, op)) = Owner::of(d.token) else {
-                continue;
-            };
-            let q = self.queues[ci].as_ref();
-            let how = if d.ok() {
-                Completed::Ok
-            } else {
-                match q.and_then(|q| q.retry_after(&d)) {
-                    Some(wait) => Completed::Retryable(wait),
-                    None => Completed::Failed,
-                }
-            };
-            let msg = match q {
-                Some(q) if !d.ok() => Some(q.describe(&d)),
-                _ => None,
-            };
-            self.settle(owner, op, ci, how, || match msg {
-                Some(m) => m,
-                None => format!("command failed with code {:#x}", d.code),
-            });
+            start = end;
         }
         !self.events.is_empty()
+    }
+
+    /// How a failed completion from endpoint `ci` is settled, and its description: the
+    /// endpoint's to give, since only it can read its codes.
+    #[cold]
+    fn failure(&self, ci: usize, d: &Done) -> (Completed, Option<String>) {
+        let Some(q) = self.queues[ci].as_ref() else {
+            return (Completed::Failed, None);
+        };
+        let how = match q.retry_after(d) {
+            Some(wait) => Completed::Retryable(wait),
+            None => Completed::Failed,
+        };
+        (how, Some(q.describe(d)))
     }
 
     /// Issues the retries whose time has come. A retry that fails again (a queue still
