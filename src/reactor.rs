@@ -723,8 +723,8 @@ impl Reactor {
     /// not be posted is settled at once.
     fn issue(&mut self, owner: Owner, op: Op) {
         // The slot and the job are looked up once, and the job is borrowed from the
-        // table, not cloned out of its Arc: the borrows end with `r`, before a refusal is
-        // settled.
+        // table, not cloned out of its Arc: the borrows end before a refusal is settled
+        // (out of line, with the messages: the posted command is the hot path).
         let (ji, slot) = match owner {
             Owner::Slot(si) => match self.slots.get(si as usize) {
                 Some(s) => (s.job, Some(s)),
@@ -740,33 +740,44 @@ impl Reactor {
             return;
         };
         let used = self.shared.devices[ci].generation() - job.base_gen[ci];
-        let r = if used > self.shared.opts.max_resets as u64 {
-            Err(IssueError::Failed(format!(
-                "{}: given up for this job after {used} resets (--max-resets {}); last fault: {}",
-                self.shared.devices[ci].name(),
-                self.shared.opts.max_resets,
-                self.faults[ci]
-            )))
-        } else {
-            match self.queues[ci].as_mut() {
-                None => Err(IssueError::Failed(format!(
-                    "{}: this reactor has no endpoint on the device",
-                    self.shared.devices[ci].name()
-                ))),
-                Some(q) => command(job, slot, op, &self.zero_iovas).and_then(|cmd| {
-                    match q.submit(cmd, owner.token(op)) {
-                        Ok(()) => Ok(()),
-                        Err(Refused::Full) => Err(IssueError::Full),
-                        Err(Refused::Invalid(e)) => Err(IssueError::Failed(e)),
-                    }
-                }),
+        let refusal = if used > self.shared.opts.max_resets as u64 {
+            self.given_up(ci, used)
+        } else if let Some(q) = self.queues[ci].as_mut() {
+            match command(job, slot, op, &self.zero_iovas) {
+                Ok(cmd) => match q.submit(cmd, owner.token(op)) {
+                    Ok(()) => return,
+                    Err(Refused::Full) => IssueError::Full,
+                    Err(Refused::Invalid(e)) => IssueError::Failed(e),
+                },
+                Err(e) => e,
             }
+        } else {
+            IssueError::Failed(format!(
+                "{}: this reactor has no endpoint on the device",
+                self.shared.devices[ci].name()
+            ))
         };
-        match r {
-            Ok(()) => {}
-            Err(IssueError::Full) => self.settle(owner, op, ci, Completed::QueueFull, String::new),
-            Err(IssueError::Failed(m)) => self.settle(owner, op, ci, Completed::Failed, || m),
-            Err(IssueError::NoNamespace) => self.settle(owner, op, ci, Completed::Failed, || {
+        self.refused(owner, op, ci, refusal);
+    }
+
+    /// A command of a job that used up its resets of controller `ci`.
+    #[cold]
+    fn given_up(&self, ci: usize, used: u64) -> IssueError {
+        IssueError::Failed(format!(
+            "{}: given up for this job after {used} resets (--max-resets {}); last fault: {}",
+            self.shared.devices[ci].name(),
+            self.shared.opts.max_resets,
+            self.faults[ci]
+        ))
+    }
+
+    /// Settles a command that could not be posted.
+    #[cold]
+    fn refused(&mut self, owner: Owner, op: Op, ci: usize, why: IssueError) {
+        match why {
+            IssueError::Full => self.settle(owner, op, ci, Completed::QueueFull, String::new),
+            IssueError::Failed(m) => self.settle(owner, op, ci, Completed::Failed, || m),
+            IssueError::NoNamespace => self.settle(owner, op, ci, Completed::Failed, || {
                 format!("{op:?} does not fit this job (a planning bug)")
             }),
         }
