@@ -112,6 +112,12 @@ struct ActiveJob {
     /// The job looks at a chunk's data once it is read (hashes it, or looks for zeroes):
     /// decided once here rather than after every read.
     looks: bool,
+    /// How each chunk of the job starts: the same for all of them ([`chunk_plan`]).
+    plan: Plan,
+    /// WRITE_SEQUENTIAL.
+    sequential: bool,
+    /// The job digests its source, in offset order ([`Job::wants_digest`]).
+    digest: bool,
 }
 
 pub(crate) struct Reactor {
@@ -285,6 +291,9 @@ impl Reactor {
                 JobKind::Zero | JobKind::Flush => false,
             };
             self.jobs[ji as usize] = Some(ActiveJob {
+                plan: chunk_plan(&job),
+                sequential: job.flags.contains(Flags::WRITE_SEQUENTIAL),
+                digest: job.wants_digest(),
                 job,
                 live: 0,
                 order,
@@ -450,31 +459,9 @@ impl Reactor {
         let Some(entry) = self.jobs[ji as usize].as_mut() else {
             return;
         };
-        let job = &entry.job;
-        let all = DestMask::first(job.to.len());
-        let sequential = job.flags.contains(Flags::WRITE_SEQUENTIAL);
-        let plan = match job.kind {
-            JobKind::Copy { .. } => Plan {
-                read: job.offloaded != all || job.to.is_empty(),
-                now: job.offloaded,
-                after: all.without(job.offloaded),
-                sequential,
-            },
-            JobKind::Zero | JobKind::Flush => Plan {
-                read: false,
-                now: DestMask::default(),
-                after: all,
-                sequential,
-            },
-            JobKind::Verify { .. } => Plan {
-                read: true,
-                now: DestMask::default(),
-                after: DestMask::default(),
-                sequential: false,
-            },
-        };
+        let (plan, sequential) = (entry.plan, entry.sequential);
         entry.live += 1;
-        let turn = if sequential || job.wants_digest() {
+        let turn = if sequential || entry.digest {
             entry.order.push_back(si);
             entry.order.len() == 1
         } else {
@@ -807,7 +794,7 @@ impl Reactor {
         let Some(entry) = self.jobs[ji as usize].as_ref() else {
             return;
         };
-        if !entry.job.wants_digest() {
+        if !entry.digest {
             self.release_chunk(si);
             return;
         }
@@ -987,6 +974,32 @@ impl Reactor {
             }
         }
         self.aborted = aborted;
+    }
+}
+
+/// How every chunk of `job` starts.
+fn chunk_plan(job: &Job) -> Plan {
+    let all = DestMask::first(job.to.len());
+    let sequential = job.flags.contains(Flags::WRITE_SEQUENTIAL);
+    match job.kind {
+        JobKind::Copy { .. } => Plan {
+            read: job.offloaded != all || job.to.is_empty(),
+            now: job.offloaded,
+            after: all.without(job.offloaded),
+            sequential,
+        },
+        JobKind::Zero | JobKind::Flush => Plan {
+            read: false,
+            now: DestMask::default(),
+            after: all,
+            sequential,
+        },
+        JobKind::Verify { .. } => Plan {
+            read: true,
+            now: DestMask::default(),
+            after: DestMask::default(),
+            sequential: false,
+        },
     }
 }
 
