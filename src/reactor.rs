@@ -569,7 +569,7 @@ impl Reactor {
         msg: impl FnOnce() -> String,
     ) {
         let policy = self.policies.get(ci).copied().unwrap_or(RetryPolicy {
-            max_tries: 0,
+            max_tries: self.shared.opts.retries,
             deadline: Duration::ZERO,
         });
         let now = self.now;
