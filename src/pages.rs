@@ -99,26 +99,30 @@ impl PageReserve {
         iovas.clear();
         while out.len() < n {
             match self.free.pop() {
-                Some(p) => out.push(p),
+                Some(p) => {
+                    out.push(p);
+                    iovas.push(self.iovas[p as usize]);
+                }
                 None => {
                     self.give(out);
+                    iovas.clear();
                     return false;
                 }
             }
         }
-        iovas.extend(out.iter().map(|&p| self.iovas[p as usize]));
         true
     }
 
     /// Returns pages to the free list.
     pub fn give(&self, pages: &mut Vec<u32>) {
-        for p in pages.drain(..) {
+        for &p in pages.iter() {
             if let Some(g) = self.generations.get(p as usize) {
                 g.fetch_add(1, Ordering::AcqRel);
             }
             // Cannot fail: only pages taken from this queue come back to it.
             let _ = self.free.push(p);
         }
+        pages.clear();
     }
 }
 
