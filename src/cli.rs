@@ -386,7 +386,14 @@ pub fn run(
     let num_pages = if req.num_pages > 0 {
         req.num_pages
     } else {
-        eo.qd * eo.reactors * (eo.chunk / 4096).max(1)
+        // Enough for what each reactor may have in flight: qd chunks, or the in-flight
+        // bytes when they are fewer (one chunk at least).
+        let slots = eo.qd * eo.chunk;
+        let per_reactor = match eo.inflight {
+            0 => slots,
+            b => slots.min(b.max(eo.chunk)),
+        };
+        eo.reactors * (per_reactor / 4096).max(1)
     };
     let mut po = platform.clone();
     po.pool_bytes = pool_bytes(num_pages, eo, addrs.len())?;

@@ -470,6 +470,10 @@ impl Client {
             to: to.to_vec(),
             flags,
             chunk,
+            max_live: match e.opts.inflight {
+                0 => u32::MAX,
+                b => (b / chunk).clamp(1, u32::MAX as usize) as u32,
+            },
             len,
             offloaded,
             write_zeroes,

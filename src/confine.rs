@@ -62,8 +62,10 @@ pub fn filter(profile: Profile) -> Result<BpfProgram, seccompiler::Error> {
         IDLE.iter().map(|&nr| (nr, Vec::new())).collect();
     if profile != Profile::DataPath {
         rules.insert(libc::SYS_io_uring_enter, Vec::new());
-        // A ring is a descriptor: the reactor closes its rings when it exits.
+        // A ring is a descriptor: the reactor unregisters its file and buffers, then
+        // closes it, when it exits.
         rules.insert(libc::SYS_close, Vec::new());
+        rules.insert(libc::SYS_io_uring_register, Vec::new());
     }
     if profile == Profile::Reactor {
         rules.extend(RECOVERY.iter().map(|&nr| (nr, Vec::new())));

@@ -34,8 +34,12 @@ pub struct EngineOptions {
     pub reactors: usize,
     /// Pin reactor i to CPU i (modulo the CPUs available).
     pub pin: bool,
-    /// Chunks in flight per reactor.
+    /// Chunks in flight per reactor, at most (the reactor's chunk slots).
     pub qd: usize,
+    /// Bytes of one job in flight per reactor, at most (0: only `qd` limits): with larger
+    /// chunks fewer are in flight, so that depth follows what the drives take rather than
+    /// a count of commands. Reads stay ahead of writes within it.
+    pub inflight: usize,
     /// Largest chunk, bytes (also capped by MDTS and the client's pages).
     pub chunk: usize,
     /// Entries per I/O queue.
@@ -61,6 +65,7 @@ impl Default for EngineOptions {
             reactors: 1,
             pin: true,
             qd: 32,
+            inflight: 0,
             chunk: 128 << 10,
             queue_entries: 1024,
             retries: 3,

@@ -209,6 +209,8 @@ pub(crate) struct JobPlan {
     pub to: Vec<Region>,
     pub flags: Flags,
     pub chunk: usize,
+    /// See [`Job::max_live`].
+    pub max_live: u32,
     pub len: u64,
     pub offloaded: DestMask,
     pub write_zeroes: DestMask,
@@ -257,6 +259,8 @@ pub struct Job {
     pub(crate) flags: Flags,
     /// Bytes per chunk; a multiple of every block size involved, and of 4 KiB.
     pub(crate) chunk: usize,
+    /// Chunks of the job one reactor keeps in flight at most (EngineOptions::inflight).
+    pub(crate) max_live: u32,
     pub(crate) len: u64,
     /// Destinations served by the NVMe Copy command instead of data movement.
     pub(crate) offloaded: DestMask,
@@ -328,6 +332,7 @@ impl Job {
             to: plan.to,
             flags: plan.flags,
             chunk: plan.chunk,
+            max_live: plan.max_live,
             len: plan.len,
             offloaded: plan.offloaded,
             write_zeroes: plan.write_zeroes,

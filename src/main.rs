@@ -94,11 +94,16 @@ enum BenchCommand {
 #[derive(Args)]
 struct JobArgs {
     /// Bytes per chunk (K, M suffixes); capped at the controllers' maximum transfer.
-    #[arg(long, default_value = "128K", value_parser = parse_chunk)]
+    #[arg(long, default_value = "512K", value_parser = parse_chunk)]
     chunk: usize,
-    /// Chunks in flight per reactor.
+    /// Chunks in flight per reactor, at most.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
     qd: u16,
+    /// Bytes in flight per reactor, at most (K, M suffixes; 0: only --qd limits). With
+    /// the default 512K chunks, 8 are in flight; where a controller caps chunks at 128K,
+    /// 32.
+    #[arg(long, default_value = "4M", value_parser = parse_inflight)]
+    inflight: usize,
     /// Reactor threads (one per core, pinned).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     cores: u16,
@@ -208,6 +213,16 @@ fn parse_region(s: &str) -> std::result::Result<RegionSpec, String> {
     s.parse().map_err(|e: Error| e.to_string())
 }
 
+fn parse_inflight(s: &str) -> std::result::Result<usize, String> {
+    match parse_size(s) {
+        Ok(n) if n == 0 || (4096..=(1 << 30)).contains(&n) => Ok(n as usize),
+        Ok(n) => Err(format!(
+            "bytes in flight {n} must be 0 (no limit) or from 4K to 1G"
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn parse_chunk(s: &str) -> std::result::Result<usize, String> {
     match parse_size(s) {
         Ok(n) if (4096..=(2 << 20)).contains(&n) && n % 4096 == 0 => Ok(n as usize),
@@ -263,6 +278,7 @@ fn run_job(from: Option<RegionSpec>, to: Vec<RegionSpec>, a: JobArgs) -> Result<
     let eo = EngineOptions {
         reactors: a.cores as usize,
         qd: a.qd as usize,
+        inflight: a.inflight,
         chunk: a.chunk,
         offload: !a.no_offload,
         max_resets: a.max_resets,

@@ -416,6 +416,13 @@ impl Reactor {
         let want = job.chunk.div_ceil(PAGE_SIZE);
         let mut started = false;
         while let Some(&si) = self.free.last() {
+            // The job's bytes in flight on this reactor (EngineOptions::inflight).
+            if self.jobs[ji as usize]
+                .as_ref()
+                .is_some_and(|e| e.live >= job.max_live)
+            {
+                break;
+            }
             let slot = &mut self.slots[si as usize];
             if job.has_more() && needs_pages {
                 if job.client.pages.usable() < want {

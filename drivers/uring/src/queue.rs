@@ -560,6 +560,18 @@ impl FileQueue {
     }
 }
 
+impl Drop for FileQueue {
+    fn drop(&mut self) {
+        // The kernel tears a ring down asynchronously after its descriptor closes, and the
+        // ring's fixed-file table keeps the file open until then: a block device would
+        // stay claimed (O_EXCL) for a moment after nvcopy exits, and the next run on it
+        // would find it busy. Unregistering first lets the file go now.
+        let s = self.ring.submitter();
+        let _ = s.unregister_files();
+        let _ = s.unregister_buffers();
+    }
+}
+
 fn sq_room(ring: &mut IoUring) -> usize {
     let sq = ring.submission();
     sq.capacity() - sq.len()
