@@ -69,6 +69,20 @@ pub fn filter(profile: Profile) -> Result<BpfProgram, seccompiler::Error> {
     }
     if profile == Profile::Reactor {
         rules.extend(RECOVERY.iter().map(|&nr| (nr, Vec::new())));
+        // glibc grows a thread's malloc arena by mprotect-ing more of its reserved heap
+        // read-write (an error message on a failing drive may be the allocation that
+        // needs it): allowed, but never to make memory executable.
+        let no_exec = SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+            0,
+        )?;
+        rules.insert(libc::SYS_mprotect, vec![SeccompRule::new(vec![no_exec])?]);
+        // Let through here, and answered with EACCES by `open_refusal` stacked on top:
+        // glibc's malloc reads /proc/sys/vm/overcommit_memory the first time it shrinks a
+        // thread's heap, and copes when it cannot. A reactor opens nothing else.
+        rules.insert(libc::SYS_openat, Vec::new());
         // A panic message, and nothing else, may be written: to stderr.
         let stderr = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 2)?;
         rules.insert(libc::SYS_write, vec![SeccompRule::new(vec![stderr])?]);
@@ -83,9 +97,29 @@ pub fn filter(profile: Profile) -> Result<BpfProgram, seccompiler::Error> {
     filter.try_into().map_err(seccompiler::Error::Backend)
 }
 
+/// A filter that fails openat with EACCES and allows everything else, stacked over the
+/// reactor filter (which lets openat through): of two filters the kernel takes the
+/// stricter answer, so openat fails instead of killing the process.
+fn open_refusal() -> Result<BpfProgram, seccompiler::Error> {
+    let arch: TargetArch = std::env::consts::ARCH.try_into()?;
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_openat, Vec::new())].into();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        arch,
+    )?;
+    filter.try_into().map_err(seccompiler::Error::Backend)
+}
+
 /// Confines the calling thread to `profile` for the rest of its life (other threads are
 /// not affected).
 pub fn confine_current_thread(profile: Profile) -> Result<(), seccompiler::Error> {
+    if profile == Profile::Reactor {
+        // Installed first: the reactor filter allows no seccomp or prctl calls, so
+        // nothing can be installed after it. Both are in place before any work.
+        seccompiler::apply_filter(&open_refusal()?)?;
+    }
     seccompiler::apply_filter(&filter(profile)?)
 }
 

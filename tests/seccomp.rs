@@ -38,6 +38,57 @@ fn a_copy_runs_under_the_reactor_filter() {
     }
 }
 
+/// A reactor whose malloc arena must grow (glibc mprotects more of a thread arena's heap)
+/// survives its filter: the error paths allocate messages on reactors. Executable memory
+/// stays forbidden (checked in a child, like the test below).
+#[test]
+fn a_reactor_may_grow_its_heap_but_not_make_memory_executable() {
+    if std::env::var_os(CHILD).is_some_and(|v| v == "exec") {
+        let init: nvcopy::engine::ReactorInit = Arc::new(|_| {
+            let page = vec![0u8; 1 << 16];
+            let at = (page.as_ptr() as usize + 4095) & !4095;
+            // SAFETY: a page inside `page`, made executable: the filter must kill first.
+            unsafe {
+                libc::mprotect(
+                    at as *mut libc::c_void,
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                )
+            };
+        });
+        let _rig = Rig::new(vec![ctrl(&[(512, MIB)])], confined(Some(init)));
+        std::thread::sleep(Duration::from_secs(5));
+        println!("PROT_EXEC was allowed");
+        return;
+    }
+    // Many small live allocations on a confined reactor: its arena grows well past the
+    // first heap's committed part.
+    let init: nvcopy::engine::ReactorInit = Arc::new(|_| {
+        let keep: Vec<Vec<u8>> = (0..4096).map(|i| vec![i as u8; 8192]).collect();
+        assert_eq!(keep.iter().map(|v| v.len()).sum::<usize>(), 4096 * 8192);
+    });
+    let rig = Rig::new(vec![ctrl(&[(512, MIB); 2])], confined(Some(init)));
+    let client = Client::new(&rig.engine, 64).unwrap();
+    let (src, dst) = (rig.region(0, 1, 0, MIB), rig.region(0, 2, 0, MIB));
+    let o = client.copy_blocking(&src, &[dst], Flags::NONE).unwrap();
+    assert!(ok(&o), "{o:?}");
+    let me = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(me)
+        .args([
+            "--exact",
+            "a_reactor_may_grow_its_heap_but_not_make_memory_executable",
+            "--nocapture",
+        ])
+        .env(CHILD, "exec")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGSYS),
+        "PROT_EXEC on a reactor: {out:?}"
+    );
+}
+
 #[test]
 fn a_forbidden_syscall_on_a_reactor_kills_the_process() {
     if std::env::var_os(CHILD).is_some() {

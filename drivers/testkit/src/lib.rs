@@ -111,3 +111,31 @@ impl Rig {
         v
     }
 }
+
+/// Asks the kernel to make one page of a fresh buffer executable (mprotect with
+/// PROT_EXEC), for tests of seccomp filters that must refuse it. Returns mprotect's
+/// result; under such a filter the process is killed first.
+pub fn mprotect_exec_once() -> i32 {
+    let page = vec![0u8; 2 * 4096];
+    let at = (page.as_ptr() as usize).next_multiple_of(4096);
+    // SAFETY: `at..at + 4096` lies inside `page`, which outlives both calls; nothing
+    // touches the page while it is not writable, and its protection is restored below
+    // before the buffer goes back to the allocator.
+    let r = unsafe {
+        libc::mprotect(
+            at as *mut libc::c_void,
+            4096,
+            libc::PROT_READ | libc::PROT_EXEC,
+        )
+    };
+    // SAFETY: as above; read-write again, as the allocator expects its memory.
+    unsafe {
+        libc::mprotect(
+            at as *mut libc::c_void,
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    };
+    drop(page);
+    r
+}
