@@ -1,0 +1,1015 @@
+//! One NVMe/TCP queue: a connection after ICReq/ICResp, driven without blocking. Commands
+//! are posted with a token; [`Queue::progress`] sends what it can (capsules, H2C Data
+//! answering R2Ts) and receives what has arrived (Response Capsules, C2H Data straight
+//! into the command's pages, R2Ts); [`Queue::poll`] hands out completions.
+//!
+//! Everything the controller sends is checked: a PDU that does not parse, names a command
+//! that is not outstanding, or moves data outside a command's transfer or out of order
+//! ends the connection with a typed [`Error`], and every outstanding command then
+//! completes as [`Outcome::Aborted`].
+
+use std::collections::VecDeque;
+use std::io::ErrorKind;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use nvcopy_nvme::Status;
+use nvcopy_vfio::{DmaPool, Iova};
+
+use crate::cmd::{self, Sgl, Sqe};
+use crate::error::{Error, Result};
+use crate::pdu::{self, C2h, Negotiated, TxHeader, DIGEST_LEN};
+use crate::sock::{self, Seg, MAX_SEGS};
+
+/// Bytes of a memory page of the pool.
+const PAGE: usize = 4096;
+
+/// How a command ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Success.
+    Success,
+    /// The controller's status.
+    Status(Status),
+    /// The connection ended before the command completed ([`Queue::error`] says why), or
+    /// it was aborted after a timeout.
+    Aborted,
+}
+
+/// A completed command.
+#[derive(Debug)]
+pub struct Completion {
+    /// Token given at submission.
+    pub token: u64,
+    /// Command id.
+    pub cid: u16,
+    /// Opcode.
+    pub opcode: u8,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Dwords 0 and 1 of the completion.
+    pub result: u64,
+    /// The owned buffer given at submission, back.
+    pub owned: Option<Vec<u8>>,
+}
+
+/// A command's data.
+#[derive(Debug, Default)]
+pub enum Data {
+    /// None.
+    #[default]
+    None,
+    /// Pages of the queue's pool: runs of (offset in the pool's memory, bytes).
+    Pages(Vec<(usize, usize)>),
+    /// A buffer the queue owns until completion (admin commands).
+    Owned(Vec<u8>),
+}
+
+/// Which way a command's data moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// No data.
+    None,
+    /// Host to controller (write).
+    ToController,
+    /// Controller to host (read).
+    ToHost,
+}
+
+/// Why a command could not be posted.
+#[derive(Debug)]
+pub enum SubmitError {
+    /// Every command slot is in use.
+    Full,
+    /// Never: the reason.
+    Invalid(String),
+}
+
+/// Counters: the system calls the queue made and what they did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// sendmsg calls.
+    pub sends: u64,
+    /// recvmsg calls.
+    pub recvs: u64,
+    /// Calls that found nothing to do (EAGAIN).
+    pub would_block: u64,
+    /// Commands submitted.
+    pub commands: u64,
+    /// Bytes of data sent and received.
+    pub data_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    busy: bool,
+    token: u64,
+    opcode: u8,
+    dir: Dir,
+    len: u32,
+    /// Data sent in the capsule.
+    in_capsule: bool,
+    /// Bytes received (reads) or asked for by R2Ts (writes) so far.
+    moved: u32,
+    data: Data,
+    deadline: Instant,
+    submitted: Instant,
+}
+
+#[derive(Debug)]
+struct TxPdu {
+    hdr: TxHeader,
+    cid: u16,
+    data_off: u32,
+    data_len: u32,
+    ddgst: Option<[u8; 4]>,
+}
+
+impl TxPdu {
+    fn len(&self) -> usize {
+        self.hdr.len + self.data_len as usize + self.ddgst.map_or(0, |_| DIGEST_LEN)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Rx {
+    /// Reading a PDU header (`have` bytes of [`Negotiated::c2h_header_len`] so far).
+    Header { have: usize },
+    /// Skipping padding before data.
+    Pad { left: usize, d: pdu::C2hData },
+    /// Reading data into command `d.cccid`'s pages.
+    Data {
+        left: usize,
+        d: pdu::C2hData,
+        crc: u32,
+    },
+    /// Reading the data digest.
+    Digest {
+        have: usize,
+        d: pdu::C2hData,
+        crc: u32,
+    },
+}
+
+/// One connection's queue.
+pub struct Queue {
+    sock: TcpStream,
+    target: String,
+    qid: u16,
+    n: Negotiated,
+    in_capsule_max: usize,
+    pool: Option<DmaPool>,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    outstanding: usize,
+    tx: VecDeque<TxPdu>,
+    tx_sent: usize,
+    rx: Rx,
+    hdr: [u8; 32],
+    digest: [u8; 4],
+    scratch: [u8; 128],
+    ready: VecDeque<Completion>,
+    error: Option<Error>,
+    /// Set for good when the connection ends (the error may have been handed out).
+    dead: bool,
+    timeout: Duration,
+    counters: Counters,
+}
+
+impl Queue {
+    /// A queue on a connection that has finished ICReq/ICResp (`n`), of `entries` command
+    /// slots, each taking `timeout`. `pool`: where [`Data::Pages`] offsets point.
+    pub fn new(
+        sock: TcpStream,
+        target: String,
+        qid: u16,
+        n: Negotiated,
+        entries: u16,
+        pool: Option<DmaPool>,
+        timeout: Duration,
+    ) -> Result<Queue> {
+        sock.set_nonblocking(true).map_err(|source| Error::Io {
+            target: target.clone(),
+            qid,
+            what: "making the socket non-blocking",
+            source,
+        })?;
+        let now = Instant::now();
+        let entries = entries.max(1);
+        Ok(Queue {
+            sock,
+            target,
+            qid,
+            n,
+            in_capsule_max: 0,
+            pool,
+            slots: (0..entries)
+                .map(|_| Slot {
+                    busy: false,
+                    token: 0,
+                    opcode: 0,
+                    dir: Dir::None,
+                    len: 0,
+                    in_capsule: false,
+                    moved: 0,
+                    data: Data::None,
+                    deadline: now,
+                    submitted: now,
+                })
+                .collect(),
+            free: (0..entries).rev().collect(),
+            outstanding: 0,
+            tx: VecDeque::with_capacity(entries as usize * 2),
+            tx_sent: 0,
+            rx: Rx::Header { have: 0 },
+            hdr: [0; 32],
+            digest: [0; 4],
+            scratch: [0; 128],
+            ready: VecDeque::with_capacity(entries as usize),
+            error: None,
+            dead: false,
+            timeout,
+            counters: Counters::default(),
+        })
+    }
+
+    /// Sets the largest write sent in the command capsule (the controller's IOCCSZ less
+    /// the SQE); larger ones wait for R2Ts.
+    pub fn set_in_capsule_max(&mut self, bytes: usize) {
+        self.in_capsule_max = bytes;
+    }
+
+    /// Sets how long each command may take from now on.
+    pub fn set_timeout(&mut self, t: Duration) {
+        self.timeout = t;
+    }
+
+    /// Queue id.
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+
+    /// host:port/nqn.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// What the connection negotiated.
+    pub fn negotiated(&self) -> Negotiated {
+        self.n
+    }
+
+    /// Why the connection ended, if it did.
+    pub fn error(&self) -> Option<&Error> {
+        self.error.as_ref()
+    }
+
+    /// Whether commands can be posted.
+    pub fn is_usable(&self) -> bool {
+        !self.dead
+    }
+
+    /// Commands outstanding.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// The pool pages `iovas` holding `len` bytes, as runs of the pool's memory.
+    pub fn pages(
+        &self,
+        iovas: &[Iova],
+        len: usize,
+        out: &mut Vec<(usize, usize)>,
+    ) -> std::result::Result<(), SubmitError> {
+        let pool = self
+            .pool
+            .as_ref()
+            .ok_or_else(|| SubmitError::Invalid("this queue has no DMA pool".into()))?;
+        out.clear();
+        let mut left = len;
+        for &iova in iovas {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(PAGE);
+            let off = pool.host_offset(iova, n).ok_or_else(|| {
+                SubmitError::Invalid(format!("page at IOVA {:#x} is not in the pool", iova.0))
+            })?;
+            match out.last_mut() {
+                Some(r) if r.0 + r.1 == off => r.1 += n,
+                _ => out.push((off, n)),
+            }
+            left -= n;
+        }
+        if left != 0 {
+            return Err(SubmitError::Invalid(format!(
+                "{len} bytes do not fit in {} pages",
+                iovas.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Posts `sqe` (its command id is stamped here) moving `len` bytes of `data` in `dir`.
+    /// A write of at most the in-capsule limit goes in the capsule (`force_in_capsule`
+    /// for Connect); a larger one waits for R2Ts; a read's data arrives by C2H Data. The
+    /// SGL of `sqe` is set to match. Returns the command id.
+    pub fn submit(
+        &mut self,
+        mut sqe: Sqe,
+        dir: Dir,
+        len: u32,
+        data: Data,
+        token: u64,
+        force_in_capsule: bool,
+    ) -> std::result::Result<u16, SubmitError> {
+        if self.dead {
+            return Err(SubmitError::Invalid(match &self.error {
+                Some(e) => e.to_string(),
+                None => "the connection has ended".to_string(),
+            }));
+        }
+        let Some(cid) = self.free.pop() else {
+            return Err(SubmitError::Full);
+        };
+        let in_capsule =
+            dir == Dir::ToController && (force_in_capsule || len as usize <= self.in_capsule_max);
+        let sgl = match dir {
+            Dir::None => Sgl::None,
+            _ if in_capsule => Sgl::InCapsule(len),
+            _ => Sgl::Transport(len),
+        };
+        let with_sgl = cmd::sqe(sqe[0], 0, sgl);
+        sqe[24..40].copy_from_slice(&with_sgl[24..40]);
+        sqe[1] = with_sgl[1];
+        cmd::set_cid(&mut sqe, cid);
+        let now = Instant::now();
+        let s = &mut self.slots[cid as usize];
+        *s = Slot {
+            busy: true,
+            token,
+            opcode: sqe[0],
+            dir,
+            len,
+            in_capsule,
+            moved: 0,
+            data,
+            deadline: now + self.timeout,
+            submitted: now,
+        };
+        let data_len = if in_capsule { len } else { 0 };
+        let hdr = pdu::capsule_cmd(&sqe, data_len as usize, &self.n);
+        let ddgst = (data_len > 0 && self.n.data_digest).then(|| self.data_crc(cid, 0, data_len));
+        self.tx.push_back(TxPdu {
+            hdr,
+            cid,
+            data_off: 0,
+            data_len,
+            ddgst: ddgst.map(u32::to_le_bytes),
+        });
+        self.outstanding += 1;
+        self.counters.commands += 1;
+        Ok(cid)
+    }
+
+    /// The segments of command `cid`'s data from byte `off`, `len` bytes, into `out`.
+    fn data_segs<'a>(
+        slots: &'a [Slot],
+        pool: Option<&'a DmaPool>,
+        cid: u16,
+        off: usize,
+        len: usize,
+        out: &mut Vec<Seg<'a>>,
+    ) {
+        let Some(s) = slots.get(cid as usize) else {
+            return;
+        };
+        let (mut skip, mut left) = (off, len);
+        match &s.data {
+            Data::None => {}
+            Data::Owned(b) => {
+                if let Some(b) = b.get(off..off + len) {
+                    out.push(Seg::of(b));
+                }
+            }
+            Data::Pages(runs) => {
+                let Some(pool) = pool else { return };
+                for &(o, n) in runs {
+                    if left == 0 || out.len() >= MAX_SEGS {
+                        break;
+                    }
+                    if skip >= n {
+                        skip -= n;
+                        continue;
+                    }
+                    let take = (n - skip).min(left);
+                    if let Some(seg) = Seg::dma(pool, o + skip, take) {
+                        out.push(seg);
+                    }
+                    left -= take;
+                    skip = 0;
+                }
+            }
+        }
+    }
+
+    fn data_crc(&self, cid: u16, off: u32, len: u32) -> u32 {
+        let mut segs = Vec::new();
+        Self::data_segs(
+            &self.slots,
+            self.pool.as_ref(),
+            cid,
+            off as usize,
+            len as usize,
+            &mut segs,
+        );
+        let mut crc = 0;
+        for s in &segs {
+            s.read_chunks(|b| crc = pdu::crc32c_append(crc, b));
+        }
+        crc
+    }
+
+    /// Sends and receives what can be, without blocking. Returns whether anything moved.
+    pub fn progress(&mut self) -> bool {
+        if self.dead {
+            return false;
+        }
+        let sent = self.flush_tx();
+        let got = self.receive(64);
+        sent || got
+    }
+
+    fn fail(&mut self, e: Error) {
+        if self.dead {
+            return;
+        }
+        self.dead = true;
+        // A bad PDU is answered with a Terminate Connection Request, best effort.
+        if let Error::Pdu { source, .. } = &e {
+            let fes = match source {
+                pdu::PduError::HeaderDigest { .. } => pdu::fes::HEADER_DIGEST,
+                _ => pdu::fes::INVALID_HEADER_FIELD,
+            };
+            let t = pdu::h2c_term(fes, 0, &self.n);
+            let _ = sock::send(&self.sock, &[Seg::of(t.as_slice())]);
+        }
+        let _ = self.sock.shutdown(Shutdown::Both);
+        self.error = Some(e);
+        self.tx.clear();
+        self.abort_slots();
+    }
+
+    fn abort_slots(&mut self) {
+        for cid in 0..self.slots.len() {
+            if self.slots[cid].busy {
+                self.complete(cid as u16, Outcome::Aborted, 0);
+            }
+        }
+    }
+
+    fn complete(&mut self, cid: u16, outcome: Outcome, result: u64) {
+        let s = &mut self.slots[cid as usize];
+        s.busy = false;
+        let owned = match std::mem::take(&mut s.data) {
+            Data::Owned(b) => Some(b),
+            Data::Pages(mut runs) => {
+                runs.clear();
+                s.data = Data::Pages(runs);
+                None
+            }
+            Data::None => None,
+        };
+        self.ready.push_back(Completion {
+            token: s.token,
+            cid,
+            opcode: s.opcode,
+            outcome,
+            result,
+            owned,
+        });
+        self.free.push(cid);
+        self.outstanding -= 1;
+    }
+
+    fn io_error(&self, what: &'static str, source: std::io::Error) -> Error {
+        Error::Io {
+            target: self.target.clone(),
+            qid: self.qid,
+            what,
+            source,
+        }
+    }
+
+    fn flush_tx(&mut self) -> bool {
+        let mut any = false;
+        while !self.tx.is_empty() {
+            let mut segs: Vec<Seg<'_>> = Vec::with_capacity(MAX_SEGS);
+            let mut skip = self.tx_sent;
+            for p in &self.tx {
+                if segs.len() + 3 > MAX_SEGS {
+                    break;
+                }
+                let mut parts: Vec<Seg<'_>> = Vec::with_capacity(8);
+                parts.push(Seg::of(p.hdr.as_slice()));
+                Self::data_segs(
+                    &self.slots,
+                    self.pool.as_ref(),
+                    p.cid,
+                    p.data_off as usize,
+                    p.data_len as usize,
+                    &mut parts,
+                );
+                if let Some(d) = &p.ddgst {
+                    parts.push(Seg::of(d));
+                }
+                for s in parts {
+                    if skip >= s.len() {
+                        skip -= s.len();
+                        continue;
+                    }
+                    if segs.len() < MAX_SEGS {
+                        segs.push(s.skip(skip));
+                    }
+                    skip = 0;
+                }
+            }
+            self.counters.sends += 1;
+            let r = sock::send(&self.sock, &segs);
+            drop(segs);
+            match r {
+                Ok(mut n) => {
+                    any = true;
+                    self.counters.data_bytes += n as u64;
+                    n += self.tx_sent;
+                    while let Some(p) = self.tx.front() {
+                        let l = p.len();
+                        if n < l {
+                            break;
+                        }
+                        n -= l;
+                        self.tx.pop_front();
+                    }
+                    self.tx_sent = n;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.counters.would_block += 1;
+                    break;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let e = self.io_error("sending", e);
+                    self.fail(e);
+                    break;
+                }
+            }
+        }
+        any
+    }
+
+    fn closed(&self) -> Error {
+        Error::Closed {
+            target: self.target.clone(),
+            qid: self.qid,
+            during: if self.outstanding > 0 {
+                format!(" with {} commands outstanding", self.outstanding)
+            } else {
+                String::new()
+            },
+        }
+    }
+
+    /// Receives at most `budget` times.
+    fn receive(&mut self, budget: usize) -> bool {
+        let mut any = false;
+        for _ in 0..budget {
+            if self.dead {
+                break;
+            }
+            let hlen = self.n.c2h_header_len();
+            self.counters.recvs += 1;
+            let r = match self.rx {
+                Rx::Header { have } => {
+                    let r = sock::recv(&self.sock, &[Seg::of_mut(&mut self.hdr[have..hlen])]);
+                    r.map(|n| (n, Rx::Header { have: have + n }))
+                }
+                Rx::Pad { left, d } => {
+                    let n = left.min(self.scratch.len());
+                    let r = sock::recv(&self.sock, &[Seg::of_mut(&mut self.scratch[..n])]);
+                    r.map(|n| (n, Rx::Pad { left: left - n, d }))
+                }
+                Rx::Digest { have, d, crc } => {
+                    let r = sock::recv(&self.sock, &[Seg::of_mut(&mut self.digest[have..])]);
+                    r.map(|n| {
+                        (
+                            n,
+                            Rx::Digest {
+                                have: have + n,
+                                d,
+                                crc,
+                            },
+                        )
+                    })
+                }
+                Rx::Data { left, d, crc } => {
+                    let off = (d.datao + d.datal) as usize - left;
+                    let mut segs = Vec::with_capacity(MAX_SEGS);
+                    Self::data_segs(
+                        &self.slots,
+                        self.pool.as_ref(),
+                        d.cccid,
+                        off,
+                        left,
+                        &mut segs,
+                    );
+                    let r = sock::recv(&self.sock, &segs);
+                    let crc = match (&r, self.n.data_digest) {
+                        (Ok(n), true) => {
+                            let mut c = crc;
+                            let mut want = *n;
+                            for s in &segs {
+                                if want == 0 {
+                                    break;
+                                }
+                                let s = s.take(want);
+                                want -= s.len();
+                                s.read_chunks(|b| c = pdu::crc32c_append(c, b));
+                            }
+                            c
+                        }
+                        _ => crc,
+                    };
+                    drop(segs);
+                    if let Ok(n) = r {
+                        self.counters.data_bytes += n as u64;
+                    }
+                    r.map(|n| {
+                        (
+                            n,
+                            Rx::Data {
+                                left: left - n,
+                                d,
+                                crc,
+                            },
+                        )
+                    })
+                }
+            };
+            let (n, next) = match r {
+                Ok((0, _)) => {
+                    let e = self.closed();
+                    self.fail(e);
+                    break;
+                }
+                Ok(x) => x,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.counters.would_block += 1;
+                    break;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let e = self.io_error("receiving", e);
+                    self.fail(e);
+                    break;
+                }
+            };
+            debug_assert!(n > 0);
+            any = true;
+            self.rx = next;
+            if let Err(e) = self.advance() {
+                self.fail(e);
+                break;
+            }
+        }
+        any
+    }
+
+    /// Acts on a receive state that is complete.
+    fn advance(&mut self) -> Result<()> {
+        let hlen = self.n.c2h_header_len();
+        match self.rx {
+            Rx::Header { have } if have == hlen => {
+                let p =
+                    pdu::parse_c2h(&self.hdr[..hlen], &self.n).map_err(|source| Error::Pdu {
+                        target: self.target.clone(),
+                        qid: self.qid,
+                        source,
+                    })?;
+                self.rx = Rx::Header { have: 0 };
+                self.on_pdu(p)
+            }
+            Rx::Pad { left: 0, d } => {
+                self.rx = Rx::Data {
+                    left: d.datal as usize,
+                    d,
+                    crc: 0,
+                };
+                Ok(())
+            }
+            Rx::Data { left: 0, d, crc } => {
+                if self.n.data_digest {
+                    self.rx = Rx::Digest { have: 0, d, crc };
+                    Ok(())
+                } else {
+                    self.rx = Rx::Header { have: 0 };
+                    self.data_done(d)
+                }
+            }
+            Rx::Digest { have: 4, d, crc } => {
+                let received = u32::from_le_bytes(self.digest);
+                let computed = crc;
+                if received != computed {
+                    return Err(Error::Pdu {
+                        target: self.target.clone(),
+                        qid: self.qid,
+                        source: pdu::PduError::DataDigest {
+                            cid: d.cccid,
+                            received,
+                            computed,
+                        },
+                    });
+                }
+                self.rx = Rx::Header { have: 0 };
+                self.data_done(d)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn unknown(&self, what: &'static str, cid: u16, why: &'static str) -> Error {
+        Error::UnknownCommand {
+            target: self.target.clone(),
+            qid: self.qid,
+            what,
+            cid,
+            why,
+        }
+    }
+
+    fn slot(&self, what: &'static str, cid: u16, dir: Dir) -> Result<&Slot> {
+        match self.slots.get(cid as usize) {
+            Some(s) if s.busy && (dir == Dir::None || s.dir == dir) => Ok(s),
+            Some(s) if s.busy => Err(self.unknown(
+                what,
+                cid,
+                if dir == Dir::ToHost {
+                    "reads no data"
+                } else {
+                    "writes no data"
+                },
+            )),
+            _ => Err(self.unknown(what, cid, "is not outstanding")),
+        }
+    }
+
+    fn on_pdu(&mut self, p: C2h) -> Result<()> {
+        match p {
+            C2h::Term { fes, fei } => Err(Error::Terminated {
+                target: self.target.clone(),
+                qid: self.qid,
+                fes,
+                fei,
+            }),
+            C2h::Resp(cqe) => {
+                let s = self.slot("Response Capsule", cqe.cid, Dir::None)?;
+                if self.tx.iter().any(|p| p.cid == cqe.cid && p.data_len > 0) {
+                    return Err(self.unknown(
+                        "Response Capsule",
+                        cqe.cid,
+                        "still has data waiting to be sent",
+                    ));
+                }
+                let status = Status(cqe.status);
+                if status.is_success() && s.dir == Dir::ToHost && s.moved != s.len {
+                    return Err(Error::DataRange {
+                        target: self.target.clone(),
+                        qid: self.qid,
+                        what: "Response Capsule",
+                        cid: cqe.cid,
+                        offset: s.moved as u64,
+                        end: s.len as u64,
+                        why: "reports success before the read's data arrived".into(),
+                    });
+                }
+                let outcome = if status.is_success() {
+                    Outcome::Success
+                } else {
+                    Outcome::Status(status)
+                };
+                self.complete(cqe.cid, outcome, cqe.result);
+                Ok(())
+            }
+            C2h::Data(d) => {
+                let s = self.slot("C2H Data", d.cccid, Dir::ToHost)?;
+                let end = d.datao as u64 + d.datal as u64;
+                if d.datao != s.moved || end > s.len as u64 {
+                    return Err(Error::DataRange {
+                        target: self.target.clone(),
+                        qid: self.qid,
+                        what: "C2H Data",
+                        cid: d.cccid,
+                        offset: d.datao as u64,
+                        end,
+                        why: format!(
+                            "{} of the read's {} bytes arrived so far, in order",
+                            s.moved, s.len
+                        ),
+                    });
+                }
+                if d.last && end != s.len as u64 {
+                    return Err(Error::DataRange {
+                        target: self.target.clone(),
+                        qid: self.qid,
+                        what: "C2H Data",
+                        cid: d.cccid,
+                        offset: d.datao as u64,
+                        end,
+                        why: format!("it is marked last and the read is {} bytes", s.len),
+                    });
+                }
+                self.rx = if d.pad > 0 {
+                    Rx::Pad { left: d.pad, d }
+                } else {
+                    Rx::Data {
+                        left: d.datal as usize,
+                        d,
+                        crc: 0,
+                    }
+                };
+                Ok(())
+            }
+            C2h::R2t(r) => {
+                let s = self.slot("R2T", r.cccid, Dir::ToController)?;
+                let end = r.r2to as u64 + r.r2tl as u64;
+                if s.in_capsule || r.r2to != s.moved || end > s.len as u64 {
+                    return Err(Error::DataRange {
+                        target: self.target.clone(),
+                        qid: self.qid,
+                        what: "R2T",
+                        cid: r.cccid,
+                        offset: r.r2to as u64,
+                        end,
+                        why: if s.in_capsule {
+                            "the write's data went in its capsule".to_string()
+                        } else {
+                            format!(
+                                "{} of the write's {} bytes were asked for so far, in order",
+                                s.moved, s.len
+                            )
+                        },
+                    });
+                }
+                self.slots[r.cccid as usize].moved = end as u32;
+                let max = self.n.max_h2c_data.max(4096);
+                let mut off = r.r2to;
+                while off < end as u32 {
+                    let l = (end as u32 - off).min(max);
+                    let last = off + l == end as u32;
+                    let hdr = pdu::h2c_data(r.cccid, r.ttag, off, l, last, &self.n);
+                    let ddgst = self.n.data_digest.then(|| self.data_crc(r.cccid, off, l));
+                    self.tx.push_back(TxPdu {
+                        hdr,
+                        cid: r.cccid,
+                        data_off: off,
+                        data_len: l,
+                        ddgst: ddgst.map(u32::to_le_bytes),
+                    });
+                    off += l;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn data_done(&mut self, d: pdu::C2hData) -> Result<()> {
+        let s = self.slot("C2H Data", d.cccid, Dir::ToHost)?;
+        let moved = s.moved + d.datal;
+        self.slots[d.cccid as usize].moved = moved;
+        if d.success {
+            self.complete(d.cccid, Outcome::Success, 0);
+        }
+        Ok(())
+    }
+
+    /// Hands out at most `max` completions.
+    pub fn poll(&mut self, max: usize, mut f: impl FnMut(Completion)) -> usize {
+        self.progress();
+        let mut n = 0;
+        while n < max {
+            let Some(c) = self.ready.pop_front() else {
+                break;
+            };
+            f(c);
+            n += 1;
+        }
+        n
+    }
+
+    /// The oldest outstanding command past its deadline at `now`: (opcode, cid, waited).
+    pub fn expired(&self, now: Instant) -> Option<(u8, u16, Duration)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.busy && s.deadline <= now)
+            .min_by_key(|(_, s)| s.submitted)
+            .map(|(i, s)| (s.opcode, i as u16, now - s.submitted))
+    }
+
+    /// Ends the connection and fails every outstanding command as [`Outcome::Aborted`]
+    /// into the ready list. Once the socket is shut down nothing writes into the
+    /// commands' pages any more.
+    pub fn abort_all(&mut self, why: Error) {
+        self.fail(why);
+        self.abort_slots();
+    }
+
+    /// Runs one command to completion, waiting for the socket in between (admin and
+    /// bring-up only, never on a reactor): its result and owned buffer, or why not.
+    pub fn run(
+        &mut self,
+        what: &'static str,
+        sqe: Sqe,
+        dir: Dir,
+        data: Vec<u8>,
+        force_in_capsule: bool,
+    ) -> Result<(u64, Option<Vec<u8>>)> {
+        let len = if dir == Dir::None {
+            0
+        } else {
+            data.len() as u32
+        };
+        let token = u64::MAX - 1;
+        let data = if dir == Dir::None {
+            Data::None
+        } else {
+            Data::Owned(data)
+        };
+        let cid = match self.submit(sqe, dir, len, data, token, force_in_capsule) {
+            Ok(c) => c,
+            Err(SubmitError::Full) => {
+                return Err(Error::Controller {
+                    target: self.target.clone(),
+                    why: format!("{what}: no free command slot on queue {}", self.qid),
+                })
+            }
+            Err(SubmitError::Invalid(m)) => {
+                return Err(match self.error.take() {
+                    Some(e) => e,
+                    None => Error::Controller {
+                        target: self.target.clone(),
+                        why: format!("{what}: {m}"),
+                    },
+                })
+            }
+        };
+        let start = Instant::now();
+        loop {
+            self.progress();
+            if let Some(i) = self
+                .ready
+                .iter()
+                .position(|c| c.cid == cid && c.token == token)
+            {
+                let Some(c) = self.ready.remove(i) else {
+                    continue;
+                };
+                return match c.outcome {
+                    Outcome::Success => Ok((c.result, c.owned)),
+                    Outcome::Status(status) => Err(Error::Command {
+                        target: self.target.clone(),
+                        what,
+                        cid,
+                        status,
+                    }),
+                    Outcome::Aborted => Err(self.error.take().unwrap_or_else(|| self.closed())),
+                };
+            }
+            if self.dead {
+                return Err(self.error.take().unwrap_or_else(|| self.closed()));
+            }
+            let waited = start.elapsed();
+            if waited > self.timeout {
+                let e = Error::Timeout {
+                    target: self.target.clone(),
+                    qid: self.qid,
+                    what,
+                    waited,
+                };
+                self.abort_all(Error::Timeout {
+                    target: self.target.clone(),
+                    qid: self.qid,
+                    what,
+                    waited,
+                });
+                return Err(e);
+            }
+            sock::wait(self.sock.as_raw_fd(), !self.tx.is_empty(), 10);
+        }
+    }
+}
