@@ -20,7 +20,9 @@ pub enum Profile {
     DataPath,
     /// [`Profile::DataPath`] plus io_uring_enter, which an io_uring endpoint makes when
     /// the ring has no SQPOLL thread (once per batch) or when that thread went to sleep
-    /// after an idle second (once to wake it), and close, for the rings at exit.
+    /// after an idle second (once to wake it), and close, for the rings at exit; and the
+    /// socket calls of an NVMe/TCP endpoint (sendmsg, recvmsg, and shutdown when a
+    /// connection ends).
     DataPathRing,
     /// [`Profile::DataPathRing`], plus what recovery and teardown need: memory for error
     /// messages, PCI config space reads and writes (bus mastering off), closing a device,
@@ -62,6 +64,10 @@ pub fn filter(profile: Profile) -> Result<BpfProgram, seccompiler::Error> {
         IDLE.iter().map(|&nr| (nr, Vec::new())).collect();
     if profile != Profile::DataPath {
         rules.insert(libc::SYS_io_uring_enter, Vec::new());
+        // An NVMe/TCP endpoint's non-blocking socket calls (crate::endpoint::tcp).
+        rules.insert(libc::SYS_sendmsg, Vec::new());
+        rules.insert(libc::SYS_recvmsg, Vec::new());
+        rules.insert(libc::SYS_shutdown, Vec::new());
         // A ring is a descriptor: the reactor closes its rings when it exits.
         rules.insert(libc::SYS_close, Vec::new());
     }

@@ -1,5 +1,6 @@
 //! Opening the devices of one job from the regions a user wrote: NVMe controllers through
-//! VFIO, files and kernel block devices through io_uring, in one engine.
+//! VFIO, files and kernel block devices through io_uring, NVMe/TCP controllers
+//! ([`crate::endpoint::tcp`]), in one engine.
 //!
 //! Order, so that a refused job does as little as possible: the controllers and the
 //! source first (their sizes give the job's length), then each destination file, which
@@ -86,6 +87,7 @@ pub fn open_job(
         }
         (unique.into_iter().map(NvmeDevice::shared).collect(), p.pool)
     };
+    crate::endpoint::tcp::open_targets(&mut devices, from, to, files.io_timeout, opts.reactors)?;
     let anchor = Arc::new(Anchor::new(files.sqpoll));
     let mut created = Vec::new();
     let result = (|| -> Result<(Option<Region>, Vec<Region>)> {

@@ -229,10 +229,9 @@ fn fabrics_connect(
     qid: u16,
     sqsize: u16,
     kato_ms: u32,
-    hostid: &[u8; 16],
     cntlid: u16,
     subnqn: &str,
-    hostnqn: &str,
+    (hostid, hostnqn): (&[u8; 16], &str),
 ) -> Result<u16> {
     let data = cmd::connect_data(hostid, cntlid, subnqn, hostnqn).to_vec();
     match q.run(
@@ -278,10 +277,9 @@ impl Controller {
             0,
             ADMIN_ENTRIES - 1,
             kato_ms,
-            &hostid,
             0xffff,
             &t.nqn,
-            &hostnqn,
+            (&hostid, &hostnqn),
         )?;
         let get = |q: &mut Queue, what, off, eight| {
             q.run(
@@ -510,10 +508,9 @@ impl Controller {
             qid,
             size - 1,
             0,
-            &self.hostid,
             self.cntlid,
             &self.target.nqn,
-            &self.hostnqn,
+            (&self.hostid, &self.hostnqn),
         )?;
         q.set_in_capsule_max(self.in_capsule);
         q.set_timeout(self.opts.io_timeout);

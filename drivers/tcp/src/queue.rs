@@ -270,9 +270,10 @@ impl Queue {
         !self.dead
     }
 
-    /// Commands outstanding.
+    /// Commands outstanding: not completed, or completed and not yet handed out by
+    /// [`Queue::poll`].
     pub fn outstanding(&self) -> usize {
-        self.outstanding
+        self.outstanding + self.ready.len()
     }
 
     /// Counters so far.
