@@ -180,7 +180,7 @@ impl FromStr for RegionSpec {
         };
         let (rest, len) = match body.rsplit_once('+') {
             Some((r, l)) => (r, Some(parse_size(l)?)),
-            None => (s, None),
+            None => (body, None),
         };
         let (rest, offset) = match rest.rsplit_once('@') {
             Some((r, o)) => (r, parse_size(o)?),

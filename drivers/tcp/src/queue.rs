@@ -420,6 +420,36 @@ impl Queue {
         }
     }
 
+    /// [`Queue::data_segs`] for a receive: an owned buffer is lent writable.
+    fn recv_segs<'a>(
+        slots: &'a mut [Slot],
+        pool: Option<&'a DmaPool>,
+        cid: u16,
+        off: usize,
+        len: usize,
+        out: &mut Vec<Seg<'a>>,
+    ) {
+        let owned = matches!(
+            slots.get(cid as usize),
+            Some(Slot {
+                data: Data::Owned(_),
+                ..
+            })
+        );
+        if !owned {
+            return Self::data_segs(slots, pool, cid, off, len, out);
+        }
+        if let Some(Slot {
+            data: Data::Owned(b),
+            ..
+        }) = slots.get_mut(cid as usize)
+        {
+            if let Some(b) = b.get_mut(off..off + len) {
+                out.push(Seg::of_mut(b));
+            }
+        }
+    }
+
     fn data_crc(&self, cid: u16, off: u32, len: u32) -> u32 {
         let mut segs = Vec::new();
         Self::data_segs(
@@ -621,8 +651,8 @@ impl Queue {
                 Rx::Data { left, d, crc } => {
                     let off = (d.datao + d.datal) as usize - left;
                     let mut segs = Vec::with_capacity(MAX_SEGS);
-                    Self::data_segs(
-                        &self.slots,
+                    Self::recv_segs(
+                        &mut self.slots,
                         self.pool.as_ref(),
                         d.cccid,
                         off,
