@@ -839,7 +839,17 @@ impl Queue {
             C2h::Data(d) => {
                 let s = self.slot("C2H Data", d.cccid, Dir::ToHost)?;
                 let end = d.datao as u64 + d.datal as u64;
-                if d.datao != s.moved || end > s.len as u64 {
+                let why = if d.datao != s.moved || end > s.len as u64 {
+                    Some(format!(
+                        "{} of the read's {} bytes arrived so far, in order",
+                        s.moved, s.len
+                    ))
+                } else if d.last && end != s.len as u64 {
+                    Some(format!("it is marked last and the read is {} bytes", s.len))
+                } else {
+                    None
+                };
+                if let Some(why) = why {
                     return Err(Error::DataRange {
                         target: self.target.clone(),
                         qid: self.qid,
@@ -847,21 +857,7 @@ impl Queue {
                         cid: d.cccid,
                         offset: d.datao as u64,
                         end,
-                        why: format!(
-                            "{} of the read's {} bytes arrived so far, in order",
-                            s.moved, s.len
-                        ),
-                    });
-                }
-                if d.last && end != s.len as u64 {
-                    return Err(Error::DataRange {
-                        target: self.target.clone(),
-                        qid: self.qid,
-                        what: "C2H Data",
-                        cid: d.cccid,
-                        offset: d.datao as u64,
-                        end,
-                        why: format!("it is marked last and the read is {} bytes", s.len),
+                        why,
                     });
                 }
                 self.rx = if d.pad > 0 {
