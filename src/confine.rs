@@ -4,6 +4,14 @@
 //! data path makes no syscalls at all, so the filter allows only what a reactor does
 //! when it is idle, recovering a controller, or exiting. Anything else kills the process
 //! with SIGSYS (`--no-seccomp` turns the filter off, for debugging).
+//!
+//! mprotect is deliberately not allowed (it could make memory executable), and that
+//! rules out allocating on the data path: glibc grows a thread's own heap (a non-main
+//! arena, reserved PROT_NONE) with mprotect, so a reactor whose allocations outgrow what
+//! its arena already made writable dies with SIGSYS (syscall 10 on x86_64). Endpoints
+//! therefore allocate what their commands need when they are opened, before the reactor
+//! confines itself; an NVMe/TCP endpoint that allocated per command was killed about a
+//! second into a copy.
 
 use std::collections::BTreeMap;
 

@@ -167,11 +167,14 @@ impl Device for TcpDevice {
     }
 
     fn open_endpoint(&self, pool: &DmaPool, entries: u16) -> Result<Box<dyn Endpoint>> {
-        let q = self.ctrl.open_queue(entries, pool)?;
+        let mut q = self.ctrl.open_queue(entries, pool)?;
+        // Everything a command needs on the data path is allocated here, before the
+        // reactor confines itself: glibc grows a thread's heap with mprotect, which the
+        // reactor's seccomp filter does not allow.
+        q.reserve(self.caps().max_transfer);
         Ok(Box::new(TcpEndpoint {
             q,
             namespaces: self.ctrl.namespaces().iter().map(|n| n.nsid).collect(),
-            runs: Vec::with_capacity(MAX_CHUNK / 4096),
             stats: self.stats.clone(),
             seen: Counters::default(),
             mine: self.generation(),
@@ -226,7 +229,6 @@ struct TcpEndpoint {
     q: Queue,
     /// Namespace ids by [`Volume::index`].
     namespaces: Vec<u32>,
-    runs: Vec<(usize, usize)>,
     stats: Arc<Stats>,
     seen: Counters,
     mine: u64,
@@ -272,18 +274,13 @@ impl Endpoint for TcpEndpoint {
             }
             Ok(b as u32)
         };
-        let (sqe, dir, len, data) = match c {
+        let refused = |e| match e {
+            SubmitError::Full => Refused::Full,
+            SubmitError::Invalid(m) => Refused::Invalid(m),
+        };
+        let (sqe, dir, len) = match c {
             Command::Read { volume, at, data } | Command::Write { volume, at, data } => {
                 let write = matches!(c, Command::Write { .. });
-                let mut runs = std::mem::take(&mut self.runs);
-                let r = self.q.pages(data.iovas, data.len, &mut runs);
-                if let Err(e) = r {
-                    self.runs = runs;
-                    return Err(match e {
-                        SubmitError::Full => Refused::Full,
-                        SubmitError::Invalid(m) => Refused::Invalid(m),
-                    });
-                }
                 let op = if write { cmd::op::WRITE } else { cmd::op::READ };
                 let sqe = cmd::rw(
                     op,
@@ -297,7 +294,12 @@ impl Endpoint for TcpEndpoint {
                 } else {
                     Dir::ToHost
                 };
-                (sqe, dir, data.len as u32, Data::Pages(runs))
+                // The runs of pages go in the command slot's own list: no allocation.
+                return self
+                    .q
+                    .submit_pages(sqe, dir, data.iovas, data.len, token)
+                    .map(|_| ())
+                    .map_err(refused);
             }
             Command::WriteZeroes { volume, at, len } => {
                 let sqe = cmd::rw(
@@ -307,13 +309,12 @@ impl Endpoint for TcpEndpoint {
                     blocks(volume, len)?,
                     cmd::Sgl::None,
                 );
-                (sqe, Dir::None, 0, Data::None)
+                (sqe, Dir::None, 0)
             }
             Command::Flush { volume } => (
                 cmd::sqe(cmd::op::FLUSH, nsid(volume)?, cmd::Sgl::None),
                 Dir::None,
                 0,
-                Data::None,
             ),
             Command::Copy { .. } | Command::Deallocate { .. } => {
                 return Err(Refused::Invalid(format!(
@@ -322,18 +323,16 @@ impl Endpoint for TcpEndpoint {
                 )))
             }
         };
-        match self.q.submit(sqe, dir, len, data, token, false) {
-            Ok(_) => {
-                self.runs = Vec::with_capacity(MAX_CHUNK / 4096);
-                Ok(())
-            }
-            Err(SubmitError::Full) => Err(Refused::Full),
-            Err(SubmitError::Invalid(m)) => Err(Refused::Invalid(m)),
-        }
+        self.q
+            .submit(sqe, dir, len, Data::None, token, false)
+            .map(|_| ())
+            .map_err(refused)
     }
 
     fn ring(&mut self) {
-        self.q.progress();
+        // Only sends: the socket is read when the reactor polls (Endpoint::poll), once a
+        // pass, and only with commands outstanding.
+        self.q.flush();
         self.publish();
     }
 

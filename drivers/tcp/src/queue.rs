@@ -25,6 +25,52 @@ use crate::sock::{self, Seg, MAX_SEGS};
 /// Bytes of a memory page of the pool.
 const PAGE: usize = 4096;
 
+/// At most [`MAX_SEGS`] segments, on the stack: the gather/scatter list of one socket
+/// call, built without allocating. The first `skip` bytes pushed are dropped (what an
+/// earlier short send already sent).
+struct SegList<'a> {
+    segs: [Seg<'a>; MAX_SEGS],
+    n: usize,
+    skip: usize,
+}
+
+impl<'a> SegList<'a> {
+    fn new(skip: usize) -> SegList<'a> {
+        SegList {
+            segs: [Seg::of(&[]); MAX_SEGS],
+            n: 0,
+            skip,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.n
+    }
+
+    fn is_full(&self) -> bool {
+        self.n >= MAX_SEGS
+    }
+
+    /// Appends `s` less what is left to skip; false when the list is full.
+    fn push(&mut self, s: Seg<'a>) -> bool {
+        if self.skip >= s.len() {
+            self.skip -= s.len();
+            return true;
+        }
+        if self.is_full() {
+            return false;
+        }
+        self.segs[self.n] = s.skip(self.skip);
+        self.skip = 0;
+        self.n += 1;
+        true
+    }
+
+    fn as_slice(&self) -> &[Seg<'a>] {
+        &self.segs[..self.n]
+    }
+}
+
 /// How a command ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -234,6 +280,29 @@ impl Queue {
         })
     }
 
+    /// Makes room, now, for everything a command of up to `max_bytes` of pool pages needs
+    /// while it is outstanding (its runs of pages, its PDUs to send, its completion), so
+    /// that [`Queue::submit_pages`], [`Queue::progress`] and [`Queue::poll`] never
+    /// allocate: a reactor may not be able to ask the kernel for more memory.
+    pub fn reserve(&mut self, max_bytes: usize) {
+        let runs = max_bytes.div_ceil(PAGE).max(1);
+        for s in &mut self.slots {
+            match &mut s.data {
+                Data::Pages(v) => v.reserve(runs.saturating_sub(v.len())),
+                d @ Data::None => *d = Data::Pages(Vec::with_capacity(runs)),
+                Data::Owned(_) => {}
+            }
+        }
+        let entries = self.slots.len();
+        // A capsule per command, and an H2C Data PDU per max_h2c_data bytes of each write.
+        let h2c = max_bytes.div_ceil(self.n.max_h2c_data.max(4096) as usize);
+        let tx = entries * (1 + h2c);
+        self.tx.reserve(tx.saturating_sub(self.tx.len()));
+        // Completions not yet handed out, and as many again posted on the slots they freed.
+        self.ready
+            .reserve((entries * 2).saturating_sub(self.ready.len()));
+    }
+
     /// Sets the largest write sent in the command capsule (the controller's IOCCSZ less
     /// the SQE); larger ones wait for R2Ts.
     pub fn set_in_capsule_max(&mut self, bytes: usize) {
@@ -317,6 +386,32 @@ impl Queue {
         Ok(())
     }
 
+    /// [`Queue::submit`] for `len` bytes in the pool pages `iovas`: the runs go in the
+    /// command slot's own list (made room for by [`Queue::reserve`]), so nothing is
+    /// allocated per command.
+    pub fn submit_pages(
+        &mut self,
+        sqe: Sqe,
+        dir: Dir,
+        iovas: &[Iova],
+        len: usize,
+        token: u64,
+    ) -> std::result::Result<u16, SubmitError> {
+        let Some(&cid) = self.free.last() else {
+            return Err(SubmitError::Full);
+        };
+        let mut runs = match std::mem::take(&mut self.slots[cid as usize].data) {
+            Data::Pages(v) => v,
+            _ => Vec::new(),
+        };
+        if let Err(e) = self.pages(iovas, len, &mut runs) {
+            self.slots[cid as usize].data = Data::Pages(runs);
+            return Err(e);
+        }
+        // submit takes the same free slot (the last one).
+        self.submit(sqe, dir, len as u32, Data::Pages(runs), token, false)
+    }
+
     /// Posts `sqe` (its command id is stamped here) moving `len` bytes of `data` in `dir`.
     /// A write of at most the in-capsule limit goes in the capsule (`force_in_capsule`
     /// for Connect); a larger one waits for R2Ts; a read's data arrives by C2H Data. The
@@ -386,7 +481,7 @@ impl Queue {
         cid: u16,
         off: usize,
         len: usize,
-        out: &mut Vec<Seg<'a>>,
+        out: &mut SegList<'a>,
     ) {
         let Some(s) = slots.get(cid as usize) else {
             return;
@@ -402,7 +497,7 @@ impl Queue {
             Data::Pages(runs) => {
                 let Some(pool) = pool else { return };
                 for &(o, n) in runs {
-                    if left == 0 || out.len() >= MAX_SEGS {
+                    if left == 0 || out.is_full() {
                         break;
                     }
                     if skip >= n {
@@ -427,7 +522,7 @@ impl Queue {
         cid: u16,
         off: usize,
         len: usize,
-        out: &mut Vec<Seg<'a>>,
+        out: &mut SegList<'a>,
     ) {
         let owned = matches!(
             slots.get(cid as usize),
@@ -451,7 +546,7 @@ impl Queue {
     }
 
     fn data_crc(&self, cid: u16, off: u32, len: u32) -> u32 {
-        let mut segs = Vec::new();
+        let mut segs = SegList::new(0);
         Self::data_segs(
             &self.slots,
             self.pool.as_ref(),
@@ -461,20 +556,28 @@ impl Queue {
             &mut segs,
         );
         let mut crc = 0;
-        for s in &segs {
+        for s in segs.as_slice() {
             s.read_chunks(|b| crc = pdu::crc32c_append(crc, b));
         }
         crc
     }
 
     /// Sends and receives what can be, without blocking. Returns whether anything moved.
+    /// The socket is read only while commands are outstanding: with none, the controller
+    /// owes nothing, and a receive would only find EAGAIN.
     pub fn progress(&mut self) -> bool {
         if self.dead {
             return false;
         }
         let sent = self.flush_tx();
-        let got = self.receive(64);
+        let got = self.outstanding > 0 && self.receive(64);
         sent || got
+    }
+
+    /// Sends what can be (posted capsules, H2C Data), without blocking and without
+    /// reading the socket: what a reactor does after posting, before it polls again.
+    pub fn flush(&mut self) -> bool {
+        !self.dead && self.flush_tx()
     }
 
     fn fail(&mut self, e: Error) {
@@ -541,39 +644,30 @@ impl Queue {
     fn flush_tx(&mut self) -> bool {
         let mut any = false;
         while !self.tx.is_empty() {
-            let mut segs: Vec<Seg<'_>> = Vec::with_capacity(MAX_SEGS);
-            let mut skip = self.tx_sent;
+            // The PDUs in order, from the first byte not yet sent; a PDU that does not
+            // fit whole goes in part (the send stops where the list ends).
+            let mut segs = SegList::new(self.tx_sent);
             for p in &self.tx {
                 if segs.len() + 3 > MAX_SEGS {
                     break;
                 }
-                let mut parts: Vec<Seg<'_>> = Vec::with_capacity(8);
-                parts.push(Seg::of(p.hdr.as_slice()));
+                segs.push(Seg::of(p.hdr.as_slice()));
                 Self::data_segs(
                     &self.slots,
                     self.pool.as_ref(),
                     p.cid,
                     p.data_off as usize,
                     p.data_len as usize,
-                    &mut parts,
+                    &mut segs,
                 );
                 if let Some(d) = &p.ddgst {
-                    parts.push(Seg::of(d));
-                }
-                for s in parts {
-                    if skip >= s.len() {
-                        skip -= s.len();
-                        continue;
+                    if !segs.push(Seg::of(d)) {
+                        break;
                     }
-                    if segs.len() < MAX_SEGS {
-                        segs.push(s.skip(skip));
-                    }
-                    skip = 0;
                 }
             }
             self.counters.sends += 1;
-            let r = sock::send(&self.sock, &segs);
-            drop(segs);
+            let r = sock::send(&self.sock, segs.as_slice());
             match r {
                 Ok(mut n) => {
                     any = true;
@@ -616,7 +710,9 @@ impl Queue {
         }
     }
 
-    /// Receives at most `budget` times.
+    /// Receives at most `budget` times, and only while the socket keeps filling what is
+    /// asked: a call that returns fewer bytes than asked drained the socket, so the next
+    /// one would find nothing (EAGAIN) and is not made.
     fn receive(&mut self, budget: usize) -> bool {
         let mut any = false;
         for _ in 0..budget {
@@ -628,29 +724,20 @@ impl Queue {
             let r = match self.rx {
                 Rx::Header { have } => {
                     let r = sock::recv(&self.sock, &[Seg::of_mut(&mut self.hdr[have..hlen])]);
-                    r.map(|n| (n, Rx::Header { have: have + n }))
+                    r.map(|n| (n, hlen - have))
                 }
-                Rx::Pad { left, d } => {
+                Rx::Pad { left, .. } => {
                     let n = left.min(self.scratch.len());
                     let r = sock::recv(&self.sock, &[Seg::of_mut(&mut self.scratch[..n])]);
-                    r.map(|n| (n, Rx::Pad { left: left - n, d }))
+                    r.map(|got| (got, n))
                 }
-                Rx::Digest { have, d, crc } => {
+                Rx::Digest { have, .. } => {
                     let r = sock::recv(&self.sock, &[Seg::of_mut(&mut self.digest[have..])]);
-                    r.map(|n| {
-                        (
-                            n,
-                            Rx::Digest {
-                                have: have + n,
-                                d,
-                                crc,
-                            },
-                        )
-                    })
+                    r.map(|n| (n, DIGEST_LEN - have))
                 }
                 Rx::Data { left, d, crc } => {
                     let off = (d.datao + d.datal) as usize - left;
-                    let mut segs = Vec::with_capacity(MAX_SEGS);
+                    let mut segs = SegList::new(0);
                     Self::recv_segs(
                         &mut self.slots,
                         self.pool.as_ref(),
@@ -659,12 +746,26 @@ impl Queue {
                         left,
                         &mut segs,
                     );
-                    let r = sock::recv(&self.sock, &segs);
+                    let data_segs = segs.len();
+                    let covered: usize = segs.as_slice().iter().map(Seg::len).sum();
+                    // The data's digest and the next PDU's header come in the same call
+                    // when they are already there; only when the list holds all of the
+                    // data, so that what follows it is really the digest and a header.
+                    let mut asked = covered;
+                    if covered == left && segs.len() + 2 <= MAX_SEGS {
+                        if self.n.data_digest {
+                            segs.push(Seg::of_mut(&mut self.digest));
+                            asked += DIGEST_LEN;
+                        }
+                        segs.push(Seg::of_mut(&mut self.hdr[..hlen]));
+                        asked += hlen;
+                    }
+                    let r = sock::recv(&self.sock, segs.as_slice());
                     let crc = match (&r, self.n.data_digest) {
                         (Ok(n), true) => {
                             let mut c = crc;
-                            let mut want = *n;
-                            for s in &segs {
+                            let mut want = (*n).min(left);
+                            for s in &segs.as_slice()[..data_segs] {
                                 if want == 0 {
                                     break;
                                 }
@@ -676,23 +777,16 @@ impl Queue {
                         }
                         _ => crc,
                     };
-                    drop(segs);
                     if let Ok(n) = r {
-                        self.counters.data_bytes += n as u64;
+                        self.counters.data_bytes += n.min(left) as u64;
+                        // The CRC so far goes with the state; the bytes past the data
+                        // are taken below.
+                        self.rx = Rx::Data { left, d, crc };
                     }
-                    r.map(|n| {
-                        (
-                            n,
-                            Rx::Data {
-                                left: left - n,
-                                d,
-                                crc,
-                            },
-                        )
-                    })
+                    r.map(|n| (n, asked))
                 }
             };
-            let (n, next) = match r {
+            let (n, asked) = match r {
                 Ok((0, _)) => {
                     let e = self.closed();
                     self.fail(e);
@@ -710,15 +804,74 @@ impl Queue {
                     break;
                 }
             };
-            debug_assert!(n > 0);
             any = true;
-            self.rx = next;
-            if let Err(e) = self.advance() {
+            if let Err(e) = self.took(n) {
                 self.fail(e);
+                break;
+            }
+            if n < asked {
                 break;
             }
         }
         any
+    }
+
+    /// Moves the receive state past `n` bytes just received where it asked for them (a
+    /// read's data, and then its digest and the next header, in place).
+    fn took(&mut self, mut n: usize) -> Result<()> {
+        let hlen = self.n.c2h_header_len();
+        match self.rx {
+            Rx::Header { have } => {
+                self.rx = Rx::Header { have: have + n };
+                return self.advance();
+            }
+            Rx::Pad { left, d } => {
+                self.rx = Rx::Pad { left: left - n, d };
+                return self.advance();
+            }
+            Rx::Digest { have, d, crc } => {
+                self.rx = Rx::Digest {
+                    have: have + n,
+                    d,
+                    crc,
+                };
+                return self.advance();
+            }
+            Rx::Data { left, d, crc } => {
+                let k = n.min(left);
+                n -= k;
+                self.rx = Rx::Data {
+                    left: left - k,
+                    d,
+                    crc,
+                };
+                self.advance()?;
+            }
+        }
+        // Past the data: the digest (read into place from its first byte), then the next
+        // header (likewise).
+        if n == 0 {
+            return Ok(());
+        }
+        if let Rx::Digest { have: 0, d, crc } = self.rx {
+            let k = n.min(DIGEST_LEN);
+            n -= k;
+            self.rx = Rx::Digest { have: k, d, crc };
+            self.advance()?;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        match self.rx {
+            Rx::Header { have: 0 } if n <= hlen => {
+                self.rx = Rx::Header { have: n };
+                self.advance()
+            }
+            _ => Err(Error::Controller {
+                target: self.target.clone(),
+                why: format!("queue {}: {n} bytes received past a PDU's data", self.qid),
+            }),
+        }
     }
 
     /// Acts on a receive state that is complete.
