@@ -32,7 +32,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use vm_common::{
-    first_difference, json, nvcopy_for, ok, read_at, setup_sh, strings, wait_for_driver, Run,
+    first_difference, json, nvcopy_for, read_at, setup_sh, strings, wait_for_driver, Run,
 };
 
 const MIB: u64 = 1 << 20;
@@ -49,11 +49,26 @@ fn tcp(nqn: &str, port: u16) -> String {
 
 /// A successful copy with `--json`, printing each device's facts.
 fn copy(args: &[&str]) -> Run {
-    // The reactors' seccomp filter still kills an NVMe/TCP endpoint (SIGSYS, a syscall
-    // not yet identified): phase 1 copies without it.
-    let mut a = strings(&["copy", "--json", "--no-seccomp"]);
+    // The reactors run under their seccomp filter, as a user's would.
+    let mut a = strings(&["copy", "--json"]);
     a.extend(strings(args));
-    let run = ok(&a, Duration::from_secs(400));
+    let run = nvcopy_for(&a, Duration::from_secs(400));
+    if !run.status.success() {
+        // A syscall the filter refused is in the kernel's audit line (type=1326 ...
+        // syscall=N).
+        let k = std::process::Command::new("dmesg").output();
+        let lines: Vec<String> = k
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("type=1326") || l.to_lowercase().contains("seccomp"))
+            .map(str::to_string)
+            .collect();
+        panic!(
+            "expected success: {run}\nseccomp in dmesg:\n{}",
+            lines.join("\n")
+        );
+    }
     let v = json(&run);
     let mut tcp_seen = false;
     for d in v["devices"]
