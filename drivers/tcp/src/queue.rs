@@ -25,6 +25,14 @@ use crate::sock::{self, Seg, MAX_SEGS};
 /// Bytes of a memory page of the pool.
 const PAGE: usize = 4096;
 
+/// After a receive finds nothing (EAGAIN), the next waits this long, doubling each time
+/// it finds nothing again up to [`RX_BACKOFF_MAX`]: a reactor spinning on a connection
+/// whose controller has not answered yet does not make a recvmsg every pass.
+const RX_BACKOFF_MIN: Duration = Duration::from_micros(2);
+/// The longest wait between two receives that found nothing: small against a
+/// command's round trip over TCP.
+const RX_BACKOFF_MAX: Duration = Duration::from_micros(50);
+
 /// At most [`MAX_SEGS`] segments, on the stack: the gather/scatter list of one socket
 /// call, built without allocating. The first `skip` bytes pushed are dropped (what an
 /// earlier short send already sent).
@@ -221,6 +229,9 @@ pub struct Queue {
     dead: bool,
     timeout: Duration,
     counters: Counters,
+    /// No receive before this (after one found nothing).
+    rx_not_before: Option<Instant>,
+    rx_backoff: Duration,
 }
 
 impl Queue {
@@ -277,6 +288,8 @@ impl Queue {
             dead: false,
             timeout,
             counters: Counters::default(),
+            rx_not_before: None,
+            rx_backoff: Duration::ZERO,
         })
     }
 
@@ -570,7 +583,11 @@ impl Queue {
             return false;
         }
         let sent = self.flush_tx();
-        let got = self.outstanding > 0 && self.receive(64);
+        let due = match self.rx_not_before {
+            Some(t) => Instant::now() >= t,
+            None => true,
+        };
+        let got = self.outstanding > 0 && due && self.receive(64);
         sent || got
     }
 
@@ -795,6 +812,8 @@ impl Queue {
                 Ok(x) => x,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     self.counters.would_block += 1;
+                    self.rx_backoff = (self.rx_backoff * 2).clamp(RX_BACKOFF_MIN, RX_BACKOFF_MAX);
+                    self.rx_not_before = Some(Instant::now() + self.rx_backoff);
                     break;
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -805,6 +824,8 @@ impl Queue {
                 }
             };
             any = true;
+            self.rx_backoff = Duration::ZERO;
+            self.rx_not_before = None;
             if let Err(e) = self.took(n) {
                 self.fail(e);
                 break;
