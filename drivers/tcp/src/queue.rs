@@ -733,7 +733,9 @@ impl Queue {
     fn receive(&mut self, budget: usize) -> bool {
         let mut any = false;
         for _ in 0..budget {
-            if self.dead {
+            // With nothing outstanding the controller owes nothing (a PDU half received
+            // belongs to a command still outstanding).
+            if self.dead || self.outstanding == 0 {
                 break;
             }
             let hlen = self.n.c2h_header_len();
@@ -1212,5 +1214,186 @@ impl Queue {
             }
             sock::wait(self.sock.as_raw_fd(), !self.tx.is_empty(), 10);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (target, _) = l.accept().unwrap();
+        (host, target)
+    }
+
+    #[test]
+    fn a_read_in_two_data_pdus_and_its_response_take_three_receives() {
+        let n = Negotiated {
+            header_digest: true,
+            data_digest: true,
+            cpda: 0,
+            hpda: 0,
+            max_h2c_data: 8192,
+        };
+        let (host, mut target) = pair();
+        let mut q = Queue::new(host, "test".into(), 1, n, 4, None, Duration::from_secs(5)).unwrap();
+        let sqe = cmd::rw(cmd::op::READ, 1, 0, 16, cmd::Sgl::None);
+        let cid = q
+            .submit(sqe, Dir::ToHost, 8192, Data::Owned(vec![0; 8192]), 7, false)
+            .unwrap();
+        assert!(q.flush());
+        // The capsule: header, SQE, header digest.
+        let mut capsule = [0u8; 8 + 64 + 4];
+        target.read_exact(&mut capsule).unwrap();
+        let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+        let mut wire = Vec::new();
+        for (i, half) in data.chunks(4096).enumerate() {
+            let d = pdu::C2hData {
+                cccid: cid,
+                datao: i as u32 * 4096,
+                datal: 4096,
+                pad: 0,
+                last: i == 1,
+                success: false,
+            };
+            wire.extend(pdu::encode_c2h(&C2h::Data(d), &n));
+            wire.extend(half);
+            wire.extend(pdu::crc32c(half).to_le_bytes());
+        }
+        let cqe = pdu::Cqe {
+            result: 0,
+            sqhd: 1,
+            cid,
+            status: 0,
+        };
+        wire.extend(pdu::encode_c2h(&C2h::Resp(cqe), &n));
+        target.write_all(&wire).unwrap();
+        let mut done = Vec::new();
+        let start = Instant::now();
+        while done.is_empty() && start.elapsed() < Duration::from_secs(5) {
+            q.poll(8, |c| done.push(c));
+        }
+        assert_eq!(done.len(), 1, "{:?}", q.error());
+        let c = &done[0];
+        assert_eq!((c.token, c.outcome), (7, Outcome::Success));
+        assert_eq!(c.owned.as_deref(), Some(&data[..]));
+        // A header; the first data, its digest and the second header; the second data,
+        // its digest and the response's header. Nothing is read after that.
+        let k = q.counters();
+        assert_eq!((k.recvs - k.would_block, k.would_block), (3, 0), "{k:?}");
+        assert_eq!(q.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_write_and_a_read_through_pool_pages_allocate_nothing() {
+        const LEN: usize = 32 * 1024;
+        let n = Negotiated {
+            header_digest: true,
+            data_digest: true,
+            cpda: 0,
+            hpda: 0,
+            max_h2c_data: 1 << 20,
+        };
+        let pool = DmaPool::unmapped(2 << 20).unwrap();
+        let buf = pool.alloc(LEN).unwrap();
+        let data: Vec<u8> = (0..LEN as u32).map(|i| (i * 13 + 1) as u8).collect();
+        buf.slice().copy_from(&data[..]);
+        let iovas: Vec<Iova> = (0..LEN / PAGE)
+            .map(|i| Iova(buf.iova().0 + (i * PAGE) as u64))
+            .collect();
+        let (host, mut target) = pair();
+        let mut q = Queue::new(
+            host,
+            "test".into(),
+            1,
+            n,
+            4,
+            Some(pool.clone()),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        q.reserve(LEN);
+        // The target: takes the write's capsule, asks for its data with an R2T, checks
+        // it, answers; then sends the same bytes back for the read.
+        let want = data.clone();
+        let t = std::thread::spawn(move || {
+            let mut capsule = [0u8; 8 + 64 + 4];
+            target.read_exact(&mut capsule).unwrap();
+            let cid = u16::from_le_bytes([capsule[10], capsule[11]]);
+            let r2t = pdu::R2t {
+                cccid: cid,
+                ttag: 1,
+                r2to: 0,
+                r2tl: LEN as u32,
+            };
+            target
+                .write_all(&pdu::encode_c2h(&C2h::R2t(r2t), &n))
+                .unwrap();
+            let mut h2c = vec![0u8; 24 + 4 + LEN + 4];
+            target.read_exact(&mut h2c).unwrap();
+            assert!(h2c[28..28 + LEN] == want[..], "the H2C Data differs");
+            let resp = |cid| pdu::Cqe {
+                result: 0,
+                sqhd: 1,
+                cid,
+                status: 0,
+            };
+            target
+                .write_all(&pdu::encode_c2h(&C2h::Resp(resp(cid)), &n))
+                .unwrap();
+            target.read_exact(&mut capsule).unwrap();
+            let cid = u16::from_le_bytes([capsule[10], capsule[11]]);
+            let d = pdu::C2hData {
+                cccid: cid,
+                datao: 0,
+                datal: LEN as u32,
+                pad: 0,
+                last: true,
+                success: false,
+            };
+            let mut wire = pdu::encode_c2h(&C2h::Data(d), &n);
+            wire.extend(&want);
+            wire.extend(pdu::crc32c(&want).to_le_bytes());
+            wire.extend(pdu::encode_c2h(&C2h::Resp(resp(cid)), &n));
+            target.write_all(&wire).unwrap();
+        });
+        let mut done: Vec<(u64, Outcome)> = Vec::with_capacity(4);
+        let probe = sock::counting::allocations();
+        drop(std::hint::black_box(Vec::<u8>::with_capacity(8)));
+        assert!(sock::counting::allocations() > probe, "the counter counts");
+        let before = sock::counting::allocations();
+        let write = cmd::rw(cmd::op::WRITE, 1, 0, (LEN / 512) as u32, cmd::Sgl::None);
+        q.submit_pages(write, Dir::ToController, &iovas, LEN, 1)
+            .unwrap();
+        let start = Instant::now();
+        while done.is_empty() && start.elapsed() < Duration::from_secs(5) {
+            q.flush();
+            q.poll(8, |c| done.push((c.token, c.outcome)));
+        }
+        // The read lands in the same pages, zeroed first.
+        buf.slice().copy_from(&[0u8; LEN][..]);
+        let read = cmd::rw(cmd::op::READ, 1, 0, (LEN / 512) as u32, cmd::Sgl::None);
+        q.submit_pages(read, Dir::ToHost, &iovas, LEN, 2).unwrap();
+        while done.len() < 2 && start.elapsed() < Duration::from_secs(5) {
+            q.flush();
+            q.poll(8, |c| done.push((c.token, c.outcome)));
+        }
+        let allocated = sock::counting::allocations() - before;
+        t.join().unwrap();
+        assert_eq!(
+            done,
+            [(1, Outcome::Success), (2, Outcome::Success)],
+            "{:?}",
+            q.error()
+        );
+        let mut got = vec![0u8; LEN];
+        buf.slice().copy_to(&mut got[..]);
+        assert!(got == data, "the read's data differs");
+        assert_eq!(allocated, 0, "allocations on the data path");
     }
 }
