@@ -110,6 +110,14 @@ if [ "${NVCOPY_SKIP_VM:-0}" != 1 ]; then
     check vm-files-images bash scripts/vm-files-suite.sh prepare "$FILESIMG"
     tests vm-files timeout -k 10 900 bash scripts/vm-files-suite.sh run "$FILESIMG" --timeout 600
     tests vm-files-host env NVCOPY_FILES_IMAGES="$FILESIMG" cargo test --test vm_files -- --ignored host_
+    # NVMe/TCP (tests/vm_tcp.rs; the layout is in scripts/vm-tcp-suite.sh): nvmet-tcp in
+    # the guest exports a drive on the kernel driver; a VFIO drive fans out to it and to a
+    # second VFIO drive, the TCP namespace is copied back, a wrong NQN and a refused port
+    # fail. The host checks the images byte for byte.
+    TCPIMG=$VMWORK/tcp-images
+    check vm-tcp-images bash scripts/vm-tcp-suite.sh prepare "$TCPIMG"
+    tests vm-tcp timeout -k 10 900 bash scripts/vm-tcp-suite.sh run "$TCPIMG" --timeout 600
+    tests vm-tcp-host env NVCOPY_TCP_IMAGES="$TCPIMG" cargo test --test vm_tcp -- --ignored host_
 fi
 
 echo

@@ -4,6 +4,14 @@
 //! data path makes no syscalls at all, so the filter allows only what a reactor does
 //! when it is idle, recovering a controller, or exiting. Anything else kills the process
 //! with SIGSYS (`--no-seccomp` turns the filter off, for debugging).
+//!
+//! mprotect is deliberately not allowed (it could make memory executable), and that
+//! rules out allocating on the data path: glibc grows a thread's own heap (a non-main
+//! arena, reserved PROT_NONE) with mprotect, so a reactor whose allocations outgrow what
+//! its arena already made writable dies with SIGSYS (syscall 10 on x86_64). Endpoints
+//! therefore allocate what their commands need when they are opened, before the reactor
+//! confines itself; an NVMe/TCP endpoint that allocated per command was killed about a
+//! second into a copy.
 
 use std::collections::BTreeMap;
 
@@ -20,7 +28,9 @@ pub enum Profile {
     DataPath,
     /// [`Profile::DataPath`] plus io_uring_enter, which an io_uring endpoint makes when
     /// the ring has no SQPOLL thread (once per batch) or when that thread went to sleep
-    /// after an idle second (once to wake it), and close, for the rings at exit.
+    /// after an idle second (once to wake it), and close, for the rings at exit; and the
+    /// socket calls of an NVMe/TCP endpoint (sendmsg, recvmsg, and shutdown when a
+    /// connection ends).
     DataPathRing,
     /// [`Profile::DataPathRing`], plus what recovery and teardown need: memory for error
     /// messages, PCI config space reads and writes (bus mastering off), closing a device,
@@ -62,6 +72,10 @@ pub fn filter(profile: Profile) -> Result<BpfProgram, seccompiler::Error> {
         IDLE.iter().map(|&nr| (nr, Vec::new())).collect();
     if profile != Profile::DataPath {
         rules.insert(libc::SYS_io_uring_enter, Vec::new());
+        // An NVMe/TCP endpoint's non-blocking socket calls (crate::endpoint::tcp).
+        rules.insert(libc::SYS_sendmsg, Vec::new());
+        rules.insert(libc::SYS_recvmsg, Vec::new());
+        rules.insert(libc::SYS_shutdown, Vec::new());
         // A ring is a descriptor: the reactor unregisters its file and buffers, then
         // closes it, when it exits.
         rules.insert(libc::SYS_close, Vec::new());

@@ -15,6 +15,9 @@ pub enum Error {
     /// A file or kernel block device, or io_uring.
     #[error(transparent)]
     File(#[from] nvcopy_uring::Error),
+    /// An NVMe/TCP controller.
+    #[error(transparent)]
+    Tcp(#[from] nvcopy_tcp::Error),
     /// Bad input from the user or the calling code, found before any I/O.
     #[error(transparent)]
     Refused(#[from] Refusal),
@@ -120,6 +123,13 @@ pub enum Refusal {
         region: String,
         /// Why.
         source: nvcopy_vfio::Error,
+    },
+    /// An `nvme+tcp://` region that does not parse.
+    BadTcpAddress {
+        /// The region as written.
+        region: String,
+        /// What is wrong.
+        why: String,
     },
     /// A region written with `+0`.
     ZeroLength {
@@ -300,6 +310,10 @@ impl fmt::Display for Refusal {
                 "invalid namespace id {text:?} in {region:?}: use 1 or more"
             ),
             BadAddress { region, source } => write!(f, "in region {region:?}: {source}"),
+            BadTcpAddress { region, why } => write!(
+                f,
+                "in region {region:?}: {why}; write nvme+tcp://HOST:PORT/SUBSYSTEM-NQN[/NSID][@OFFSET][+LENGTH]"
+            ),
             ZeroLength { region } => write!(f, "region {region:?} has zero length"),
             NamespaceTooLarge {
                 namespace,

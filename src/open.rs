@@ -1,5 +1,6 @@
 //! Opening the devices of one job from the regions a user wrote: NVMe controllers through
-//! VFIO, files and kernel block devices through io_uring, in one engine.
+//! VFIO, files and kernel block devices through io_uring, NVMe/TCP controllers
+//! ([`crate::endpoint::tcp`]), in one engine.
 //!
 //! Order, so that a refused job does as little as possible: the controllers and the
 //! source first (their sizes give the job's length), then each destination file, which
@@ -86,6 +87,7 @@ pub fn open_job(
         }
         (unique.into_iter().map(NvmeDevice::shared).collect(), p.pool)
     };
+    crate::endpoint::tcp::open_targets(&mut devices, from, to, files.io_timeout, opts.reactors)?;
     // The anchor ring's SQPOLL thread is a kernel thread that polls a core: only for
     // jobs that have a file or a block device.
     let any_file = from.into_iter().chain(to).any(|r| r.path().is_some());

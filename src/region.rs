@@ -24,6 +24,8 @@ pub enum Place {
     Pci(PciAddress),
     /// A file or kernel block device.
     Path(PathBuf),
+    /// A namespace of an NVMe/TCP controller: `nvme+tcp://HOST:PORT/NQN`.
+    Tcp(nvcopy_tcp::Target),
 }
 
 impl fmt::Display for Place {
@@ -31,8 +33,75 @@ impl fmt::Display for Place {
         match self {
             Place::Pci(a) => write!(f, "{a}"),
             Place::Path(p) => write!(f, "{}", p.display()),
+            Place::Tcp(t) => write!(f, "{TCP_SCHEME}{t}"),
         }
     }
+}
+
+/// How a region on an NVMe/TCP controller starts.
+pub const TCP_SCHEME: &str = "nvme+tcp://";
+
+/// The NVMe/TCP port when none is written (IANA's NVMe-oF port).
+pub const TCP_DEFAULT_PORT: u16 = 4420;
+
+/// Parses `HOST[:PORT]/NQN[/NSID]` (after the scheme; `[ADDR]` for IPv6).
+fn parse_tcp(region: &str, s: &str) -> Result<(nvcopy_tcp::Target, Option<u32>)> {
+    let bad = |why: &str| {
+        Error::from(Refusal::BadTcpAddress {
+            region: region.to_string(),
+            why: why.to_string(),
+        })
+    };
+    let (hostport, rest) = s
+        .split_once('/')
+        .ok_or_else(|| bad("no subsystem NQN after HOST:PORT/"))?;
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, p) = v6
+            .split_once(']')
+            .ok_or_else(|| bad("an unclosed [ in the host"))?;
+        (h, p.strip_prefix(':'))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let port = match port {
+        None => TCP_DEFAULT_PORT,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| bad("the port is not a number from 1 to 65535"))?,
+    };
+    let (nqn, nsid) = match rest.rsplit_once('/') {
+        Some((n, id)) => {
+            let id = id.parse::<u32>().ok().filter(|&i| i > 0).ok_or_else(|| {
+                Error::from(Refusal::BadNamespaceId {
+                    text: id.to_string(),
+                    region: region.to_string(),
+                })
+            })?;
+            (n, Some(id))
+        }
+        None => (rest, None),
+    };
+    if nqn.is_empty() || nqn.len() > 223 || nqn.contains('/') {
+        return Err(bad(
+            "the subsystem NQN is empty, longer than 223 bytes, or holds a /",
+        ));
+    }
+    Ok((
+        nvcopy_tcp::Target {
+            host: host.to_string(),
+            port,
+            nqn: nqn.to_string(),
+        },
+        nsid,
+    ))
 }
 
 /// A region as the user wrote it, before it is checked against a namespace.
@@ -53,7 +122,15 @@ impl RegionSpec {
     pub fn pci(&self) -> Option<PciAddress> {
         match self.place {
             Place::Pci(a) => Some(a),
-            Place::Path(_) => None,
+            Place::Path(_) | Place::Tcp(_) => None,
+        }
+    }
+
+    /// The NVMe/TCP controller, for a region on one.
+    pub fn tcp(&self) -> Option<&nvcopy_tcp::Target> {
+        match &self.place {
+            Place::Tcp(t) => Some(t),
+            _ => None,
         }
     }
 
@@ -61,7 +138,7 @@ impl RegionSpec {
     pub fn path(&self) -> Option<&std::path::Path> {
         match &self.place {
             Place::Path(p) => Some(p),
-            Place::Pci(_) => None,
+            Place::Pci(_) | Place::Tcp(_) => None,
         }
     }
 }
@@ -96,9 +173,14 @@ impl FromStr for RegionSpec {
     /// `BDF[/NSID][@OFFSET][+LENGTH]`, or `PATH[@OFFSET][+LENGTH]` for anything that is
     /// not a PCI address (`/dev/sdb`, `./disk.raw`, `golden.img`).
     fn from_str(s: &str) -> Result<Self> {
-        let (rest, len) = match s.rsplit_once('+') {
+        // `nvme+tcp://` holds a '+': the suffixes are looked for after the scheme.
+        let (scheme, body) = match s.strip_prefix(TCP_SCHEME) {
+            Some(b) => (true, b),
+            None => (false, s),
+        };
+        let (rest, len) = match body.rsplit_once('+') {
             Some((r, l)) => (r, Some(parse_size(l)?)),
-            None => (s, None),
+            None => (body, None),
         };
         let (rest, offset) = match rest.rsplit_once('@') {
             Some((r, o)) => (r, parse_size(o)?),
@@ -109,6 +191,15 @@ impl FromStr for RegionSpec {
                 region: s.to_string(),
             }
             .into());
+        }
+        if scheme {
+            let (target, nsid) = parse_tcp(s, rest)?;
+            return Ok(RegionSpec {
+                place: Place::Tcp(target),
+                nsid: nsid.unwrap_or(1),
+                offset,
+                len,
+            });
         }
         let (bdf, nsid) = match rest.split_once('/') {
             Some((b, n)) => (b, Some(n)),
@@ -174,6 +265,7 @@ impl fmt::Display for RegionSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.place {
             Place::Pci(a) => write!(f, "{a}/{}@{}", self.nsid, self.offset)?,
+            Place::Tcp(_) => write!(f, "{}/{}@{}", self.place, self.nsid, self.offset)?,
             Place::Path(p) => write!(f, "{}@{}", p.display(), self.offset)?,
         }
         if let Some(l) = self.len {
@@ -210,6 +302,7 @@ impl Region {
     ) -> Result<Region> {
         let namespace = || match &spec.place {
             Place::Pci(a) => format!("{a}/{}", spec.nsid),
+            Place::Tcp(_) => format!("{}/{}", spec.place, spec.nsid),
             Place::Path(p) => p.display().to_string(),
         };
         let capacity =
@@ -451,6 +544,49 @@ mod tests {
             assert_eq!((r.offset, r.len, r.nsid), (offset, len, 1), "{text}");
             assert_eq!(r.pci(), None);
         }
+    }
+
+    #[test]
+    fn parses_nvme_tcp_regions() {
+        let r: RegionSpec = "nvme+tcp://127.0.0.1:4420/nqn.2026-01.io.nvcopy:t1/2@1M+64K"
+            .parse()
+            .unwrap();
+        let t = r.tcp().unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.nqn.as_str()),
+            ("127.0.0.1", 4420, "nqn.2026-01.io.nvcopy:t1")
+        );
+        assert_eq!((r.nsid, r.offset, r.len), (2, 1 << 20, Some(64 << 10)));
+        assert_eq!(
+            r.place.to_string(),
+            "nvme+tcp://127.0.0.1:4420/nqn.2026-01.io.nvcopy:t1"
+        );
+        assert_eq!((r.pci(), r.path()), (None, None));
+        let r: RegionSpec = "nvme+tcp://[::1]/nqn.x".parse().unwrap();
+        let t = r.tcp().unwrap();
+        assert_eq!((t.host.as_str(), t.port, r.nsid), ("::1", 4420, 1));
+        assert_eq!(r.place.to_string(), "nvme+tcp://[::1]:4420/nqn.x");
+        let kind = |bad: &str| match bad.parse::<RegionSpec>() {
+            Err(Error::Refused(r)) => r,
+            other => panic!("{bad}: {other:?}"),
+        };
+        for bad in [
+            "nvme+tcp://host",
+            "nvme+tcp://:4420/nqn",
+            "nvme+tcp://h:0/nqn",
+            "nvme+tcp://h:x/nqn",
+            "nvme+tcp://h:1/",
+        ] {
+            assert!(matches!(kind(bad), Refusal::BadTcpAddress { .. }), "{bad}");
+        }
+        assert!(matches!(
+            kind("nvme+tcp://h:1/nqn/0"),
+            Refusal::BadNamespaceId { .. }
+        ));
+        assert!(matches!(
+            kind("nvme+tcp://h:1/nqn+0"),
+            Refusal::ZeroLength { .. }
+        ));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! never reads transport status bits itself.
 //!
 //! Implementations: [`nvme`] (a PCIe controller through VFIO) and [`file`] (files and
-//! kernel block devices through io_uring).
+//! kernel block devices through io_uring), and [`tcp`] (an NVMe/TCP controller).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use crate::error::Result;
 
 pub mod file;
 pub mod nvme;
+pub mod tcp;
 
 /// The largest chunk a job moves in one command: 2 MiB, what one NVMe PRP list page
 /// describes (512 entries of 4 KiB pages), and what every endpoint accepts.

@@ -1,0 +1,25 @@
+//! nvcopy's NVMe/TCP transport: a userspace NVMe over Fabrics host (initiator) written
+//! to the NVMe/TCP transport specification, for the Linux nvmet target or any other.
+//!
+//! - [`pdu`]: the PDU layouts (compile-time size checks), encoders for what a host sends,
+//!   a parser for what a controller sends that refuses malformed headers with typed
+//!   errors, and the CRC32C digests.
+//! - [`cmd`]: Fabrics (Connect, Property Get/Set), admin and NVM submission entries.
+//! - [`Queue`]: one connection, driven without blocking from a polling loop: capsules
+//!   and H2C Data are sent straight from DMA-pool pages, C2H Data received straight into
+//!   them, with no copy through a temporary buffer.
+//! - [`Controller`]: the admin queue, bring-up as the PCIe state machine (CC.EN, CSTS.RDY),
+//!   Keep Alive, I/O queue connection, shutdown.
+//!
+//! All unsafe code is in `sock` (scatter/gather socket calls).
+
+pub mod cmd;
+mod ctrl;
+mod error;
+pub mod pdu;
+mod queue;
+mod sock;
+
+pub use ctrl::{Controller, Options, Target};
+pub use error::{Error, Result};
+pub use queue::{Completion, Counters, Data, Dir, Outcome, Queue, SubmitError};

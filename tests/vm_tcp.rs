@@ -1,0 +1,189 @@
+//! End-to-end tests of NVMe/TCP as an endpoint: the guest exports an emulated NVMe drive
+//! (left on the kernel nvme driver) through the Linux target, nvmet-tcp, on
+//! 127.0.0.1:4420, and nvcopy copies a VFIO drive to that TCP namespace and to a second
+//! VFIO drive in one job, then the TCP namespace back onto the second VFIO drive. A wrong
+//! subsystem NQN and a refused port must fail with exit status 1 and a clear message.
+//!
+//! `scripts/test.sh` prepares the images with `scripts/vm-tcp-suite.sh prepare DIR` and
+//! boots one guest with `scripts/vm-tcp-suite.sh run DIR` (which owns the layout):
+//!
+//! | device             | image (in DIR) | size   | notes                                     |
+//! |--------------------|----------------|--------|-------------------------------------------|
+//! | 0000:00:10.0, vfio | source.img     | 32 MiB | random: the source                         |
+//! | 0000:00:11.0, vfio | dest.img       | 64 MiB | the fan-out copy at 0, the copy back at 32 MiB |
+//! | 0000:00:12.0, kernel | tcp.img      | 32 MiB | exported by nvmet-tcp as namespace 1 of [`NQN`] |
+//!
+//! After the guest exits, `cargo test --test vm_tcp -- --ignored host_` with
+//! NVCOPY_TCP_IMAGES=DIR compares the images with source.img byte for byte.
+//!
+//! By hand, from the repository root (as root):
+//!
+//! ```sh
+//! D=vm-work/tcp-images
+//! scripts/vm-tcp-suite.sh prepare $D && scripts/vm-tcp-suite.sh run $D --timeout 600
+//! NVCOPY_TCP_IMAGES=$D cargo test --test vm_tcp -- --ignored host_
+//! ```
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod vm_common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vm_common::{
+    first_difference, json, nvcopy_for, read_at, setup_sh, strings, wait_for_driver, Run,
+};
+
+const MIB: u64 = 1 << 20;
+const LEN: u64 = 32 * MIB;
+
+const SRC: &str = "0000:00:10.0";
+const DEST: &str = "0000:00:11.0";
+const BACKING: &str = "0000:00:12.0";
+const NQN: &str = "nqn.2026-12.io.nvcopy:vm-tcp";
+
+fn tcp(nqn: &str, port: u16) -> String {
+    format!("nvme+tcp://127.0.0.1:{port}/{nqn}")
+}
+
+/// A successful copy with `--json`, printing each device's facts.
+fn copy(args: &[&str]) -> Run {
+    // The reactors run under their seccomp filter, as a user's would.
+    let mut a = strings(&["copy", "--json"]);
+    a.extend(strings(args));
+    let run = nvcopy_for(&a, Duration::from_secs(400));
+    if !run.status.success() {
+        // A syscall the filter refused is in the kernel's audit line (type=1326 ...
+        // syscall=N).
+        let k = std::process::Command::new("dmesg").output();
+        let lines: Vec<String> = k
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("type=1326") || l.to_lowercase().contains("seccomp"))
+            .map(str::to_string)
+            .collect();
+        panic!(
+            "expected success: {run}\nseccomp in dmesg:\n{}",
+            lines.join("\n")
+        );
+    }
+    let v = json(&run);
+    let mut tcp_seen = false;
+    for d in v["devices"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no devices: {run}"))
+    {
+        let name = d["name"].as_str().unwrap_or_default();
+        let facts = d["facts"].as_object().unwrap();
+        let line: Vec<String> = facts
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .collect();
+        println!("facts: {name} {}", line.join(" "));
+        if name.starts_with("nvme+tcp://") {
+            tcp_seen = true;
+            assert!(facts.contains_key("syscalls_per_command"), "{run}");
+        }
+    }
+    assert!(tcp_seen, "no NVMe/TCP device in the summary: {run}");
+    assert_eq!(v["bytes_ok"], LEN, "{run}");
+    println!("{}", run.stderr);
+    run
+}
+
+/// A job that must fail with exit status 1 and every one of `words` on stderr.
+fn refused(args: &[&str], words: &[&str]) {
+    let mut a = strings(&["copy"]);
+    a.extend(strings(args));
+    let run = nvcopy_for(&a, Duration::from_secs(120));
+    assert_eq!(run.status.code(), Some(1), "{run}");
+    for w in words {
+        assert!(run.stderr.contains(w), "stderr lacks {w:?}: {run}");
+    }
+    println!("refused as expected: {}", run.stderr.trim());
+}
+
+#[test]
+#[ignore = "needs the VM"]
+fn guest_tcp_suite() {
+    // The backing drive goes to the kernel nvme driver, and nvmet exports it.
+    setup_sh(&["reset", BACKING]);
+    wait_for_driver(BACKING, "nvme");
+    let dev = setup_sh(&["blockdev", BACKING]).trim().to_string();
+    let out = std::process::Command::new("nvmet-setup.sh")
+        .args(["up", &dev, NQN])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nvmet-setup.sh: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = tcp(NQN, 4420);
+    // One job: a VFIO drive to the TCP namespace and to a second VFIO drive.
+    copy(&["--from", SRC, "--to", &t, "--to", &format!("{DEST}@0+32M")]);
+    // And back: the TCP namespace (namespace 1 named) onto the VFIO drive.
+    copy(&["--from", &format!("{t}/1"), "--to", &format!("{DEST}@32M")]);
+    // A wrong NQN and a refused port.
+    refused(
+        &[
+            "--from",
+            SRC,
+            "--to",
+            &tcp("nqn.2026-12.io.nvcopy:nope", 4420),
+        ],
+        &["Connect", "NQN"],
+    );
+    refused(
+        &["--from", SRC, "--to", &tcp(NQN, 4421)],
+        &["cannot connect", "4421"],
+    );
+    let out = std::process::Command::new("nvmet-setup.sh")
+        .args(["down", NQN])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nvmet-setup.sh down: {out:?}");
+    std::process::Command::new("sync").status().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Host tests
+// ---------------------------------------------------------------------------------------
+
+fn image(name: &str) -> PathBuf {
+    let dir =
+        std::env::var_os("NVCOPY_TCP_IMAGES").expect("set NVCOPY_TCP_IMAGES to the image folder");
+    PathBuf::from(dir).join(name)
+}
+
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if let Some(i) = first_difference(got, want) {
+        panic!("{what}: first difference at byte {i}");
+    }
+}
+
+#[test]
+#[ignore = "needs the images of a finished guest run"]
+fn host_tcp_namespace_holds_the_source() {
+    let want = read_at(&image("source.img"), 0, LEN);
+    assert_same(&read_at(&image("tcp.img"), 0, LEN), &want, "tcp.img");
+}
+
+#[test]
+#[ignore = "needs the images of a finished guest run"]
+fn host_vfio_destination_holds_the_fanout_and_the_copy_back() {
+    let want = read_at(&image("source.img"), 0, LEN);
+    assert_same(
+        &read_at(&image("dest.img"), 0, LEN),
+        &want,
+        "dest.img at 0 (fan-out)",
+    );
+    assert_same(
+        &read_at(&image("dest.img"), LEN, LEN),
+        &want,
+        "dest.img at 32 MiB (from the TCP namespace)",
+    );
+}
