@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use nvcopy_uring::{Anchor, BlockFile, FileKind, FileQueue, SubmitError, ABORTED, SHORT_TRANSFER};
 use nvcopy_vfio::DmaPool;
 
-use super::{Caps, Command, Device, Done, Endpoint, MediaId, Recovery, Refused, Volume, MAX_CHUNK};
+use super::{
+    Caps, Command, Device, Done, Endpoint, Generation, MediaId, Recovery, Refused, Volume,
+    MAX_CHUNK,
+};
 use crate::error::Result;
 
 /// How long a recovery waits for cancelled commands to come back.
@@ -33,7 +36,7 @@ pub struct FileDevice {
     anchor: Arc<Anchor>,
     timeout: Duration,
     /// Bumped by every recovery, for the jobs' reset budgets.
-    generation: Arc<AtomicU64>,
+    generation: Arc<Generation>,
     /// What its rings did, summed over the reactors.
     stats: Arc<RingStats>,
 }
@@ -59,7 +62,7 @@ impl FileDevice {
             file: Arc::new(file.into_file()),
             anchor,
             timeout,
-            generation: Arc::new(AtomicU64::new(0)),
+            generation: Arc::default(),
             stats: Arc::default(),
         })
     }
@@ -133,14 +136,12 @@ impl Device for FileDevice {
     }
 
     fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.generation.get()
     }
 
     fn reset(&self, seen: u64) {
         // Nothing to reset: the generation moves so that the job's budget counts it.
-        let _ =
-            self.generation
-                .compare_exchange(seen, seen + 1, Ordering::AcqRel, Ordering::Acquire);
+        self.generation.bump(seen);
     }
 
     fn max_endpoints(&self) -> usize {
@@ -186,7 +187,7 @@ impl Device for FileDevice {
 struct FileEndpoint {
     q: FileQueue,
     name: String,
-    generation: Arc<AtomicU64>,
+    generation: Arc<Generation>,
     stats: Arc<RingStats>,
     /// The ring's enters, commands and SQEs last added to `stats`.
     seen: (u64, u64, u64),
@@ -305,7 +306,7 @@ impl Endpoint for FileEndpoint {
                 code: c.code.max(1),
             })
         });
-        self.mine = self.generation.load(Ordering::Acquire);
+        self.mine = self.generation.get();
         if quiet {
             Recovery::Reissue
         } else {

@@ -72,6 +72,18 @@ pub struct MediaId {
 }
 
 impl MediaId {
+    /// An NVMe namespace's identity, from its Identify data and its subsystem's NQN
+    /// (all-zero identifiers and an empty NQN are "not reported").
+    pub fn of_nvme_namespace(nguid: [u8; 16], eui64: [u8; 8], nqn: &str, nsid: u32) -> MediaId {
+        let reported = |id: &[u8]| id.iter().any(|&x| x != 0);
+        MediaId {
+            nguid: reported(&nguid).then_some(nguid),
+            eui64: reported(&eui64).then_some(eui64),
+            subsystem: (!nqn.is_empty()).then(|| (nqn.to_string(), nsid)),
+            inode: None,
+        }
+    }
+
     /// Whether two volumes are one media: the first identifier both report decides, in
     /// the order NGUID, EUI64, subsystem and namespace id, inode (NVMe base spec 4.7.1:
     /// NGUID and EUI64 are globally unique, nsids are unique within a subsystem). Nothing
@@ -88,6 +100,27 @@ impl MediaId {
             .or_else(|| pick(&self.subsystem, &other.subsystem))
             .or_else(|| pick(&self.inode, &other.inode))
             .unwrap_or(false)
+    }
+}
+
+/// The generation of a device that cannot be reset (a file, a connection not yet
+/// re-established): each recovery moves it on, once for all reactors that saw the same
+/// one, so that a job's reset budget counts recoveries as it counts controller resets.
+#[derive(Debug, Default)]
+pub struct Generation(std::sync::atomic::AtomicU64);
+
+impl Generation {
+    /// The current generation.
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Moves on from `seen`, unless another caller already did.
+    pub fn bump(&self, seen: u64) {
+        use std::sync::atomic::Ordering;
+        let _ = self
+            .0
+            .compare_exchange(seen, seen + 1, Ordering::AcqRel, Ordering::Acquire);
     }
 }
 

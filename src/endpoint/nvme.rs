@@ -61,16 +61,11 @@ impl Device for NvmeDevice {
     }
 
     fn media(&self, v: &Volume) -> MediaId {
-        let reported = |id: &[u8]| id.iter().any(|&x| x != 0);
-        let Some(ns) = self.namespace_of(v) else {
-            return MediaId::default();
-        };
-        let nqn = &self.ctrl.info().subnqn;
-        MediaId {
-            nguid: reported(&ns.nguid).then_some(ns.nguid),
-            eui64: reported(&ns.eui64).then_some(ns.eui64),
-            subsystem: (!nqn.is_empty()).then(|| (nqn.clone(), ns.nsid)),
-            inode: None,
+        match self.namespace_of(v) {
+            Some(ns) => {
+                MediaId::of_nvme_namespace(ns.nguid, ns.eui64, &self.ctrl.info().subnqn, ns.nsid)
+            }
+            None => MediaId::default(),
         }
     }
 

@@ -16,7 +16,10 @@ use nvcopy_nvme::Status;
 use nvcopy_tcp::{cmd, Controller, Counters, Data, Dir, Outcome, Queue, SubmitError};
 use nvcopy_vfio::DmaPool;
 
-use super::{Caps, Command, Device, Done, Endpoint, MediaId, Recovery, Refused, Volume, MAX_CHUNK};
+use super::{
+    Caps, Command, Device, Done, Endpoint, Generation, MediaId, Recovery, Refused, Volume,
+    MAX_CHUNK,
+};
 use crate::error::{Refusal, Result};
 
 /// A completion code for a command the connection's end aborted (above every 15-bit NVMe
@@ -53,7 +56,7 @@ pub fn open_targets(
 pub struct TcpDevice {
     ctrl: Arc<Controller>,
     stats: Arc<Stats>,
-    generation: Arc<AtomicU64>,
+    generation: Arc<Generation>,
 }
 
 /// What the reactors' queues did, summed.
@@ -134,16 +137,11 @@ impl Device for TcpDevice {
     }
 
     fn media(&self, v: &Volume) -> MediaId {
-        let reported = |id: &[u8]| id.iter().any(|&x| x != 0);
-        let Some(ns) = self.namespace(v) else {
-            return MediaId::default();
-        };
-        let nqn = &self.ctrl.info().subnqn;
-        MediaId {
-            nguid: reported(&ns.nguid).then_some(ns.nguid),
-            eui64: reported(&ns.eui64).then_some(ns.eui64),
-            subsystem: (!nqn.is_empty()).then(|| (nqn.clone(), ns.nsid)),
-            inode: None,
+        match self.namespace(v) {
+            Some(ns) => {
+                MediaId::of_nvme_namespace(ns.nguid, ns.eui64, &self.ctrl.info().subnqn, ns.nsid)
+            }
+            None => MediaId::default(),
         }
     }
 
@@ -152,14 +150,12 @@ impl Device for TcpDevice {
     }
 
     fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.generation.get()
     }
 
     fn reset(&self, seen: u64) {
         // No reconnection yet: the generation moves so that the job's budget counts it.
-        let _ =
-            self.generation
-                .compare_exchange(seen, seen + 1, Ordering::AcqRel, Ordering::Acquire);
+        self.generation.bump(seen);
     }
 
     fn max_endpoints(&self) -> usize {
@@ -232,7 +228,7 @@ struct TcpEndpoint {
     stats: Arc<Stats>,
     seen: Counters,
     mine: u64,
-    generation: Arc<AtomicU64>,
+    generation: Arc<Generation>,
 }
 
 impl TcpEndpoint {
@@ -422,7 +418,7 @@ impl Endpoint for TcpEndpoint {
                 code: ABORTED,
             })
         });
-        self.mine = self.generation.load(Ordering::Acquire);
+        self.mine = self.generation.get();
         // The socket is shut down: nothing writes into the aborted commands' pages.
         Recovery::Failed { quiet: true }
     }
