@@ -9,7 +9,9 @@
 # What it runs: drivers/nvme/benches/io_count.rs (a harness-less bench target), which
 # brings the real driver up against the in-process software controller (the
 # nvcopy-nvme-sim crate, a dev-dependency) and does N cycles of: submit one 4 KiB Read
-# (io_submit), ring the SQ doorbell (io_ring), reap the completion (io_complete). Each phase is a never-inlined function.
+# (io_submit), ring the SQ doorbell (io_ring), reap the completion (io_complete). The
+# queue pair has 1024 entries, the engine's default, so that the CQ head is reported as
+# in a copy (once per half ring; a 2-entry ring would report it at every ring). Each phase is a never-inlined function.
 #
 # How the controller's work is left out: the software controller is synchronous and does
 # everything inside the doorbell stores, i.e. inside

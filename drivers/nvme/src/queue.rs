@@ -143,6 +143,9 @@ pub struct QueuePair {
     cq_head: u16,
     /// The CQ head the controller was last told of (see [`QueuePair::poll`]).
     cq_rung: u16,
+    /// Completions reaped since `cq_rung` was reported (kept, not computed, for the hot
+    /// path).
+    cq_unreported: usize,
     phase: u16,
     sq_doorbell: usize,
     cq_doorbell: usize,
@@ -219,6 +222,7 @@ impl QueuePair {
             sq_rung: 0,
             cq_head: 0,
             cq_rung: 0,
+            cq_unreported: 0,
             phase: 1,
             sq_doorbell: doorbell_offset(qid, false, stride),
             cq_doorbell: doorbell_offset(qid, true, stride),
@@ -361,7 +365,7 @@ impl QueuePair {
         }
         // Before the controller hears of more commands, it must have room for all their
         // completions: see `poll` on the CQ head.
-        let unreported = self.cq_unreported();
+        let unreported = self.cq_unreported;
         if unreported > 0 && unreported + self.outstanding() > self.cq_slack() {
             self.tell_cq_head(bar, false);
         }
@@ -434,6 +438,7 @@ impl QueuePair {
         self.sq_rung = 0;
         self.cq_head = 0;
         self.cq_rung = 0;
+        self.cq_unreported = 0;
         self.phase = 1;
         self.free = FreeIds::full(self.trackers.len() as u16);
         for t in &mut self.trackers {
@@ -514,7 +519,8 @@ impl QueuePair {
         // from one term to the other; only `ring` adds to the sum, and it reports the
         // head first when needed. At queue depths well below the ring size this is one
         // CQ doorbell per half a ring of completions instead of one per poll.
-        if reaped > 0 && self.cq_unreported() + self.outstanding() > self.cq_slack() {
+        self.cq_unreported += reaped;
+        if reaped > 0 && self.cq_unreported + self.outstanding() > self.cq_slack() {
             self.tell_cq_head(bar, reaped >= self.entries as usize);
         }
         match bad {
@@ -525,13 +531,6 @@ impl QueuePair {
             }),
             None => Ok(reaped),
         }
-    }
-
-    /// Completions reaped that the controller has not been told of.
-    #[inline]
-    fn cq_unreported(&self) -> usize {
-        (self.cq_head as usize + self.entries as usize - self.cq_rung as usize)
-            % self.entries as usize
     }
 
     /// How many completions the controller may hold in its view of the CQ before the
@@ -561,6 +560,7 @@ impl QueuePair {
             bar.write32(self.cq_doorbell, head as u32);
         }
         self.cq_rung = head;
+        self.cq_unreported = 0;
     }
 
     /// The oldest outstanding command past its timeout, if any. Commands posted but not

@@ -35,7 +35,10 @@ impl Rig {
             ControllerOptions::default(),
         );
         let ns = dev.ns(1);
-        let q = dev.qpair_of((depth + 1) as u16);
+        // A ring of the engine's default size (EngineOptions::queue_entries), as the
+        // copier's queues are: costs that depend on the ring (the CQ head is reported
+        // once per half ring) come out as they do in a copy.
+        let q = dev.qpair_of((depth + 1).max(1024) as u16);
         let bufs = (0..depth).map(|_| dev.buf(IO_BYTES)).collect();
         let lbas = ns.blocks;
         Rig {
