@@ -487,3 +487,75 @@ fn a_kernel_block_device_is_a_source_and_a_destination_unless_someone_holds_it()
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A restore: one image file read once and written to eight namespaces of the software
+/// controller in one job.
+#[test]
+fn a_file_is_restored_to_eight_nvme_namespaces_in_one_job() {
+    let _turn = common::Turn::take();
+    let d = scratch("restore8");
+    let img = d.join("golden.img");
+    let data = pattern(41, 4 * MIB);
+    std::fs::write(&img, &data).unwrap();
+    let pool = nvcopy_testkit::pool(64 << 20);
+    let mut cfg = SimConfig::new();
+    for _ in 0..8 {
+        cfg = cfg.namespace(NamespaceConfig::new(512, 8192));
+    }
+    let dev = ThreadedSim::start(SimController::new(cfg, pool.clone()));
+    let ctrl = bring_up("sim0", &dev, &pool, ControllerOptions::default());
+    let file = BlockFile::open(&img, Access::default()).unwrap();
+    let devices: Vec<Arc<dyn nvcopy::endpoint::Device>> = vec![
+        FileDevice::new(file, Arc::new(Anchor::new(true)), Duration::from_secs(10)),
+        NvmeDevice::shared(ctrl),
+    ];
+    let opts = EngineOptions {
+        reactors: 2,
+        pin: false,
+        ..Default::default()
+    };
+    let engine = Engine::with_devices(devices, pool, opts).unwrap();
+    let client = Client::new(&engine, 1024).unwrap();
+    let bs = engine.devices()[0].volume(1).unwrap().block_size;
+    let src = Region {
+        ctrl: 0,
+        nsid: 1,
+        offset: 0,
+        len: 4 * MIB as u64,
+        lba_size: bs,
+    };
+    let to: Vec<Region> = (1..=8)
+        .map(|nsid| Region {
+            ctrl: 1,
+            nsid,
+            lba_size: 512,
+            ..src
+        })
+        .collect();
+    let o = client.copy_blocking(&src, &to, Flags::NONE).unwrap();
+    assert!(
+        !o.read_err && !o.write_err.any() && o.bytes_ok == 4 * MIB as u64,
+        "{o:?}"
+    );
+    let (commands, _) = match engine.devices()[0]
+        .facts()
+        .iter()
+        .find(|(k, _)| *k == "commands")
+    {
+        Some((_, v)) => (v.parse::<u64>().unwrap(), ()),
+        None => panic!("no commands fact"),
+    };
+    // Read once: one read per chunk, not one per destination.
+    assert!(
+        commands <= (4 * MIB as u64).div_ceil(128 << 10),
+        "{commands} reads"
+    );
+    for nsid in 1..=8u32 {
+        let mut got = vec![0u8; 4 * MIB];
+        dev.sim().read_ns(nsid, 0, &mut got).unwrap();
+        assert!(got == data, "namespace {nsid}");
+    }
+    drop(client);
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&d);
+}
