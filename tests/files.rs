@@ -99,6 +99,20 @@ fn a_file_is_copied_to_two_files_byte_for_byte_and_a_missing_one_is_created() {
         "--json",
     ]);
     assert_eq!(json_field(&r.stdout, "bytes_ok"), data.len() as u64);
+    // Each destination took one write per chunk (512K by default) and then its Flush
+    // (fdatasync): what `ok` promises.
+    let chunks = (data.len() as u64).div_ceil(512 << 10);
+    let devices = json_field(&r.stdout, "devices");
+    for dest in [&a, &b] {
+        let d = devices
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == s(dest))
+            .unwrap();
+        let commands: u64 = d["facts"]["commands"].as_str().unwrap().parse().unwrap();
+        assert_eq!(commands, chunks + 1, "{}: writes and one flush", s(dest));
+    }
     assert_eq!(std::fs::read(&a).unwrap(), data, "created destination");
     let got = std::fs::read(&b).unwrap();
     assert_eq!(got.len(), old.len(), "an existing file is never truncated");
