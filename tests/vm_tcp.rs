@@ -105,29 +105,50 @@ fn refused(args: &[&str], words: &[&str]) {
     println!("refused as expected: {}", run.stderr.trim());
 }
 
-#[test]
-#[ignore = "needs the VM"]
-fn guest_tcp_suite() {
-    // The backing drive goes to the kernel nvme driver, and nvmet exports it.
-    setup_sh(&["reset", BACKING]);
-    wait_for_driver(BACKING, "nvme");
-    let dev = setup_sh(&["blockdev", BACKING]).trim().to_string();
+/// Exports the backing drive through nvmet-tcp once per guest boot; every guest test
+/// calls it, so each one runs alone as well as in the suite's order.
+fn ensure_target() {
+    static UP: std::sync::Once = std::sync::Once::new();
+    UP.call_once(|| {
+        // The backing drive goes to the kernel nvme driver, and nvmet exports it.
+        setup_sh(&["reset", BACKING]);
+        wait_for_driver(BACKING, "nvme");
+        let dev = setup_sh(&["blockdev", BACKING]).trim().to_string();
+        nvmet(&["up", &dev, NQN]);
+    });
+}
+
+/// Runs scripts/nvmet-setup.sh in the guest; it must succeed.
+fn nvmet(args: &[&str]) -> String {
     let out = std::process::Command::new("nvmet-setup.sh")
-        .args(["up", &dev, NQN])
+        .args(args)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "nvmet-setup.sh: {}{}",
+    let text = format!(
+        "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(out.status.success(), "nvmet-setup.sh {args:?}: {text}");
+    text
+}
+
+#[test]
+#[ignore = "needs the VM"]
+fn guest_a_fan_out_to_tcp_and_back() {
+    ensure_target();
     let t = tcp(NQN, 4420);
     // One job: a VFIO drive to the TCP namespace and to a second VFIO drive.
     copy(&["--from", SRC, "--to", &t, "--to", &format!("{DEST}@0+32M")]);
     // And back: the TCP namespace (namespace 1 named) onto the VFIO drive.
     copy(&["--from", &format!("{t}/1"), "--to", &format!("{DEST}@32M")]);
-    // A wrong NQN and a refused port.
+    std::process::Command::new("sync").status().unwrap();
+}
+
+#[test]
+#[ignore = "needs the VM"]
+fn guest_b_wrong_nqn_and_refused_port() {
+    ensure_target();
     refused(
         &[
             "--from",
@@ -141,12 +162,6 @@ fn guest_tcp_suite() {
         &["--from", SRC, "--to", &tcp(NQN, 4421)],
         &["cannot connect", "4421"],
     );
-    let out = std::process::Command::new("nvmet-setup.sh")
-        .args(["down", NQN])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "nvmet-setup.sh down: {out:?}");
-    std::process::Command::new("sync").status().unwrap();
 }
 
 // ---------------------------------------------------------------------------------------
