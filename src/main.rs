@@ -123,6 +123,10 @@ struct JobArgs {
     /// fatal status) before that controller's destinations fail.
     #[arg(long, default_value_t = 2)]
     max_resets: u32,
+    /// How long one command may take before its controller is reset, and how long a lost
+    /// NVMe/TCP connection may take to be made again (seconds, or with an ms suffix).
+    #[arg(long, default_value = "30", value_parser = parse_timeout)]
+    io_timeout: std::time::Duration,
     /// Keep progress in this ddrescue-format map file: created if missing; if present,
     /// only what it does not record as copied is copied (resume).
     #[arg(long)]
@@ -223,6 +227,20 @@ fn parse_inflight(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
+fn parse_timeout(s: &str) -> std::result::Result<std::time::Duration, String> {
+    let (num, unit) = match s.strip_suffix("ms") {
+        Some(n) => (n, 1),
+        None => (s.strip_suffix('s').unwrap_or(s), 1000),
+    };
+    match num.parse::<u64>().map(|n| n.saturating_mul(unit)) {
+        Ok(ms) if (100..=3_600_000).contains(&ms) => Ok(std::time::Duration::from_millis(ms)),
+        Ok(_) => Err(format!("{s}: give from 100ms to 3600 (seconds)")),
+        Err(_) => Err(format!(
+            "{s}: not a time: give seconds (30) or milliseconds (500ms)"
+        )),
+    }
+}
+
 fn parse_chunk(s: &str) -> std::result::Result<usize, String> {
     match parse_size(s) {
         Ok(n) if (4096..=(2 << 20)).contains(&n) && n % 4096 == 0 => Ok(n as usize),
@@ -272,7 +290,7 @@ fn run_job(from: Option<RegionSpec>, to: Vec<RegionSpec>, a: JobArgs) -> Result<
             buffered: a.buffered,
             sparse: a.sparse,
             sqpoll: !a.no_sqpoll,
-            ..Default::default()
+            io_timeout: a.io_timeout,
         },
     };
     let eo = EngineOptions {
@@ -285,7 +303,9 @@ fn run_job(from: Option<RegionSpec>, to: Vec<RegionSpec>, a: JobArgs) -> Result<
         seccomp: !a.no_seccomp,
         ..Default::default()
     };
-    let (summary, engine) = cli::run(&req, &a.hw.options(), &eo, !a.json)?;
+    let mut po = a.hw.options();
+    po.controller.io_timeout = a.io_timeout;
+    let (summary, engine) = cli::run(&req, &po, &eo, !a.json)?;
     // The summary goes out before the devices are closed: the job's callback ran after
     // every destination's Flush completed, so what it says is already durable.
     print(&if a.json {

@@ -897,6 +897,9 @@ impl Reactor {
                 continue;
             };
             if q.is_stale() {
+                if let Some(f) = q.fault() {
+                    self.faults[ci] = f;
+                }
                 self.recover(ci);
                 continue;
             }
@@ -932,6 +935,9 @@ impl Reactor {
             return;
         };
         let outcome = q.recover(&mut aborted);
+        if let (Recovery::Failed { .. }, Some(f)) = (outcome, q.fault()) {
+            self.faults[ci] = f;
+        }
         let name = self.shared.devices[ci].name().to_string();
         for c in &aborted {
             let Some((owner, op)) = Owner::of(c.token) else {

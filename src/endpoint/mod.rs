@@ -304,6 +304,11 @@ pub trait Endpoint: Send {
     fn is_stale(&self) -> bool;
     /// Whether commands can be posted.
     fn is_usable(&self) -> bool;
+    /// What went wrong with the device, in words, where the endpoint knows better than
+    /// the reactor (a lost connection, a failed reconnect).
+    fn fault(&self) -> Option<String> {
+        None
+    }
     /// The oldest command past its deadline at `now`, described.
     fn expired(&self, now: Instant) -> Option<String>;
     /// After a reset (or a timeout on a device that cannot be reset): fails every

@@ -3,10 +3,15 @@
 //! connection of its own) an [`Endpoint`]. Reads land in the chunk's pages and writes
 //! leave from them, through non-blocking sockets the reactor polls.
 //!
-//! A connection that ends (the target closed it, or sent a PDU that does not parse or
-//! names a command not outstanding) fails its outstanding commands with a code that
-//! [`Endpoint::describe`] turns into the typed error; it is not reconnected (phase 1), so
-//! the job's destinations on it fail.
+//! A connection that ends (the target closed or reset it, or sent a PDU that does not
+//! parse or names a command not outstanding), a Keep Alive that fails, and a command past
+//! its deadline all take the path a PCIe controller's reset takes: the endpoint turns
+//! stale, [`Endpoint::recover`] hands back every outstanding command as aborted, and the
+//! controller's service thread connects the queue again, under a new association
+//! ([`Controller::reopen_queue`]), trying for the I/O timeout. The reactor then reissues
+//! the commands within the job's `--max-resets`, or fails them with the reason. A TCP
+//! queue writes into a command's pages only inside its own recvmsg, so once its socket is
+//! shut down the aborted commands' pages are quiet.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,6 +48,7 @@ pub fn open_targets(
         let opts = nvcopy_tcp::Options {
             io_timeout,
             queues: reactors.clamp(1, 64) as u16,
+            reconnect_for: io_timeout,
             header_digest: std::env::var_os("NVCOPY_TCP_NO_DIGESTS").is_none(),
             data_digest: std::env::var_os("NVCOPY_TCP_NO_DIGESTS").is_none(),
             ..Default::default()
@@ -163,13 +169,20 @@ impl Device for TcpDevice {
     }
 
     fn open_endpoint(&self, pool: &DmaPool, entries: u16) -> Result<Box<dyn Endpoint>> {
-        let mut q = self.ctrl.open_queue(entries, pool)?;
+        let (mut q, epoch) = self.ctrl.open_queue(entries, pool)?;
         // Everything a command needs on the data path is allocated here, before the
-        // reactor confines itself: glibc grows a thread's heap with mprotect, which the
-        // reactor's seccomp filter does not allow.
-        q.reserve(self.caps().max_transfer);
+        // reactor's first pass, so that the data path does not allocate.
+        let max_transfer = self.caps().max_transfer;
+        q.reserve(max_transfer);
         Ok(Box::new(TcpEndpoint {
             q,
+            ctrl: self.ctrl.clone(),
+            epoch,
+            entries,
+            pool: pool.clone(),
+            max_transfer,
+            held: Vec::with_capacity(entries as usize),
+            lost: None,
             namespaces: self.ctrl.namespaces().iter().map(|n| n.nsid).collect(),
             stats: self.stats.clone(),
             seen: Counters::default(),
@@ -204,6 +217,7 @@ impl Device for TcpDevice {
                 s.would_block.load(Ordering::Relaxed).to_string(),
             ),
             ("bytes", s.bytes.load(Ordering::Relaxed).to_string()),
+            ("reconnects", self.ctrl.reconnects().to_string()),
             (
                 "syscalls_per_command",
                 if commands == 0 {
@@ -223,6 +237,17 @@ impl Device for TcpDevice {
 /// One reactor's I/O queue.
 struct TcpEndpoint {
     q: Queue,
+    ctrl: Arc<Controller>,
+    /// The association `q` was connected under ([`Controller::epoch`]).
+    epoch: u64,
+    entries: u16,
+    pool: DmaPool,
+    max_transfer: usize,
+    /// Commands a lost connection aborted, handed back by the next [`Endpoint::recover`]
+    /// (reserved at open: the data path does not allocate).
+    held: Vec<u64>,
+    /// Set for good once a reconnect failed: why.
+    lost: Option<String>,
     /// Namespace ids by [`Volume::index`].
     namespaces: Vec<u32>,
     stats: Arc<Stats>,
@@ -270,6 +295,14 @@ impl Endpoint for TcpEndpoint {
             }
             Ok(b as u32)
         };
+        if let Some(why) = &self.lost {
+            return Err(Refused::Invalid(why.clone()));
+        }
+        // A queue whose connection just ended waits for its recovery (at most a
+        // millisecond away): what is posted meanwhile goes out on the new connection.
+        if !self.q.is_usable() {
+            return Err(Refused::Full);
+        }
         let refused = |e| match e {
             SubmitError::Full => Refused::Full,
             SubmitError::Invalid(m) => Refused::Invalid(m),
@@ -336,10 +369,16 @@ impl Endpoint for TcpEndpoint {
         if self.q.outstanding() == 0 {
             return 0;
         }
-        let n = self.q.poll(max, |c| {
+        let before = out.len();
+        let held = &mut self.held;
+        let reconnecting = self.lost.is_none();
+        self.q.poll(max, |c| {
             let code = match c.outcome {
                 Outcome::Success => 0,
                 Outcome::Status(s) => (s.0 as u32).max(1),
+                // Kept for Endpoint::recover, which the reactor runs once it sees the
+                // endpoint stale.
+                Outcome::Aborted if reconnecting => return held.push(c.token),
                 Outcome::Aborted => ABORTED,
             };
             out.push(Done {
@@ -348,11 +387,11 @@ impl Endpoint for TcpEndpoint {
             });
         });
         self.publish();
-        n
+        out.len() - before
     }
 
     fn outstanding(&self) -> usize {
-        self.q.outstanding()
+        self.q.outstanding() + self.held.len()
     }
 
     fn retry_after(&self, done: &Done) -> Option<Duration> {
@@ -365,6 +404,9 @@ impl Endpoint for TcpEndpoint {
 
     fn describe(&self, done: &Done) -> String {
         if done.code >= ABORTED {
+            if let Some(why) = &self.lost {
+                return why.clone();
+            }
             return match self.q.error() {
                 Some(e) => e.to_string(),
                 None => format!(
@@ -387,7 +429,11 @@ impl Endpoint for TcpEndpoint {
     }
 
     fn is_stale(&self) -> bool {
-        false
+        self.lost.is_none() && (!self.q.is_usable() || self.ctrl.epoch() != self.epoch)
+    }
+
+    fn fault(&self) -> Option<String> {
+        self.lost.clone().or_else(|| self.q.error().map(|e| e.to_string()))
     }
 
     fn is_usable(&self) -> bool {
@@ -405,22 +451,58 @@ impl Endpoint for TcpEndpoint {
     }
 
     fn recover(&mut self, out: &mut Vec<Done>) -> Recovery {
-        let why = nvcopy_tcp::Error::Timeout {
-            target: self.q.target().to_string(),
-            qid: self.q.qid(),
-            what: "a command's completion",
-            waited: Duration::ZERO,
+        let cause = match self.q.error() {
+            Some(e) => e.to_string(),
+            None if self.ctrl.epoch() != self.epoch => format!(
+                "nvme+tcp://{}: the controller's association was lost (Keep Alive: {})",
+                self.q.target(),
+                self.ctrl
+                    .keep_alive_failure()
+                    .unwrap_or_else(|| "replaced by another queue's reconnect".into())
+            ),
+            None => format!(
+                "nvme+tcp://{}: queue {}: a command did not complete in time",
+                self.q.target(),
+                self.q.qid()
+            ),
         };
-        self.q.abort_all(why);
+        // Shuts the socket down (nothing more lands in the commands' pages) and fails
+        // what is outstanding through the normal completion path.
+        self.q.abort_all(nvcopy_tcp::Error::Controller {
+            target: self.q.target().to_string(),
+            why: "the queue is being reconnected".into(),
+        });
         let _ = self.q.poll(usize::MAX, |c| {
             out.push(Done {
                 token: c.token,
                 code: ABORTED,
             })
         });
+        out.extend(self.held.drain(..).map(|token| Done {
+            token,
+            code: ABORTED,
+        }));
+        // One lost association counts once against each job's --max-resets, however
+        // many queues it took down.
+        self.generation.bump(self.mine);
         self.mine = self.generation.get();
-        // The socket is shut down: nothing writes into the aborted commands' pages.
-        Recovery::Failed { quiet: true }
+        match self
+            .ctrl
+            .reopen_queue(self.q.qid(), self.entries, &self.pool, self.epoch)
+        {
+            Ok((mut q, epoch)) => {
+                self.publish();
+                q.reserve(self.max_transfer);
+                self.q = q;
+                self.epoch = epoch;
+                self.seen = Counters::default();
+                Recovery::Reissue
+            }
+            Err(e) => {
+                self.lost = Some(format!("{cause}; {e}"));
+                Recovery::Failed { quiet: true }
+            }
+        }
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -146,6 +146,30 @@ pub enum Error {
         waited: std::time::Duration,
     },
     /// The controller reported a fatal status (CSTS.CFS) or refuses what nvcopy needs.
+    /// A lost connection could not be made again in time.
+    #[error("nvme+tcp://{target}: queue {qid}: the connection was lost and could not be made again within {waited:?} ({attempts} attempts; last: {last}): check that the target and its port are up (nvmet: /sys/kernel/config/nvmet/ports), or give a longer --io-timeout")]
+    ReconnectFailed {
+        /// host:port/nqn.
+        target: String,
+        /// Queue id.
+        qid: u16,
+        /// Connection attempts made.
+        attempts: u32,
+        /// Time spent.
+        waited: std::time::Duration,
+        /// The last attempt's error.
+        last: String,
+    },
+    /// After a reconnect the subsystem serves other namespaces than before.
+    #[error("nvme+tcp://{target}: after reconnecting, the namespaces differ from those the job started on (then: {was}; now: {now}): it does not go on against other media")]
+    Changed {
+        /// host:port/nqn.
+        target: String,
+        /// The namespaces at the first bring-up.
+        was: String,
+        /// The namespaces now.
+        now: String,
+    },
     #[error("nvme+tcp://{target}: {why}")]
     Controller {
         /// host:port/nqn.
