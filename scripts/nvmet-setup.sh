@@ -6,6 +6,10 @@
 #                                                namespace 1 = DEVICE, on a TCP port
 #                                                (default 127.0.0.1:4420)
 #   nvmet-setup.sh down NQN                      remove the port and the subsystem
+#   nvmet-setup.sh port-off NQN                  unlink NQN from the port: nvmet ends its
+#                                                controllers' connections and, with no
+#                                                subsystem left, stops listening
+#   nvmet-setup.sh port-on NQN                   link it again (listening again)
 #
 # Boot the guest with `--kmod nvmet --kmod nvmet-tcp` (scripts/vm.sh), and leave the
 # backing controller on the kernel nvme driver (`setup.sh reset BDF`). busybox sh.
@@ -64,8 +68,24 @@ down() {
     echo "nvmet-setup: $nqn removed"
 }
 
+port_off() {
+    l=$NVMET/ports/$PORT_ID/subsystems/$1
+    [ -L "$l" ] || die "$1 is not on port $PORT_ID"
+    rm "$l" || die "cannot unlink $1 from port $PORT_ID"
+    echo "nvmet-setup: $1 taken off port $PORT_ID"
+}
+
+port_on() {
+    s=$NVMET/subsystems/$1 p=$NVMET/ports/$PORT_ID
+    [ -d "$s" ] && [ -d "$p" ] || die "no subsystem $1 or port $PORT_ID: run 'up' first"
+    ln -s "$s" "$p/subsystems/$1" || die "cannot link $1 to port $PORT_ID"
+    echo "nvmet-setup: $1 on port $PORT_ID again"
+}
+
 case ${1:-} in
     up) [ $# -ge 3 ] || die "usage: $0 up DEVICE NQN [ADDR [PORT]]"; shift; up "$@" ;;
     down) [ $# -eq 2 ] || die "usage: $0 down NQN"; down "$2" ;;
-    *) sed -n '5,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    port-off) [ $# -eq 2 ] || die "usage: $0 port-off NQN"; port_off "$2" ;;
+    port-on) [ $# -eq 2 ] || die "usage: $0 port-on NQN"; port_on "$2" ;;
+    *) sed -n '5,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -164,6 +164,121 @@ fn guest_b_wrong_nqn_and_refused_port() {
     );
 }
 
+/// Sectors written to the backing drive so far (/sys/block/NAME/stat, field 7): what
+/// nvmet has written for the hosts.
+fn backing_sectors_written() -> u64 {
+    let dev = setup_sh(&["blockdev", BACKING]).trim().to_string();
+    let name = dev.trim_start_matches("/dev/");
+    let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
+    stat.split_whitespace().nth(6).unwrap().parse().unwrap()
+}
+
+/// Starts a copy of the source onto the TCP namespace, slowed down (small chunks, few in
+/// flight) so that it is still running when the test takes the port away, and returns
+/// once nvmet has written `MIN_WRITTEN` of it: the fault then lands mid-copy, which the
+/// caller checks.
+fn copy_in_flight(io_timeout: &str, tag: &str) -> vm_common::Proc {
+    const MIN_WRITTEN: u64 = 2 * MIB;
+    let start = backing_sectors_written();
+    let args = strings(&[
+        "copy",
+        "--json",
+        "--from",
+        SRC,
+        "--to",
+        &tcp(NQN, 4420),
+        "--chunk",
+        "64K",
+        "--qd",
+        "2",
+        "--io-timeout",
+        io_timeout,
+    ]);
+    let p = vm_common::Proc::spawn(&args, tag);
+    let t = std::time::Instant::now();
+    loop {
+        let done = (backing_sectors_written() - start) * 512;
+        if done >= MIN_WRITTEN {
+            assert!(
+                done < LEN,
+                "the copy wrote all {done} bytes before the fault: it must be slower for this test to mean anything"
+            );
+            println!("fault after {done} bytes written by the target");
+            return p;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the copy never got going: {}",
+            p.so_far()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+#[ignore = "needs the VM"]
+fn guest_e_port_removed_mid_copy_and_back_recovers() {
+    ensure_target();
+    // The namespace is zeroed first, so that a chunk the recovery lost shows on the host
+    // (host_tcp_namespace_holds_the_source).
+    let run = nvcopy_for(
+        &strings(&["zero", "--to", &format!("{}@0+32M", tcp(NQN, 4420))]),
+        Duration::from_secs(300),
+    );
+    assert!(run.status.success(), "{run}");
+    let p = copy_in_flight("30", "port-back");
+    nvmet(&["port-off", NQN]);
+    // Long enough for the copy to find the connections gone and for a few refused
+    // reconnects.
+    std::thread::sleep(Duration::from_secs(2));
+    nvmet(&["port-on", NQN]);
+    let run = p.wait(Duration::from_secs(400));
+    assert!(
+        run.status.success(),
+        "the copy did not survive the port's absence: {run}"
+    );
+    let v = json(&run);
+    assert_eq!(v["bytes_ok"], LEN, "{run}");
+    let dev = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| {
+            d["name"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("nvme+tcp://")
+        })
+        .unwrap_or_else(|| panic!("no TCP device: {run}"))
+        .clone();
+    let reconnects: u64 = dev["facts"]["reconnects"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no reconnects fact: {run}"))
+        .parse()
+        .unwrap();
+    assert!(reconnects >= 1, "the copy never reconnected: {run}");
+    println!("recovered with {reconnects} reconnect(s)");
+    std::process::Command::new("sync").status().unwrap();
+}
+
+#[test]
+#[ignore = "needs the VM"]
+fn guest_f_port_removed_for_good_fails_clearly() {
+    ensure_target();
+    let p = copy_in_flight("3", "port-gone");
+    nvmet(&["port-off", NQN]);
+    let run = p.wait(Duration::from_secs(120));
+    nvmet(&["port-on", NQN]);
+    assert_eq!(run.status.code(), Some(1), "{run}");
+    for w in ["127.0.0.1:4420", "could not be made again", "--io-timeout"] {
+        assert!(run.stderr.contains(w), "stderr lacks {w:?}: {run}");
+    }
+    // The copy gave up about --io-timeout after the port went: not at once, and not
+    // after the 30 s default.
+    assert!(run.secs < 60.0, "{run}");
+    println!("failed as expected: {}", run.stderr.trim());
+}
+
 // ---------------------------------------------------------------------------------------
 // Host tests
 // ---------------------------------------------------------------------------------------

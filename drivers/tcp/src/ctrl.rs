@@ -737,9 +737,9 @@ impl Shared {
             if let Ok(mut f) = self.ka_failed.lock() {
                 *f = Some(e.to_string());
             }
-            let _ = self
-                .epoch
-                .compare_exchange(ep, ep | BROKEN, Ordering::AcqRel, Ordering::Acquire);
+            let _ =
+                self.epoch
+                    .compare_exchange(ep, ep | BROKEN, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 
@@ -806,9 +806,10 @@ impl Shared {
                 .join(", ")
         };
         let same = now.len() == self.namespaces.len()
-            && now.iter().zip(&self.namespaces).all(|(a, b)| {
-                a.nsid == b.nsid && a.blocks == b.blocks && a.lba_size == b.lba_size
-            });
+            && now
+                .iter()
+                .zip(&self.namespaces)
+                .all(|(a, b)| a.nsid == b.nsid && a.blocks == b.blocks && a.lba_size == b.lba_size);
         if same {
             Ok(())
         } else {
@@ -819,7 +820,6 @@ impl Shared {
             })
         }
     }
-
 }
 
 impl Drop for Controller {
