@@ -900,7 +900,11 @@ impl Reactor {
                 if let Some(f) = q.fault() {
                     self.faults[ci] = f;
                 }
+                // A reconnect can take up to its I/O timeout: the other queues'
+                // completions are reaped before their deadlines are judged again.
                 self.recover(ci);
+                self.now = Instant::now();
+                reset_done = true;
                 continue;
             }
             if reset_done || !q.is_usable() || q.outstanding() == 0 {
