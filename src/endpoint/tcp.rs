@@ -519,7 +519,12 @@ impl Endpoint for TcpEndpoint {
 }
 
 impl TcpEndpoint {
-    fn q_retry_delay(&self, _s: Status) -> Duration {
-        Duration::ZERO
+    /// The controller's Command Retry Delay for the status's CRD index (base
+    /// specification 4.6.1), capped as on PCIe.
+    fn q_retry_delay(&self, s: Status) -> Duration {
+        self.ctrl
+            .info()
+            .retry_delay(s.crd())
+            .min(nvcopy_nvme::MAX_RETRY_DELAY)
     }
 }
