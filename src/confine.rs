@@ -5,13 +5,14 @@
 //! when it is idle, recovering a controller, or exiting. Anything else kills the process
 //! with SIGSYS (`--no-seccomp` turns the filter off, for debugging).
 //!
-//! mprotect is deliberately not allowed (it could make memory executable), and that
-//! rules out allocating on the data path: glibc grows a thread's own heap (a non-main
-//! arena, reserved PROT_NONE) with mprotect, so a reactor whose allocations outgrow what
-//! its arena already made writable dies with SIGSYS (syscall 10 on x86_64). Endpoints
-//! therefore allocate what their commands need when they are opened, before the reactor
-//! confines itself; an NVMe/TCP endpoint that allocated per command was killed about a
-//! second into a copy.
+//! mprotect is allowed only without PROT_EXEC: glibc grows a thread's own heap (a
+//! non-main arena, reserved PROT_NONE) with mprotect, and a reactor's error paths
+//! allocate, but memory never becomes executable. Endpoints still allocate what their
+//! commands need when they are opened, so that the data path does not allocate at all.
+//!
+//! Socket calls (sendmsg, recvmsg, shutdown) are allowed only on reactors of an engine
+//! with an NVMe/TCP device ([`Profile::ReactorTcp`]); no reactor may create or connect a
+//! socket: the NVMe/TCP controller's own thread makes every connection.
 
 use std::collections::BTreeMap;
 
@@ -32,10 +33,28 @@ pub enum Profile {
     /// socket calls of an NVMe/TCP endpoint (sendmsg, recvmsg, and shutdown when a
     /// connection ends).
     DataPathRing,
-    /// [`Profile::DataPathRing`], plus what recovery and teardown need: memory for error
-    /// messages, PCI config space reads and writes (bus mastering off), closing a device,
-    /// and writing a panic message to stderr.
+    /// [`Profile::DataPath`] plus the io_uring calls of [`Profile::DataPathRing`], plus
+    /// what recovery and teardown need: memory for error messages, PCI config space reads
+    /// and writes (bus mastering off), closing a device, and writing a panic message to
+    /// stderr. No socket calls.
     Reactor,
+    /// [`Profile::Reactor`] plus an NVMe/TCP endpoint's socket calls.
+    ReactorTcp,
+}
+
+impl Profile {
+    /// The production profile of a reactor: [`Profile::ReactorTcp`] when `sockets`.
+    pub fn reactor(sockets: bool) -> Profile {
+        if sockets {
+            Profile::ReactorTcp
+        } else {
+            Profile::Reactor
+        }
+    }
+
+    fn is_reactor(self) -> bool {
+        matches!(self, Profile::Reactor | Profile::ReactorTcp)
+    }
 }
 
 /// Syscalls a polling thread may make while idle or exiting: sleeping and waking (futex,
@@ -72,16 +91,18 @@ pub fn filter(profile: Profile) -> Result<BpfProgram, seccompiler::Error> {
         IDLE.iter().map(|&nr| (nr, Vec::new())).collect();
     if profile != Profile::DataPath {
         rules.insert(libc::SYS_io_uring_enter, Vec::new());
-        // An NVMe/TCP endpoint's non-blocking socket calls (crate::endpoint::tcp).
-        rules.insert(libc::SYS_sendmsg, Vec::new());
-        rules.insert(libc::SYS_recvmsg, Vec::new());
-        rules.insert(libc::SYS_shutdown, Vec::new());
         // A ring is a descriptor: the reactor unregisters its file and buffers, then
         // closes it, when it exits.
         rules.insert(libc::SYS_close, Vec::new());
         rules.insert(libc::SYS_io_uring_register, Vec::new());
     }
-    if profile == Profile::Reactor {
+    if matches!(profile, Profile::DataPathRing | Profile::ReactorTcp) {
+        // An NVMe/TCP endpoint's non-blocking socket calls (crate::endpoint::tcp).
+        rules.insert(libc::SYS_sendmsg, Vec::new());
+        rules.insert(libc::SYS_recvmsg, Vec::new());
+        rules.insert(libc::SYS_shutdown, Vec::new());
+    }
+    if profile.is_reactor() {
         rules.extend(RECOVERY.iter().map(|&nr| (nr, Vec::new())));
         // glibc grows a thread's malloc arena by mprotect-ing more of its reserved heap
         // read-write (an error message on a failing drive may be the allocation that
@@ -129,7 +150,7 @@ fn open_refusal() -> Result<BpfProgram, seccompiler::Error> {
 /// Confines the calling thread to `profile` for the rest of its life (other threads are
 /// not affected).
 pub fn confine_current_thread(profile: Profile) -> Result<(), seccompiler::Error> {
-    if profile == Profile::Reactor {
+    if profile.is_reactor() {
         // Installed first: the reactor filter allows no seccomp or prctl calls, so
         // nothing can be installed after it. Both are in place before any work.
         seccompiler::apply_filter(&open_refusal()?)?;
@@ -154,9 +175,10 @@ mod tests {
     fn both_filters_compile_and_the_reactor_one_is_a_superset() {
         let small = filter(Profile::DataPath).map(|p| p.len());
         let big = filter(Profile::Reactor).map(|p| p.len());
+        let tcp = filter(Profile::ReactorTcp).map(|p| p.len());
         assert!(
-            matches!((&small, &big), (Ok(s), Ok(b)) if b > s),
-            "{small:?} {big:?}"
+            matches!((&small, &big, &tcp), (Ok(s), Ok(b), Ok(t)) if b > s && t > b),
+            "{small:?} {big:?} {tcp:?}"
         );
     }
 

@@ -227,7 +227,8 @@ impl Reactor {
             let _ = crate::confine::pin_current_thread(self.id);
         }
         let confined = if self.shared.opts.seccomp {
-            crate::confine::confine_current_thread(crate::confine::Profile::Reactor)
+            let sockets = self.shared.devices.iter().any(|d| d.uses_sockets());
+            crate::confine::confine_current_thread(crate::confine::Profile::reactor(sockets))
                 .map_err(|e| e.to_string())
         } else {
             Ok(())

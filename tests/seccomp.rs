@@ -119,3 +119,37 @@ fn a_forbidden_syscall_on_a_reactor_kills_the_process() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Socket calls are an NVMe/TCP endpoint's: a reactor of an engine without one dies of
+/// SIGSYS on the first (shutdown of no socket, which would otherwise fail with EBADF).
+#[test]
+fn a_reactor_without_nvme_tcp_may_not_use_sockets() {
+    if std::env::var_os(CHILD).is_some_and(|v| v == "socket") {
+        let init: nvcopy::engine::ReactorInit = Arc::new(|_| {
+            // SAFETY: shutdown on a descriptor that does not exist touches no memory.
+            // (Printing here would itself be killed: a reactor writes only to stderr.)
+            let _ = unsafe { libc::shutdown(-1, libc::SHUT_RDWR) };
+        });
+        let _rig = Rig::new(vec![ctrl(&[(512, MIB)])], confined(Some(init)));
+        std::thread::sleep(Duration::from_secs(5));
+        println!("the socket call was allowed");
+        return;
+    }
+    let me = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(me)
+        .args([
+            "--exact",
+            "a_reactor_without_nvme_tcp_may_not_use_sockets",
+            "--nocapture",
+        ])
+        .env(CHILD, "socket")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGSYS),
+        "a socket call on a reactor without NVMe/TCP: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -134,6 +134,11 @@ pub trait Device: Send + Sync {
     fn caps(&self) -> Caps;
     /// What identifies the media of `volume`.
     fn media(&self, volume: &Volume) -> MediaId;
+    /// Whether its endpoints make socket calls (sendmsg, recvmsg, shutdown), which the
+    /// reactors' seccomp filter then allows.
+    fn uses_sockets(&self) -> bool {
+        false
+    }
     /// Whether one Copy of `blocks` blocks fits the volume's limits.
     fn copy_fits(&self, _volume: &Volume, _blocks: u64) -> bool {
         false

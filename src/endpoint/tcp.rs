@@ -95,6 +95,10 @@ impl Device for TcpDevice {
         self.ctrl.name()
     }
 
+    fn uses_sockets(&self) -> bool {
+        true
+    }
+
     fn volume(&self, id: u32) -> Result<Volume> {
         let found = self
             .ctrl
