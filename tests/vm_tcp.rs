@@ -270,13 +270,18 @@ fn guest_f_port_removed_for_good_fails_clearly() {
     let run = p.wait(Duration::from_secs(120));
     nvmet(&["port-on", NQN]);
     assert_eq!(run.status.code(), Some(1), "{run}");
+    // With --json the job's first error is in the summary.
+    let first = json(&run)["first_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     for w in ["127.0.0.1:4420", "could not be made again", "--io-timeout"] {
-        assert!(run.stderr.contains(w), "stderr lacks {w:?}: {run}");
+        assert!(first.contains(w), "first_error lacks {w:?}: {run}");
     }
     // The copy gave up about --io-timeout after the port went: not at once, and not
     // after the 30 s default.
     assert!(run.secs < 60.0, "{run}");
-    println!("failed as expected: {}", run.stderr.trim());
+    println!("failed as expected: {first}");
 }
 
 // ---------------------------------------------------------------------------------------

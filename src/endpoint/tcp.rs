@@ -261,6 +261,11 @@ struct TcpEndpoint {
 }
 
 impl TcpEndpoint {
+    /// How the driver's errors begin: `nvme+tcp://TARGET: `.
+    fn prefix(&self) -> String {
+        format!("nvme+tcp://{}: ", self.q.target())
+    }
+
     fn publish(&mut self) {
         let now = self.q.counters();
         if now == self.seen {
@@ -505,6 +510,8 @@ impl Endpoint for TcpEndpoint {
                 Recovery::Reissue
             }
             Err(e) => {
+                let e = e.to_string();
+                let e = e.strip_prefix(&self.prefix()).unwrap_or(&e);
                 self.lost = Some(format!("{cause}; {e}"));
                 Recovery::Failed { quiet: true }
             }

@@ -147,7 +147,7 @@ pub enum Error {
     },
     /// The controller reported a fatal status (CSTS.CFS) or refuses what nvcopy needs.
     /// A lost connection could not be made again in time.
-    #[error("nvme+tcp://{target}: queue {qid}: the connection was lost and could not be made again within {waited:?} ({attempts} attempts; last: {last}): check that the target and its port are up (nvmet: /sys/kernel/config/nvmet/ports), or give a longer --io-timeout")]
+    #[error("nvme+tcp://{target}: queue {qid}: the connection was lost and could not be made again within {waited:.1?} ({attempts} attempts; last: {last}): check that the target and its port are up (nvmet: /sys/kernel/config/nvmet/ports), or give a longer --io-timeout")]
     ReconnectFailed {
         /// host:port/nqn.
         target: String,
