@@ -9,7 +9,10 @@
 //!   and H2C Data are sent straight from DMA-pool pages, C2H Data received straight into
 //!   them, with no copy through a temporary buffer.
 //! - [`Controller`]: the admin queue, bring-up as the PCIe state machine (CC.EN, CSTS.RDY),
-//!   Keep Alive, I/O queue connection, shutdown.
+//!   Keep Alive, I/O queue connection, shutdown, and reconnection: a queue whose
+//!   connection ended (or whose association's Keep Alive failed) is connected again by
+//!   the controller's service thread, under a new association when its own is the one
+//!   lost, for as long as [`Options::reconnect_for`] allows.
 //!
 //! All unsafe code is in `sock` (scatter/gather socket calls).
 
