@@ -442,9 +442,12 @@ impl Endpoint for TcpEndpoint {
     }
 
     fn fault(&self) -> Option<String> {
-        self.lost
+        // The reactor names the device before the fault: it is not repeated.
+        let f = self
+            .lost
             .clone()
-            .or_else(|| self.q.error().map(|e| e.to_string()))
+            .or_else(|| self.q.error().map(|e| e.to_string()))?;
+        Some(f.strip_prefix(&self.prefix()).unwrap_or(&f).to_string())
     }
 
     fn is_usable(&self) -> bool {
