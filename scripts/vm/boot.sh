@@ -47,7 +47,8 @@ Usage:
   scripts/vm.sh run [OPTIONS] -- CMD [ARGS...]
   scripts/vm.sh shell [OPTIONS]
   scripts/vm.sh demo  [OPTIONS]      copy 1 GiB (DEMO_MB) to two drives with nvcopy, check by checksum
-  scripts/vm.sh bench [OPTIONS]      nvcopy vs dd (1->1, 1->3, read), chunk x QD sweep; see benches/README.md
+  scripts/vm.sh bench [OPTIONS]      nvcopy vs dd (1->1, 1->3, read, to NVMe/TCP), chunk x QD sweep;
+                                     BENCH_ONLY=tcp for the NVMe/TCP part alone; see benches/README.md
   scripts/vm.sh help
 
 Boots a QEMU q35 guest (TCG) with an emulated Intel IOMMU, binds every NVMe
