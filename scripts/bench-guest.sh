@@ -20,7 +20,8 @@
 #
 # Environment (from vm.sh bench): BENCH_MB (1024), BENCH_RUNS (5), SWEEP_MB (256),
 # SWEEP_CHUNKS ("4K ... 512K"), SWEEP_QDS ("1 ... 128"), SWEEP_PASSES (2), SWEEP=0 to skip
-# the sweep, CORES_RUNS (3), STARTUP_RUNS (5).
+# the sweep, CORES_RUNS (3), STARTUP_RUNS (5), BENCH_ONLY=tcp for the NVMe/TCP comparison
+# alone (tcp_bench below).
 set -u
 
 MB=${BENCH_MB:-1024}
@@ -119,6 +120,80 @@ check_dd_direct() {
 }
 
 DD="dd bs=1M count=$MB iflag=direct"
+
+# ---------------------------------------------------------------------------------------
+# NVMe/TCP: the source drive to a namespace that nvmet-tcp exports on 127.0.0.1:4420 from
+# $TCP_BACKING (on the kernel nvme driver throughout, and the same target for both
+# sides), interleaved: nvcopy with its own userspace NVMe/TCP host, its source on
+# vfio-pci; then the kernel's initiator (nvme-tcp, `nvme connect` from nvme-cli) and dd
+# with O_DIRECT from the source's kernel block device to the connected namespace. dd is
+# timed alone, the kernel's connect and disconnect each apart (test=tcp_connect,
+# tcp_disconnect), all outside dd's span; nvcopy's wall time includes its own connect.
+# ---------------------------------------------------------------------------------------
+TCP_NQN=nqn.2026-12.io.nvcopy:bench
+TCP_HOSTNQN=nqn.2026-12.io.nvcopy:bench-kernel-initiator
+TCP_BACKING=$D3
+
+# The kernel's block device for subsystem $1 (a multipath head, or a namespace of a
+# controller without multipath): found by NQN, since the PCIe controllers are nvme0.. too.
+tcp_blockdev() {
+    tb_i=0
+    while [ $tb_i -lt 150 ]; do
+        for tb_d in /sys/class/nvme-subsystem/* /sys/class/nvme/*; do
+            [ "$(cat "$tb_d/subsysnqn" 2>/dev/null)" = "$1" ] || continue
+            for tb_n in "$tb_d"/nvme*n*; do
+                tb_b=${tb_n##*/}
+                case $tb_b in *c*) continue ;; esac
+                [ -b "/dev/$tb_b" ] && { echo "/dev/$tb_b"; return 0; }
+            done
+        done
+        sleep 0.2 2>/dev/null || sleep 1
+        tb_i=$((tb_i + 1))
+    done
+    return 1
+}
+
+tcp_bench() {
+    if ! command -v nvme >/dev/null || ! command -v nvmet-setup.sh >/dev/null; then
+        say "skipping NVMe/TCP: the guest has no nvme-cli or nvmet-setup.sh (vm.sh bench adds them)"
+        echo "BENCHSKIP test=copy2tcp reason=no-nvme-cli-or-nvmet-setup.sh"
+        return 0
+    fi
+    setup.sh reset $TCP_BACKING >/dev/null || fail "setup.sh reset $TCP_BACKING"
+    tcp_bdev=$(blockdev $TCP_BACKING) || fail "no block device for $TCP_BACKING"
+    nvmet-setup.sh up "$tcp_bdev" $TCP_NQN || fail "nvmet-setup.sh up $tcp_bdev $TCP_NQN"
+    tcp_url=nvme+tcp://127.0.0.1:4420/$TCP_NQN
+    echo "BENCHINFO tcp_target=nvmet-tcp tcp_backing=$TCP_BACKING nvme_cli=$(nvme version 2>/dev/null | head -n 1 | tr ' ' '_')"
+    r=1
+    while [ "$r" -le "$RUNS" ]; do
+        setup.sh bind $SRC >/dev/null || fail "setup.sh bind $SRC"
+        say "tcp round $r of $RUNS: nvcopy ($SRC -> $tcp_url)"
+        nvcopy_run copy2tcp "$r" "" nvcopy copy --from "$SRC+${MB}M" --to "$tcp_url" --json
+        setup.sh reset $SRC >/dev/null || fail "setup.sh reset $SRC"
+        B0=$(blockdev $SRC) || fail "no block device for $SRC"
+        t0=$(now)
+        nvme connect -t tcp -a 127.0.0.1 -s 4420 -n $TCP_NQN --hostnqn $TCP_HOSTNQN >/tmp/err.txt 2>&1 ||
+            { cat /tmp/err.txt; fail "nvme connect to $TCP_NQN"; }
+        tcp_dev=$(tcp_blockdev $TCP_NQN) || fail "no kernel block device for $TCP_NQN after nvme connect"
+        t1=$(now)
+        echo "BENCH test=tcp_connect tool=dd run=$r wall=$(sub "$t0" "$t1") bytes=0"
+        say "tcp round $r of $RUNS: kernel initiator + dd ($B0 -> $tcp_dev)"
+        dd_run copy2tcp "$r" "$BYTES" "$DD if=$B0 of=$tcp_dev oflag=direct"
+        t0=$(now)
+        nvme disconnect -n $TCP_NQN >/tmp/err.txt 2>&1 || { cat /tmp/err.txt; fail "nvme disconnect -n $TCP_NQN"; }
+        t1=$(now)
+        echo "BENCH test=tcp_disconnect tool=dd run=$r wall=$(sub "$t0" "$t1") bytes=0"
+        r=$((r + 1))
+    done
+    nvmet-setup.sh down $TCP_NQN >/dev/null || fail "nvmet-setup.sh down $TCP_NQN"
+    to_vfio
+}
+
+if [ "${BENCH_ONLY:-}" = tcp ]; then
+    tcp_bench
+    say "done"
+    exit 0
+fi
 # ---------------------------------------------------------------------------------------
 # Interleaved rounds: nvcopy (vfio-pci) then dd (kernel nvme), RUNS times.
 # ---------------------------------------------------------------------------------------
@@ -240,5 +315,7 @@ if [ "$SWEEP" = 1 ]; then
         pass=$((pass + 1))
     done
 fi
+
+tcp_bench
 
 say "done"

@@ -3,6 +3,9 @@
 //! 127.0.0.1:4420, and nvcopy copies a VFIO drive to that TCP namespace and to a second
 //! VFIO drive in one job, then the TCP namespace back onto the second VFIO drive. A wrong
 //! subsystem NQN and a refused port must fail with exit status 1 and a clear message.
+//! The kernel's own initiator (nvme-tcp, through Debian's nvme-cli, which the suite puts
+//! in the guest with `--deb nvme-cli`) cross-checks the same target both ways: it reads
+//! back what nvcopy wrote, and nvcopy copies what it wrote.
 //!
 //! `scripts/test.sh` prepares the images with `scripts/vm-tcp-suite.sh prepare DIR` and
 //! boots one guest with `scripts/vm-tcp-suite.sh run DIR` (which owns the layout):
@@ -10,8 +13,10 @@
 //! | device             | image (in DIR) | size   | notes                                     |
 //! |--------------------|----------------|--------|-------------------------------------------|
 //! | 0000:00:10.0, vfio | source.img     | 32 MiB | random: the source                         |
-//! | 0000:00:11.0, vfio | dest.img       | 64 MiB | the fan-out copy at 0, the copy back at 32 MiB |
-//! | 0000:00:12.0, kernel | tcp.img      | 32 MiB | exported by nvmet-tcp as namespace 1 of [`NQN`] |
+//! | 0000:00:11.0, vfio | dest.img       | 96 MiB | the fan-out copy at 0, the copy back at 32 MiB |
+//! |                    |                |        | at 64 MiB: nvcopy's copy of what the kernel initiator wrote |
+//! | 0000:00:12.0, kernel | tcp.img      | 64 MiB | exported by nvmet-tcp as namespace 1 of [`NQN`] |
+//! |                    |                |        | at 0: the source (guest_a); at 32 MiB: [`kinit_pattern`], written by the kernel initiator |
 //!
 //! After the guest exits, `cargo test --test vm_tcp -- --ignored host_` with
 //! NVCOPY_TCP_IMAGES=DIR compares the images with source.img byte for byte.
@@ -140,8 +145,13 @@ fn guest_a_fan_out_to_tcp_and_back() {
     let t = tcp(NQN, 4420);
     // One job: a VFIO drive to the TCP namespace and to a second VFIO drive.
     copy(&["--from", SRC, "--to", &t, "--to", &format!("{DEST}@0+32M")]);
-    // And back: the TCP namespace (namespace 1 named) onto the VFIO drive.
-    copy(&["--from", &format!("{t}/1"), "--to", &format!("{DEST}@32M")]);
+    // And back: the TCP namespace (namespace 1 named, its first 32 MiB) onto the VFIO drive.
+    copy(&[
+        "--from",
+        &format!("{t}/1+32M"),
+        "--to",
+        &format!("{DEST}@32M"),
+    ]);
     std::process::Command::new("sync").status().unwrap();
 }
 
@@ -285,6 +295,308 @@ fn guest_f_port_removed_for_good_fails_clearly() {
 }
 
 // ---------------------------------------------------------------------------------------
+// The kernel's own NVMe/TCP initiator (nvme-tcp, driven by Debian's nvme-cli) on the same
+// target, both ways: it reads what nvcopy wrote, and nvcopy reads what it wrote.
+// ---------------------------------------------------------------------------------------
+
+/// The host NQN the kernel initiator connects with (nvme-cli has no /etc/nvme/hostnqn in
+/// the guest).
+const KINIT_HOSTNQN: &str = "nqn.2026-12.io.nvcopy:vm-tcp-kernel-initiator";
+/// Where the kernel initiator writes [`kinit_pattern`] on the TCP namespace ...
+const KINIT_TCP_AT: u64 = 32 * MIB;
+/// ... and where nvcopy copies it to on the VFIO destination.
+const KINIT_DEST_AT: u64 = 64 * MIB;
+
+/// `len` bytes that nothing else in the suite writes: a splitmix64 stream, made the same
+/// way in the guest (to write) and on the host (to compare).
+fn kinit_pattern(len: u64) -> Vec<u8> {
+    let mut x: u64 = 0x6b69_6e69_745f_7463; // any fixed seed
+    let mut out = Vec::with_capacity(len as usize);
+    while (out.len() as u64) < len {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len as usize);
+    out
+}
+
+/// Runs a guest command, which must succeed; its stdout and stderr.
+fn must(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}: {text}",
+        out.status
+    );
+    text
+}
+
+/// `nvme<N>n<M>`: a namespace's block device (a multipath head, or a namespace of a
+/// controller without multipath), not a path device `nvme<N>c<C>n<M>`.
+fn is_namespace_blockdev(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("nvme") else {
+        return false;
+    };
+    let Some((a, b)) = rest.split_once('n') else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    digits(a) && digits(b)
+}
+
+fn sysfs(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The kernel's NVMe controllers and subsystems as sysfs shows them: name, NQN,
+/// transport and entries, for failure messages.
+fn nvme_sysfs_report() -> String {
+    let mut r = String::new();
+    for class in ["/sys/class/nvme", "/sys/class/nvme-subsystem"] {
+        for e in std::fs::read_dir(class).into_iter().flatten().flatten() {
+            let dir = e.path();
+            let mut names: Vec<String> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|n| n.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("nvme"))
+                .collect();
+            names.sort();
+            r += &format!(
+                "{} subsysnqn={} transport={} {names:?}\n",
+                dir.display(),
+                sysfs(&dir.join("subsysnqn")),
+                sysfs(&dir.join("transport"))
+            );
+        }
+    }
+    r
+}
+
+/// The block device of the namespace that the kernel reaches through subsystem `nqn`:
+/// found by the subsystem NQN in sysfs, because the local PCIe controllers are nvme0..
+/// as well. None until exactly one is there.
+fn kernel_blockdev_of(nqn: &str) -> Option<String> {
+    let mut found = Vec::new();
+    for class in ["/sys/class/nvme-subsystem", "/sys/class/nvme"] {
+        for e in std::fs::read_dir(class).into_iter().flatten().flatten() {
+            let dir = e.path();
+            if sysfs(&dir.join("subsysnqn")) != nqn {
+                continue;
+            }
+            for n in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = n.file_name().to_string_lossy().into_owned();
+                if is_namespace_blockdev(&name)
+                    && std::path::Path::new(&format!("/dev/{name}")).exists()
+                {
+                    found.push(format!("/dev/{name}"));
+                }
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    (found.len() == 1).then(|| found.remove(0))
+}
+
+/// Names of the controllers the kernel has for `nqn` over TCP.
+fn kernel_tcp_controllers(nqn: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/sys/class/nvme")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            sysfs(&e.path().join("subsysnqn")) == nqn && sysfs(&e.path().join("transport")) == "tcp"
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A kernel initiator connection to [`NQN`], disconnected on drop if the test did not
+/// do so itself (a failed assertion), so that later tests find no kernel host attached.
+struct KernelInitiator {
+    connected: bool,
+}
+
+impl KernelInitiator {
+    fn connect() -> Self {
+        let out = must(
+            "nvme",
+            &[
+                "connect",
+                "-t",
+                "tcp",
+                "-a",
+                "127.0.0.1",
+                "-s",
+                "4420",
+                "-n",
+                NQN,
+                "--hostnqn",
+                KINIT_HOSTNQN,
+            ],
+        );
+        println!("nvme connect: {}", out.trim());
+        KernelInitiator { connected: true }
+    }
+
+    fn disconnect(&mut self) {
+        self.connected = false;
+        let out = must("nvme", &["disconnect", "-n", NQN]);
+        println!("nvme disconnect: {}", out.trim());
+        assert!(
+            out.contains("disconnected 1 controller"),
+            "nvme disconnect -n {NQN}: {out}"
+        );
+    }
+}
+
+impl Drop for KernelInitiator {
+    fn drop(&mut self) {
+        if self.connected {
+            let _ = std::process::Command::new("nvme")
+                .args(["disconnect", "-n", NQN])
+                .status();
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs the VM"]
+fn guest_d_kernel_initiator_cross_check() {
+    ensure_target();
+    let mut kernel = KernelInitiator::connect();
+    let ctrls = kernel_tcp_controllers(NQN);
+    assert_eq!(
+        ctrls.len(),
+        1,
+        "one kernel TCP controller for {NQN} after nvme connect, got {ctrls:?}:\n{}",
+        nvme_sysfs_report()
+    );
+    // The namespace's block device appears once the kernel has scanned it.
+    let t0 = std::time::Instant::now();
+    let dev = loop {
+        if let Some(d) = kernel_blockdev_of(NQN) {
+            break d;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no block device for {NQN} after 60 s:\n{}",
+            nvme_sysfs_report()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let name = dev.trim_start_matches("/dev/");
+    let sectors: u64 = sysfs(std::path::Path::new(&format!("/sys/block/{name}/size")))
+        .parse()
+        .unwrap_or(0);
+    println!(
+        "kernel initiator: {} = {dev}, {} MiB",
+        ctrls[0],
+        sectors * 512 / MIB
+    );
+    assert_eq!(
+        sectors * 512,
+        KINIT_TCP_AT + LEN,
+        "{dev} is not the size of the exported tcp.img"
+    );
+
+    // nvcopy wrote the source to the TCP namespace's first 32 MiB (guest_a): the kernel
+    // initiator reads it back, and the source itself comes through nvcopy into a file
+    // (the guest's /tmp is ramfs: no O_DIRECT, hence --buffered).
+    let mib = (LEN / MIB).to_string();
+    must(
+        "dd",
+        &[
+            &format!("if={dev}"),
+            "of=/tmp/kinit-tcp-read.bin",
+            "bs=1M",
+            &format!("count={mib}"),
+            "iflag=direct",
+        ],
+    );
+    let src_copy = "/tmp/kinit-source.bin";
+    let _ = std::fs::remove_file(src_copy);
+    let run = nvcopy_for(
+        &strings(&[
+            "copy",
+            "--from",
+            &format!("{SRC}+{mib}M"),
+            "--to",
+            src_copy,
+            "--buffered",
+        ]),
+        Duration::from_secs(300),
+    );
+    assert!(
+        run.status.success(),
+        "reading the source into {src_copy}: {run}"
+    );
+    let got = std::fs::read("/tmp/kinit-tcp-read.bin").unwrap();
+    let want = std::fs::read(src_copy).unwrap();
+    assert_eq!(want.len() as u64, LEN, "{src_copy}");
+    if let Some(i) = first_difference(&got, &want) {
+        panic!(
+            "the kernel initiator reads {dev} (what nvcopy wrote in guest_a) differently from the source: first difference at byte {i}"
+        );
+    }
+    println!("kernel initiator read {mib} MiB that nvcopy wrote: same as the source");
+    let _ = std::fs::remove_file("/tmp/kinit-tcp-read.bin");
+    let _ = std::fs::remove_file(src_copy);
+
+    // The other way: the kernel initiator writes the pattern at 32 MiB with O_DIRECT and
+    // disconnects; nvcopy copies that region to the VFIO destination (checked on the
+    // host, with the TCP image itself).
+    let pattern = "/tmp/kinit-pattern.bin";
+    std::fs::write(pattern, kinit_pattern(LEN)).unwrap();
+    must(
+        "dd",
+        &[
+            &format!("if={pattern}"),
+            &format!("of={dev}"),
+            "bs=1M",
+            &format!("seek={}", KINIT_TCP_AT / MIB),
+            &format!("count={mib}"),
+            "oflag=direct",
+        ],
+    );
+    let _ = std::fs::remove_file(pattern);
+    kernel.disconnect();
+    let t0 = std::time::Instant::now();
+    while !kernel_tcp_controllers(NQN).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the kernel still has a controller for {NQN} 30 s after nvme disconnect:\n{}",
+            nvme_sysfs_report()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    copy(&[
+        "--from",
+        &format!("{}/1@{}M+{mib}M", tcp(NQN, 4420), KINIT_TCP_AT / MIB),
+        "--to",
+        &format!("{DEST}@{}M", KINIT_DEST_AT / MIB),
+    ]);
+    std::process::Command::new("sync").status().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
 // Host tests
 // ---------------------------------------------------------------------------------------
 
@@ -320,5 +632,21 @@ fn host_vfio_destination_holds_the_fanout_and_the_copy_back() {
         &read_at(&image("dest.img"), LEN, LEN),
         &want,
         "dest.img at 32 MiB (from the TCP namespace)",
+    );
+}
+
+#[test]
+#[ignore = "needs the images of a finished guest run"]
+fn host_kernel_initiator_writes_reach_tcp_and_nvcopy_copies_them() {
+    let want = kinit_pattern(LEN);
+    assert_same(
+        &read_at(&image("tcp.img"), KINIT_TCP_AT, LEN),
+        &want,
+        "tcp.img at 32 MiB (written by the kernel initiator)",
+    );
+    assert_same(
+        &read_at(&image("dest.img"), KINIT_DEST_AT, LEN),
+        &want,
+        "dest.img at 64 MiB (nvcopy's copy from the TCP namespace at 32 MiB)",
     );
 }

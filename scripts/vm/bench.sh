@@ -7,17 +7,22 @@
 # (scripts/bench-guest.sh). The host writes the source's random data before boot; the
 # report (benches/vm-bench-report.py) prints medians, min-max and ratios and writes
 # BENCH_OUT (benches/results/vm-bench.json), then benches/plot draws the sweep.
+# The guest also exports one drive through nvmet-tcp and compares nvcopy's NVMe/TCP host
+# with the kernel's initiator (nvme-cli, nvme-tcp) and dd on it; BENCH_ONLY=tcp runs that
+# comparison alone (no doorbell boots, no sweep plot; BENCH_OUT defaults to
+# benches/results/vm-bench-tcp.json).
 # Environment: BENCH_MB BENCH_RUNS SWEEP SWEEP_MB SWEEP_CHUNKS SWEEP_QDS SWEEP_PASSES
-# CORES_RUNS STARTUP_RUNS (see bench-guest.sh), BENCH_OUT, BENCH_TIMEOUT (3600 s).
+# CORES_RUNS STARTUP_RUNS BENCH_ONLY (see bench-guest.sh), BENCH_OUT, BENCH_TIMEOUT (3600 s).
 # Never fails on speed; exits with the guest script's status.
 vm_cmd_bench() {
-    local mb=${BENCH_MB:-1024} gib tmp log load rc=0 v
-    local out=${BENCH_OUT:-$VM_REPO/benches/results/vm-bench.json}
+    local mb=${BENCH_MB:-1024} gib tmp log load rc=0 v only=${BENCH_ONLY:-}
+    local out=${BENCH_OUT:-$VM_REPO/benches/results/vm-bench${only:+-$only}.json}
     [[ $mb =~ ^[1-9][0-9]*$ ]] || vm_usage_error "BENCH_MB wants MiB, got '$mb'"
+    [[ -z $only || $only == tcp ]] || vm_usage_error "BENCH_ONLY wants tcp (or nothing, for the whole bench), got '$only'"
     gib=$(( (mb + 1023) / 1024 + 1 ))
     ((gib >= 2)) || gib=2
     local -a envs=(--env "BENCH_MB=$mb")
-    for v in BENCH_RUNS SWEEP SWEEP_MB SWEEP_CHUNKS SWEEP_QDS SWEEP_PASSES CORES_RUNS STARTUP_RUNS; do
+    for v in BENCH_RUNS SWEEP SWEEP_MB SWEEP_CHUNKS SWEEP_QDS SWEEP_PASSES CORES_RUNS STARTUP_RUNS BENCH_ONLY; do
         [[ -n ${!v:-} ]] && envs+=(--env "$v=${!v}")
     done
     mkdir -p "$VM_WORK"
@@ -37,15 +42,17 @@ vm_cmd_bench() {
     load=$(cut -d' ' -f1-3 /proc/loadavg)
     vm_boot --timeout "${BENCH_TIMEOUT:-3600}" --nvme "file=$tmp/src.img" \
         --nvme "size=${gib}G" --nvme "size=${gib}G" --nvme "size=${gib}G" --nvme "file=$tmp/fs.img" --kmod ext4 \
+        --kmod nvmet --kmod nvmet-tcp --kmod crc32c_generic --kmod nvme-tcp --deb nvme-cli \
+        --add "$VM_SCRIPT_DIR/nvmet-setup.sh:/bin/nvmet-setup.sh" \
         --add "$VM_SCRIPT_DIR/bench-guest.sh:/bin/bench-guest.sh" "${envs[@]}" "$@" \
         -- sh /bin/bench-guest.sh | tee "$log"
     rc=${PIPESTATUS[0]}
-    ((rc != 0)) || vm_bench_doorbells "$tmp" "$log" || rc=$?
+    ((rc != 0)) || [[ -n $only ]] || vm_bench_doorbells "$tmp" "$log" || rc=$?
     if grep -q '^BENCH ' "$log"; then
         BENCH_QEMU_VERSION=$("$VM_QEMU" --version | head -n 1) BENCH_LOAD_START=$load \
             python3 "$VM_REPO/benches/vm-bench-report.py" "$log" "$out" --raw "${out%.json}.raw" ||
             vm_log "bench: the report failed"
-        if command -v cargo >/dev/null; then
+        if [[ -z $only ]] && command -v cargo >/dev/null; then
             cargo run --quiet --release --manifest-path "$VM_REPO/Cargo.toml" -p nvcopy-bench-plot -- \
                 "$out" "$(dirname "$out")/sweep.png" || vm_log "bench: plotting the sweep failed"
         fi

@@ -47,7 +47,8 @@ Usage:
   scripts/vm.sh run [OPTIONS] -- CMD [ARGS...]
   scripts/vm.sh shell [OPTIONS]
   scripts/vm.sh demo  [OPTIONS]      copy 1 GiB (DEMO_MB) to two drives with nvcopy, check by checksum
-  scripts/vm.sh bench [OPTIONS]      nvcopy vs dd (1->1, 1->3, read), chunk x QD sweep; see benches/README.md
+  scripts/vm.sh bench [OPTIONS]      nvcopy vs dd (1->1, 1->3, read, to NVMe/TCP), chunk x QD sweep;
+                                     BENCH_ONLY=tcp for the NVMe/TCP part alone; see benches/README.md
   scripts/vm.sh help
 
 Boots a QEMU q35 guest (TCG) with an emulated Intel IOMMU, binds every NVMe
@@ -84,6 +85,11 @@ Options:
   --append ARGS                extra kernel command line arguments
   --kmod NAME                  also put kernel module NAME (with its dependencies)
                                in the guest and load it at boot, e.g. ext4, dm-mod
+  --deb PACKAGE                unpack the Debian package PACKAGE (apt-get download,
+                               cached in vm-work/debs) into the guest, with the
+                               library packages it depends on, the host libraries
+                               that ldd finds for its programs and the dynamic
+                               loader, e.g. nvme-cli (its docs are left out)
   --no-build                   skip the cargo build (same as NVCOPY_VM_NO_BUILD=1)
   --keep                       keep the per-run directory (images, initramfs)
   --shell                      interactive shell instead of CMD (= `shell`)
@@ -342,6 +348,115 @@ vm_base_initramfs() {
 }
 
 # ----------------------------------------------------------------------------
+# --deb: Debian packages with dynamically linked programs
+# ----------------------------------------------------------------------------
+
+# Prints the path of PACKAGE's .deb, downloaded once into $VM_WORK/debs (like the kernel,
+# a cached package is reused, so that later runs need no network).
+vm_deb_fetch() {
+    local pkg=$1 dir=$VM_WORK/debs tmp f
+    local -a found=()
+    mkdir -p "$dir"
+    shopt -s nullglob
+    found=("$dir/${pkg}"_*.deb)
+    shopt -u nullglob
+    if ((${#found[@]} == 0)); then
+        tmp=$dir/.tmp-$pkg-$$
+        rm -rf "$tmp" && mkdir -p "$tmp"
+        vm_log "--deb: fetching $pkg"
+        if ! (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2); then
+            # Missing or stale package lists (a fresh machine): refresh once and retry.
+            vm_apt_update_once
+            (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2) ||
+                { rm -rf "$tmp"; vm_die "--deb: apt-get download $pkg failed"; }
+        fi
+        shopt -s nullglob
+        found=("$tmp/${pkg}"_*.deb)
+        shopt -u nullglob
+        ((${#found[@]} == 1)) || { rm -rf "$tmp"; vm_die "--deb: apt-get download $pkg left no single ${pkg}_*.deb"; }
+        mv "${found[0]}" "$dir/" || vm_die "--deb: cannot move ${found[0]} to $dir"
+        rm -rf "$tmp"
+        found=("$dir/$(basename "${found[0]}")")
+    fi
+    printf '%s\n' "${found[0]}"
+}
+
+# The package names in a .deb's Depends and Pre-Depends: first alternative, no version
+# constraint, no architecture qualifier.
+vm_deb_depends() {
+    local field
+    for field in Pre-Depends Depends; do
+        dpkg-deb -f "$1" "$field" | tr ',' '\n' | sed -e 's/|.*//' -e 's/(.*)//' -e 's/:.*//' -e 's/[[:space:]]//g'
+    done | sed '/^$/d'
+}
+
+# vm_deb_payload STAGE PAYLOAD PACKAGE...: unpacks the packages into STAGE with dpkg -x,
+# and with them every library package (lib*) they depend on, transitively, that the host
+# does not have installed; then copies STAGE, less usr/share, into the guest's PAYLOAD
+# tree. Every ELF file is checked with ldd (LD_LIBRARY_PATH = STAGE's library folders);
+# the libraries it finds on the host (libc, and installed library packages: the host is
+# the same Debian release) and the dynamic loader go into PAYLOAD at the same paths.
+# A library that ldd cannot find stops the run. Dependencies that are not libraries
+# (uuid-runtime, say) are left out, and said so.
+vm_deb_payload() {
+    local stage=$1 payload=$2 pkg deb dep f line lib
+    shift 2
+    local -a queue=("$@")
+    local -A seen=()
+    local -a unpacked=()
+    rm -rf "$stage" && mkdir -p "$stage" || vm_die "--deb: cannot create $stage"
+    while ((${#queue[@]})); do
+        pkg=${queue[0]}
+        queue=("${queue[@]:1}")
+        [[ -n ${seen[$pkg]:-} ]] && continue
+        seen[$pkg]=1
+        deb=$(vm_deb_fetch "$pkg") || exit $?
+        dpkg -x "$deb" "$stage" || vm_die "--deb: dpkg -x $deb failed"
+        unpacked+=("$(basename "$deb" .deb)")
+        while read -r dep; do
+            [[ -n ${seen[$dep]:-} ]] && continue
+            if vm_pkg_installed "$dep"; then
+                continue # its libraries are on the host, where ldd finds them
+            elif [[ $dep == lib* ]]; then
+                queue+=("$dep")
+            else
+                seen[$dep]=1
+                vm_log "--deb $pkg: not unpacking its dependency $dep (not a library package)"
+            fi
+        done < <(vm_deb_depends "$deb")
+    done
+    local libpath=''
+    for f in "$stage"/lib/x86_64-linux-gnu "$stage"/usr/lib/x86_64-linux-gnu "$stage"/lib "$stage"/usr/lib; do
+        [[ -d $f ]] && libpath+=${libpath:+:}$f
+    done
+    local -A hostlibs=()
+    local out nfiles=0
+    while IFS= read -r -d '' f; do
+        [[ $(head -c 4 "$f" | od -An -c | tr -d ' ') == 177ELF ]] || continue
+        nfiles=$((nfiles + 1))
+        # "not a dynamic executable" (static) is fine; anything not found is not.
+        out=$(LD_LIBRARY_PATH=$libpath ldd "$f" 2>&1) || continue
+        while IFS= read -r line; do
+            case $line in
+                *"=> not found"*) vm_die "--deb ${*}: ${f#"$stage"} needs ${line%% =>*}, which neither the unpacked packages nor the host have" ;;
+                *" => /"*) lib=${line#*=> }; lib=${lib%% (*} ;;
+                */*" (0x"*) lib=${line%% (*}; lib=${lib#"${lib%%[![:space:]]*}"} ;; # the loader
+                *) continue ;;
+            esac
+            [[ $lib == "$stage"/* ]] || hostlibs[$lib]=1
+        done <<<"$out"
+    done < <(find "$stage" -path "$stage/usr/share" -prune -o -type f -print0)
+    ((nfiles > 0)) || vm_die "--deb ${*}: no programs or libraries in the packages"
+    (cd "$stage" && tar --exclude=./usr/share -cf - .) | (cd "$payload" && tar -xf -) ||
+        vm_die "--deb: copying the unpacked packages into the guest failed"
+    for lib in "${!hostlibs[@]}"; do
+        mkdir -p "$payload$(dirname "$lib")"
+        cp -L "$lib" "$payload$lib" || vm_die "--deb: cannot copy the host's $lib"
+    done
+    vm_log "--deb: unpacked ${unpacked[*]}; $nfiles ELF files; from the host: $(printf '%s\n' "${!hostlibs[@]}" | LC_ALL=C sort | tr '\n' ' ')"
+}
+
+# ----------------------------------------------------------------------------
 # Option parsing and NVMe controllers
 # ----------------------------------------------------------------------------
 
@@ -359,6 +474,7 @@ vm_reset_state() {
     VM_OPT_ADD=()
     VM_OPT_APPEND=
     VM_OPT_KMODS=()
+    VM_OPT_DEBS=()
     VM_OPT_NO_BUILD=
     VM_OPT_KEEP=0
     VM_OPT_SHELL=0
@@ -376,7 +492,7 @@ vm_parse_options() {
             set -- "$opt" "$val" "${@:2}"
         fi
         case $opt in
-            --nvme | --qemu-arg | --hugemem | --mem | --smp | --timeout | --env | --add | --append | --kmod)
+            --nvme | --qemu-arg | --hugemem | --mem | --smp | --timeout | --env | --add | --append | --kmod | --deb)
                 (($# >= 2)) || vm_usage_error "$opt needs a value"
                 val=$2
                 shift 2
@@ -411,6 +527,9 @@ vm_parse_options() {
             --kmod)
                 [[ $val =~ ^[A-Za-z0-9_-]+$ ]] || vm_usage_error "--kmod wants a module name, got '$val'"
                 VM_OPT_KMODS+=("$val") ;;
+            --deb)
+                [[ $val =~ ^[a-z0-9][a-z0-9+.-]+$ ]] || vm_usage_error "--deb wants a Debian package name, got '$val'"
+                VM_OPT_DEBS+=("$val") ;;
             --no-build) VM_OPT_NO_BUILD=1 ;;
             --keep) VM_OPT_KEEP=1 ;;
             --shell) VM_OPT_SHELL=1 ;;
@@ -618,6 +737,10 @@ vm_boot() {
         # (cargo already hard-links its binaries), which is asking for trouble.
         cp "$host" "$p$guest" || vm_die "cannot copy $host"
     done <"$VM_WORK/artifacts.tsv"
+    # Packages before --add, so that an --add file can replace one of theirs.
+    if ((${#VM_OPT_DEBS[@]})); then
+        vm_deb_payload "$rundir/debs" "$p" "${VM_OPT_DEBS[@]}"
+    fi
     local a
     for a in "${VM_OPT_ADD[@]}"; do
         mkdir -p "$p$(dirname "${a##*:}")"
