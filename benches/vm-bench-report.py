@@ -28,7 +28,8 @@ TESTS = {
     "file2nvme": "%s copy, a file on ext4 -> NVMe (nvcopy: io_uring O_DIRECT source)",
     "nvme2file": "%s copy, NVMe -> a file on ext4 (nvcopy: io_uring O_DIRECT destination)",
     "bdev2nvme": "%s copy, the kernel's block device of a drive -> NVMe",
-    "copy2tcp": "%s copy, a drive -> an NVMe/TCP namespace (nvmet-tcp on 127.0.0.1; dd: through the kernel initiator, nvme-tcp)",
+    "copy2tcp": "%s copy, a drive -> an NVMe/TCP namespace, no digests (nvmet-tcp on 127.0.0.1; dd: through the kernel initiator, nvme-tcp)",
+    "copy2tcp_digests": "%s copy, a drive -> an NVMe/TCP namespace, header and data digests (dd: nvme connect -g -G)",
 }
 
 
@@ -220,7 +221,7 @@ def main():
               % (fmt(result["tcp_kernel_initiator"]["connect_s"]), fmt(result["tcp_kernel_initiator"]["disconnect_s"]),
                  fmt(incl, "x")))
 
-    st = [r for r in recs if r.get("tool") == "nvcopy" and r.get("test") in TESTS and r.get("test") != "copy2tcp"]
+    st = [r for r in recs if r.get("tool") == "nvcopy" and r.get("test") in TESTS and not r.get("test", "").startswith("copy2tcp")]
     startup = summary([num(r["wall"]) - num(r["elapsed"]) for r in st
                        if num(r.get("wall")) is not None and num(r.get("elapsed")) is not None])
     result["nvcopy_outside_data_phase_s"] = startup

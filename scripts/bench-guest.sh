@@ -167,22 +167,33 @@ tcp_bench() {
     r=1
     while [ "$r" -le "$RUNS" ]; do
         setup.sh bind $SRC >/dev/null || fail "setup.sh bind $SRC"
-        say "tcp round $r of $RUNS: nvcopy ($SRC -> $tcp_url)"
-        nvcopy_run copy2tcp "$r" "" nvcopy copy --from "$SRC+${MB}M" --to "$tcp_url" --json
+        # Digests off on both sides (the kernel initiator's default), then on on both
+        # (nvcopy's default; nvme connect -g -G): each pair runs the same protocol.
+        say "tcp round $r of $RUNS: nvcopy ($SRC -> $tcp_url), no digests"
+        nvcopy_run copy2tcp "$r" "" nvcopy copy --from "$SRC+${MB}M" --to "$tcp_url" --json --tcp-digests none
+        say "tcp round $r of $RUNS: nvcopy ($SRC -> $tcp_url), header and data digests"
+        nvcopy_run copy2tcp_digests "$r" "" nvcopy copy --from "$SRC+${MB}M" --to "$tcp_url" --json
         setup.sh reset $SRC >/dev/null || fail "setup.sh reset $SRC"
         B0=$(blockdev $SRC) || fail "no block device for $SRC"
-        t0=$(now)
-        nvme connect -t tcp -a 127.0.0.1 -s 4420 -n $TCP_NQN --hostnqn $TCP_HOSTNQN >/tmp/err.txt 2>&1 ||
-            { cat /tmp/err.txt; fail "nvme connect to $TCP_NQN"; }
-        tcp_dev=$(tcp_blockdev $TCP_NQN) || fail "no kernel block device for $TCP_NQN after nvme connect"
-        t1=$(now)
-        echo "BENCH test=tcp_connect tool=dd run=$r wall=$(sub "$t0" "$t1") bytes=0"
-        say "tcp round $r of $RUNS: kernel initiator + dd ($B0 -> $tcp_dev)"
-        dd_run copy2tcp "$r" "$BYTES" "$DD if=$B0 of=$tcp_dev oflag=direct"
-        t0=$(now)
-        nvme disconnect -n $TCP_NQN >/tmp/err.txt 2>&1 || { cat /tmp/err.txt; fail "nvme disconnect -n $TCP_NQN"; }
-        t1=$(now)
-        echo "BENCH test=tcp_disconnect tool=dd run=$r wall=$(sub "$t0" "$t1") bytes=0"
+        for mode in plain digests; do
+            flags="" test=copy2tcp ctest=tcp_connect dtest=tcp_disconnect
+            if [ $mode = digests ]; then
+                flags="-g -G" test=copy2tcp_digests ctest=tcp_connect_digests dtest=tcp_disconnect_digests
+            fi
+            t0=$(now)
+            # shellcheck disable=SC2086 # $flags is two words or none
+            nvme connect -t tcp -a 127.0.0.1 -s 4420 -n $TCP_NQN --hostnqn $TCP_HOSTNQN $flags >/tmp/err.txt 2>&1 ||
+                { cat /tmp/err.txt; fail "nvme connect $flags to $TCP_NQN"; }
+            tcp_dev=$(tcp_blockdev $TCP_NQN) || fail "no kernel block device for $TCP_NQN after nvme connect"
+            t1=$(now)
+            echo "BENCH test=$ctest tool=dd run=$r wall=$(sub "$t0" "$t1") bytes=0"
+            say "tcp round $r of $RUNS: kernel initiator ($mode) + dd ($B0 -> $tcp_dev)"
+            dd_run $test "$r" "$BYTES" "$DD if=$B0 of=$tcp_dev oflag=direct"
+            t0=$(now)
+            nvme disconnect -n $TCP_NQN >/tmp/err.txt 2>&1 || { cat /tmp/err.txt; fail "nvme disconnect -n $TCP_NQN"; }
+            t1=$(now)
+            echo "BENCH test=$dtest tool=dd run=$r wall=$(sub "$t0" "$t1") bytes=0"
+        done
         r=$((r + 1))
     done
     nvmet-setup.sh down $TCP_NQN >/dev/null || fail "nvmet-setup.sh down $TCP_NQN"

@@ -127,6 +127,10 @@ struct JobArgs {
     /// NVMe/TCP connection may take to be made again (seconds, or with an ms suffix).
     #[arg(long, default_value = "30", value_parser = parse_timeout)]
     io_timeout: std::time::Duration,
+    /// NVMe/TCP digests (CRC32C) to ask the target for: both, header, data or none. TCP's
+    /// own checksum is 16 bits; the Linux initiator asks for none unless told (-g, -G).
+    #[arg(long, default_value = "both", value_parser = parse_digests)]
+    tcp_digests: (bool, bool),
     /// Keep progress in this ddrescue-format map file: created if missing; if present,
     /// only what it does not record as copied is copied (resume).
     #[arg(long)]
@@ -227,6 +231,16 @@ fn parse_inflight(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
+fn parse_digests(s: &str) -> std::result::Result<(bool, bool), String> {
+    match s {
+        "both" => Ok((true, true)),
+        "header" => Ok((true, false)),
+        "data" => Ok((false, true)),
+        "none" => Ok((false, false)),
+        _ => Err(format!("{s}: give both, header, data or none")),
+    }
+}
+
 fn parse_timeout(s: &str) -> std::result::Result<std::time::Duration, String> {
     let (num, unit) = match s.strip_suffix("ms") {
         Some(n) => (n, 1),
@@ -291,6 +305,7 @@ fn run_job(from: Option<RegionSpec>, to: Vec<RegionSpec>, a: JobArgs) -> Result<
             sparse: a.sparse,
             sqpoll: !a.no_sqpoll,
             io_timeout: a.io_timeout,
+            tcp_digests: a.tcp_digests,
         },
     };
     let eo = EngineOptions {

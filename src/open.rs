@@ -36,6 +36,8 @@ pub struct FileOptions {
     pub sqpoll: bool,
     /// How long one file command may take.
     pub io_timeout: Duration,
+    /// NVMe/TCP digests asked for: (header, data) (`--tcp-digests`).
+    pub tcp_digests: (bool, bool),
 }
 
 impl Default for FileOptions {
@@ -45,6 +47,7 @@ impl Default for FileOptions {
             sparse: false,
             sqpoll: true,
             io_timeout: Duration::from_secs(30),
+            tcp_digests: (true, true),
         }
     }
 }
@@ -87,7 +90,7 @@ pub fn open_job(
         }
         (unique.into_iter().map(NvmeDevice::shared).collect(), p.pool)
     };
-    crate::endpoint::tcp::open_targets(&mut devices, from, to, files.io_timeout, opts.reactors)?;
+    crate::endpoint::tcp::open_targets(&mut devices, from, to, files, opts.reactors)?;
     // The anchor ring's SQPOLL thread is a kernel thread that polls a core: only for
     // jobs that have a file or a block device.
     let any_file = from.into_iter().chain(to).any(|r| r.path().is_some());

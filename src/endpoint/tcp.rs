@@ -37,9 +37,10 @@ pub fn open_targets(
     devices: &mut super::Devices,
     from: Option<&crate::region::RegionSpec>,
     to: &[crate::region::RegionSpec],
-    io_timeout: Duration,
+    how: &crate::open::FileOptions,
     reactors: usize,
 ) -> Result<()> {
+    let io_timeout = how.io_timeout;
     let mut targets: Vec<&nvcopy_tcp::Target> =
         from.into_iter().chain(to).filter_map(|r| r.tcp()).collect();
     targets.sort();
@@ -49,8 +50,8 @@ pub fn open_targets(
             io_timeout,
             queues: reactors.clamp(1, 64) as u16,
             reconnect_for: io_timeout,
-            header_digest: std::env::var_os("NVCOPY_TCP_NO_DIGESTS").is_none(),
-            data_digest: std::env::var_os("NVCOPY_TCP_NO_DIGESTS").is_none(),
+            header_digest: how.tcp_digests.0,
+            data_digest: how.tcp_digests.1,
             ..Default::default()
         };
         devices.push(TcpDevice::shared(Controller::connect(t, opts)?));
