@@ -3,11 +3,13 @@
 #
 #   scripts/test.sh            everything: fmt, clippy, host tests, the VM suites
 #   NVCOPY_SKIP_VM=1 scripts/test.sh   host checks only (no QEMU), for quick iterations
+#   NVCOPY_SKIP_FUZZ=1 scripts/test.sh   everything but the minute of fuzzing
 #
 # Run as root on a fresh Debian 12 machine: scripts/vm.sh installs QEMU, busybox and a
 # guest kernel from Debian's packages, and cargo fetches the crates. The last line is
 # "N passed, N failed", summed over every suite: libtest's own counts for the Rust
-# tests (host and guest), plus one check each for fmt, clippy and each VM boot.
+# tests (host and guest), plus one check each for fmt, clippy, the fuzz run and each VM
+# boot.
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -66,9 +68,26 @@ tests() {
 }
 
 command -v ddrescuelog >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gddrescue; } >&2 || echo "warning: installing gddrescue failed; tests/mapfile_ddrescuelog.rs will fail" # ddrescuelog, for the host tests
+# The NVMe/TCP PDU parsers under libFuzzer for a minute (fuzz/; the checks are
+# nvcopy_tcp::fuzz::parse_any, which the host tests also run over a seeded corpus).
+# cargo-fuzz is installed when missing (about a minute and a half); it passes -Z flags,
+# which the stable toolchain takes under RUSTC_BOOTSTRAP=1. What the fuzzer adds to the
+# corpus goes to the logs, not into fuzz/corpus; a crash leaves its input in
+# fuzz/artifacts/pdu/ and the log says how to replay it. NVCOPY_SKIP_FUZZ=1 skips it.
+fuzz_pdu() {
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --version =0.13.2 --locked || return 1
+    cargo fuzz --version || return 1
+    local grown=$LOGS/fuzz-corpus-pdu
+    mkdir -p "$grown"
+    (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run pdu "$grown" corpus/pdu -- -max_total_time="${NVCOPY_FUZZ_SECONDS:-60}")
+}
+
 check fmt cargo fmt --all -- --check
 check clippy cargo clippy --workspace --all-targets --all-features -- -D warnings
 tests host cargo test --workspace --all-features
+if [ "${NVCOPY_SKIP_FUZZ:-0}" != 1 ]; then
+    check fuzz-pdu fuzz_pdu
+fi
 
 if [ "${NVCOPY_SKIP_VM:-0}" != 1 ]; then
     VMWORK=${NVCOPY_VM_WORK:-$REPO/vm-work}

@@ -4,6 +4,8 @@
 //! - [`pdu`]: the PDU layouts (compile-time size checks), encoders for what a host sends,
 //!   a parser for what a controller sends that refuses malformed headers with typed
 //!   errors, and the CRC32C digests.
+//! - [`fuzz`]: the PDU parsers under arbitrary input with their invariants checked, for
+//!   the cargo-fuzz target in `fuzz/` and a corpus test that runs in every CI run.
 //! - [`cmd`]: Fabrics (Connect, Property Get/Set), admin and NVM submission entries.
 //! - [`Queue`]: one connection, driven without blocking from a polling loop: capsules
 //!   and H2C Data are sent straight from DMA-pool pages, C2H Data received straight into
@@ -19,6 +21,7 @@
 pub mod cmd;
 mod ctrl;
 mod error;
+pub mod fuzz;
 pub mod pdu;
 mod queue;
 mod sock;

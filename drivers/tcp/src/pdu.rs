@@ -267,6 +267,9 @@ pub enum PduError {
     /// An ICResp the host cannot accept.
     #[error("ICResp refused: {0}")]
     IcResp(&'static str),
+    /// An ICReq a target cannot accept.
+    #[error("ICReq refused: {0}")]
+    IcReq(&'static str),
     /// A data PDU with no data.
     #[error("{what} for command {cid} carries no data")]
     Empty {
@@ -382,12 +385,22 @@ impl IcReq {
         b
     }
 
-    /// Parses an ICReq (for a target, and tests).
+    /// Parses an ICReq (for a target, and tests). Refuses what [`IcResp::parse`] refuses
+    /// of its own fields: reserved digest bits, and an alignment above 31 (128 bytes),
+    /// which the spec reserves and which a target's data PDUs could not be padded to
+    /// within their 128-byte header area.
     pub fn parse(b: &[u8; IC_LEN]) -> Result<IcReq, PduError> {
         check_ic(b, kind::IC_REQ)?;
         let dgst = b[offset_of!(IcReqLayout, dgst)];
+        let hpda = b[offset_of!(IcReqLayout, hpda)];
+        if dgst & !3 != 0 {
+            return Err(PduError::IcReq("reserved digest bits set"));
+        }
+        if hpda > 31 {
+            return Err(PduError::IcReq("HPDA above 31"));
+        }
         Ok(IcReq {
-            hpda: b[offset_of!(IcReqLayout, hpda)],
+            hpda,
             header_digest: dgst & 1 != 0,
             data_digest: dgst & 2 != 0,
             maxr2t: le32(b, offset_of!(IcReqLayout, maxr2t)),
@@ -899,6 +912,32 @@ mod tests {
         assert_eq!(&b[..8], &[0, 0, 128, 0, 128, 0, 0, 0]);
         assert_eq!((b[10], b[11]), (3, 1));
         assert_eq!(IcReq::parse(&b).unwrap(), r);
+    }
+
+    #[test]
+    fn icreq_with_reserved_digest_bits_or_hpda_above_31_is_refused() {
+        // Found by the fuzz harness (crate::fuzz): these parsed, the reserved digest bits
+        // silently dropped, and an HPDA of 32 or more made encode_c2h slice past its
+        // 128-byte header buffer.
+        let good = IcReq {
+            hpda: 31,
+            header_digest: true,
+            data_digest: true,
+            maxr2t: 0,
+        }
+        .encode();
+        assert!(IcReq::parse(&good).is_ok());
+        let mut b = good;
+        b[offset_of!(IcReqLayout, dgst)] = 0x27;
+        assert_eq!(
+            IcReq::parse(&b),
+            Err(PduError::IcReq("reserved digest bits set"))
+        );
+        for hpda in [32, 105, 255] {
+            let mut b = good;
+            b[offset_of!(IcReqLayout, hpda)] = hpda;
+            assert_eq!(IcReq::parse(&b), Err(PduError::IcReq("HPDA above 31")));
+        }
     }
 
     #[test]
