@@ -156,6 +156,9 @@ struct Shared {
     mqes: u16,
     /// Largest write sent in its command capsule (IOCCSZ).
     in_capsule: usize,
+    /// I/O queues the first association granted (Set Features Number of Queues), which
+    /// every later one must grant again.
+    granted: u16,
     assoc: Mutex<Assoc>,
     /// The live association's number, with [`BROKEN`] set once it is known lost.
     epoch: AtomicU64,
@@ -452,6 +455,7 @@ impl Controller {
             namespaces,
             mqes: (cap & 0xffff) as u16,
             in_capsule,
+            granted,
             assoc: Mutex::new(assoc),
             epoch: AtomicU64::new(1),
             reconnects: AtomicU64::new(0),
@@ -737,9 +741,9 @@ impl Shared {
             if let Ok(mut f) = self.ka_failed.lock() {
                 *f = Some(e.to_string());
             }
-            let _ = self
-                .epoch
-                .compare_exchange(ep, ep | BROKEN, Ordering::AcqRel, Ordering::Acquire);
+            let _ =
+                self.epoch
+                    .compare_exchange(ep, ep | BROKEN, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 
@@ -785,6 +789,26 @@ impl Shared {
                 cc_value,
             )?;
             self.check_same(&mut new.admin)?;
+            // A new association is a new controller: it is initialized as the first was,
+            // Number of Queues included (a controller may refuse I/O queues it was not
+            // asked for), and must grant as many.
+            let (r, _) = new.admin.run(
+                "Set Features Number of Queues",
+                cmd::set_queue_count(self.opts.queues.max(1)),
+                Dir::None,
+                Vec::new(),
+                false,
+            )?;
+            let granted = ((r as u16).min((r >> 16) as u16)).saturating_add(1);
+            if granted < self.granted {
+                return Err(Error::Controller {
+                    target: self.target.to_string(),
+                    why: format!(
+                        "after reconnecting, the controller grants {granted} I/O queues, fewer than the {} in use",
+                        self.granted
+                    ),
+                });
+            }
             // The old admin connection closes here; the target then ends the old
             // controller.
             *a = new;
@@ -806,9 +830,10 @@ impl Shared {
                 .join(", ")
         };
         let same = now.len() == self.namespaces.len()
-            && now.iter().zip(&self.namespaces).all(|(a, b)| {
-                a.nsid == b.nsid && a.blocks == b.blocks && a.lba_size == b.lba_size
-            });
+            && now
+                .iter()
+                .zip(&self.namespaces)
+                .all(|(a, b)| a.nsid == b.nsid && a.blocks == b.blocks && a.lba_size == b.lba_size);
         if same {
             Ok(())
         } else {
@@ -819,7 +844,6 @@ impl Shared {
             })
         }
     }
-
 }
 
 impl Drop for Controller {
