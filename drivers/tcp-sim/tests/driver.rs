@@ -419,3 +419,36 @@ fn keep_alive_is_sent_and_its_failure_marks_the_association_lost() {
     assert!(ctrl.keep_alive_failure().is_some());
     assert_ne!(ctrl.epoch(), e0, "the association is marked lost");
 }
+
+#[test]
+fn a_queue_behind_two_losses_reconnects_under_a_third_association() {
+    // Two queues lose their connections; one reconnects (a second association), and
+    // that association is lost too before the other asks: the other must not keep
+    // connecting to the controller of the second, which is gone.
+    let sim = TcpSim::start(SimConfig::default()).unwrap();
+    let ctrl = Controller::connect(&sim.target(), opts(true)).unwrap();
+    let io = Io::new();
+    let (q1, e1) = ctrl.open_queue(8, &io.pool).unwrap();
+    let (q2, _) = ctrl.open_queue(8, &io.pool).unwrap();
+    sim.close_all();
+    let (q2, e2) = ctrl.reopen_queue(q2.qid(), 8, &io.pool, e1).unwrap();
+    assert_eq!(sim.counters().associations, 2);
+    sim.close_all();
+    let start = Instant::now();
+    let (mut q1, e3) = ctrl
+        .reopen_queue(q1.qid(), 8, &io.pool, e1)
+        .unwrap_or_else(|e| panic!("after {:?}: {e}", start.elapsed()));
+    assert!(e3 > e2, "a new association: {e3} after {e2}");
+    assert_eq!(sim.counters().associations, 3);
+    q1.reserve(4096);
+    let data = pattern(4, 4096);
+    io.put(&data);
+    assert_eq!(rw(&mut q1, &io, true, 0, 4096, 1), Outcome::Success);
+    assert!(sim.media(1)[..4096] == data[..]);
+    // The other queue, on the lost second association, is stale and reconnects too.
+    assert_ne!(ctrl.epoch(), e2);
+    let (mut q2, _) = ctrl.reopen_queue(q2.qid(), 8, &io.pool, e2).unwrap();
+    q2.reserve(4096);
+    assert_eq!(rw(&mut q2, &io, false, 0, 4096, 2), Outcome::Success);
+    assert_eq!(sim.counters().associations, 3, "no fourth");
+}

@@ -779,7 +779,8 @@ impl Shared {
     fn try_reopen(&self, w: &Want) -> Result<(Queue, u64)> {
         let mut a = self.lock_assoc()?;
         let ep = self.epoch.load(Ordering::Acquire);
-        if ep == w.seen || ep & BROKEN != 0 {
+        let fresh = ep == w.seen || ep & BROKEN != 0;
+        if fresh {
             let cc_value = cc::EN | cc::QUEUE_ENTRY_SIZES;
             let (mut new, _) = associate(
                 &self.target,
@@ -815,8 +816,36 @@ impl Shared {
             self.epoch.store((ep & !BROKEN) + 1, Ordering::Release);
             self.reconnects.fetch_add(1, Ordering::Relaxed);
         }
-        let q = self.open_io(a.cntlid, w.qid, w.entries, &w.pool)?;
-        Ok((q, self.epoch.load(Ordering::Acquire)))
+        match self.open_io(a.cntlid, w.qid, w.entries, &w.pool) {
+            Ok(q) => Ok((q, self.epoch.load(Ordering::Acquire))),
+            Err(e) => {
+                // The live association, made by another queue's reconnect, may have been
+                // lost since, with no Keep Alive due yet to notice: if its admin queue
+                // does not answer one now, it is marked lost, so that the next attempt
+                // makes a new one instead of connecting to a controller that is gone.
+                if !fresh {
+                    let ka = a.admin.run(
+                        "Keep Alive",
+                        cmd::keep_alive(),
+                        Dir::None,
+                        Vec::new(),
+                        false,
+                    );
+                    if let Err(k) = ka {
+                        if let Ok(mut f) = self.ka_failed.lock() {
+                            *f = Some(k.to_string());
+                        }
+                        let _ = self.epoch.compare_exchange(
+                            ep,
+                            ep | BROKEN,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 
     /// A copy may only go on against the media it started on: the namespaces must have
