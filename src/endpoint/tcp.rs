@@ -433,7 +433,9 @@ impl Endpoint for TcpEndpoint {
     }
 
     fn fault(&self) -> Option<String> {
-        self.lost.clone().or_else(|| self.q.error().map(|e| e.to_string()))
+        self.lost
+            .clone()
+            .or_else(|| self.q.error().map(|e| e.to_string()))
     }
 
     fn is_usable(&self) -> bool {

@@ -380,13 +380,15 @@ impl Conn<'_> {
                     ),
                 ))
             }
-            (SGL_INCAPSULE, _) if sgl_len as usize != data.len() => return Err(bad(
-                fes::INVALID_HEADER_FIELD,
-                format!(
+            (SGL_INCAPSULE, _) if sgl_len as usize != data.len() => {
+                return Err(bad(
+                    fes::INVALID_HEADER_FIELD,
+                    format!(
                     "command {cid}: in-capsule SGL of {sgl_len} bytes with {} bytes in the capsule",
                     data.len()
                 ),
-            )),
+                ))
+            }
             (SGL_TRANSPORT, true) => {}
             (SGL_TRANSPORT, false) => {
                 return Err(bad(
