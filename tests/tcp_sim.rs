@@ -375,3 +375,147 @@ fn more_drops_than_max_resets_allows_fail_the_copy() {
     assert!(std::fs::read(&src).unwrap() == data);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn a_malformed_reply_ends_the_connection_and_the_copy_reconnects() {
+    use nvcopy_tcp_sim::PduFault;
+    let d = scratch("badpeer");
+    let data = pattern(9, MIB);
+    let faults = [
+        PduFault::BadType,
+        PduFault::BadLength,
+        PduFault::BadHeaderDigest,
+        PduFault::BadDataDigest,
+        PduFault::UnknownCccid,
+        PduFault::Terminate,
+    ];
+    for (i, fault) in faults.into_iter().enumerate() {
+        let sim = sim();
+        sim.fill(1, 0, &data);
+        sim.set_faults(Faults {
+            corrupt: Some((2 + i as u64, fault)),
+            ..Faults::default()
+        });
+        // Reads, so that a data digest fault applies; checked against a hash of each
+        // chunk by reading the file back.
+        let out = d.join(format!("out-{i}.img"));
+        let from = format!("{}+{}", sim.url(1), data.len());
+        let r = ok(&["copy", "--from", &from, "--to", s(&out), "--json"]);
+        assert!(std::fs::read(&out).unwrap() == data, "{fault:?}: data");
+        let f = tcp_facts(&r.stdout);
+        assert_eq!(fact(&f, "reconnects"), 1, "{fault:?}: {f}");
+        let c = sim.counters();
+        assert_eq!((c.corrupted, c.associations), (1, 2), "{fault:?}: {c:?}");
+        assert_eq!(sim.host_errors(), Vec::<String>::new(), "{fault:?}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn two_reactors_one_command_stuck_and_the_destination_verified() {
+    let d = scratch("stall2");
+    let data = pattern(10, 4 * MIB);
+    let src = d.join("src.img");
+    std::fs::write(&src, &data).unwrap();
+    let sim = sim();
+    sim.set_faults(Faults {
+        stall: Some(7),
+        ..Faults::default()
+    });
+    let url = sim.url(1);
+    let r = ok(&[
+        "copy",
+        "--from",
+        s(&src),
+        "--to",
+        &url,
+        "--json",
+        "--io-timeout",
+        "1",
+        "--cores",
+        "2",
+        "--verify",
+    ]);
+    assert!(sim.media(1)[..data.len()] == data[..], "media");
+    let f = tcp_facts(&r.stdout);
+    assert!(fact(&f, "reconnects") >= 1, "{f}");
+    let c = sim.counters();
+    assert_eq!(c.stalled, 1);
+    assert!(c.reads >= (data.len() / CHUNK) as u64, "verified: {c:?}");
+    assert_eq!(sim.host_errors(), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn one_target_to_another_namespace_of_it_and_to_a_second_target_with_drops() {
+    use nvcopy_tcp_sim::NsConfig;
+    let two = SimConfig {
+        namespaces: vec![
+            NsConfig {
+                block_size: 512,
+                blocks: 8192,
+            },
+            NsConfig {
+                block_size: 4096,
+                blocks: 1024,
+            },
+        ],
+        ..SimConfig::default()
+    };
+    let a = TcpSim::start(two).unwrap();
+    let b = sim();
+    let data = pattern(11, 4 * MIB);
+    a.fill(1, 0, &data);
+    // The source's target drops twice; the second target never does.
+    a.set_faults(Faults {
+        drop_at: vec![10, 30],
+        refuse_for: Some(Duration::from_millis(200)),
+        ..Faults::default()
+    });
+    let (to_a, to_b) = (a.url(2), b.url(1));
+    let r = ok(&[
+        "copy",
+        "--from",
+        &a.url(1),
+        "--to",
+        &to_a,
+        "--to",
+        &to_b,
+        "--json",
+        "--cores",
+        "2",
+        "--io-timeout",
+        "5",
+    ]);
+    assert!(
+        a.media(2) == data,
+        "the other namespace of the dropping target"
+    );
+    assert!(b.media(1)[..data.len()] == data[..], "the second target");
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let reconnects: Vec<(String, u64)> = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["name"].as_str().unwrap().to_string(),
+                d["facts"]["reconnects"].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect();
+    let of = |t: &TcpSim| {
+        reconnects
+            .iter()
+            .find(|(n, _)| n.contains(&format!(":{}/", t.port())))
+            .unwrap()
+            .1
+    };
+    assert!(of(&a) >= 1, "{reconnects:?}");
+    assert_eq!(of(&b), 0, "{reconnects:?}");
+    assert_eq!(a.counters().drops, 2);
+    assert_eq!(b.counters().drops, 0);
+    assert_eq!(b.counters().associations, 1);
+    assert_eq!(a.host_errors(), Vec::<String>::new());
+    assert_eq!(b.host_errors(), Vec::<String>::new());
+}
