@@ -95,6 +95,16 @@ pub fn filter(profile: Profile) -> Result<BpfProgram, seccompiler::Error> {
         // closes it, when it exits.
         rules.insert(libc::SYS_close, Vec::new());
         rules.insert(libc::SYS_io_uring_register, Vec::new());
+        // Dropping an owned descriptor (an NVMe/TCP queue's socket, replaced on a
+        // reconnect or closed at exit) runs std's fcntl(fd, F_GETFD) check that it is
+        // still open, in builds with debug assertions: that query only.
+        let getfd = SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::F_GETFD as u64,
+        )?;
+        rules.insert(libc::SYS_fcntl, vec![SeccompRule::new(vec![getfd])?]);
     }
     if matches!(profile, Profile::DataPathRing | Profile::ReactorTcp) {
         // An NVMe/TCP endpoint's non-blocking socket calls (crate::endpoint::tcp).

@@ -156,6 +156,9 @@ struct Shared {
     mqes: u16,
     /// Largest write sent in its command capsule (IOCCSZ).
     in_capsule: usize,
+    /// I/O queues the first association granted (Set Features Number of Queues), which
+    /// every later one must grant again.
+    granted: u16,
     assoc: Mutex<Assoc>,
     /// The live association's number, with [`BROKEN`] set once it is known lost.
     epoch: AtomicU64,
@@ -452,6 +455,7 @@ impl Controller {
             namespaces,
             mqes: (cap & 0xffff) as u16,
             in_capsule,
+            granted,
             assoc: Mutex::new(assoc),
             epoch: AtomicU64::new(1),
             reconnects: AtomicU64::new(0),
@@ -775,7 +779,8 @@ impl Shared {
     fn try_reopen(&self, w: &Want) -> Result<(Queue, u64)> {
         let mut a = self.lock_assoc()?;
         let ep = self.epoch.load(Ordering::Acquire);
-        if ep == w.seen || ep & BROKEN != 0 {
+        let fresh = ep == w.seen || ep & BROKEN != 0;
+        if fresh {
             let cc_value = cc::EN | cc::QUEUE_ENTRY_SIZES;
             let (mut new, _) = associate(
                 &self.target,
@@ -785,14 +790,62 @@ impl Shared {
                 cc_value,
             )?;
             self.check_same(&mut new.admin)?;
+            // A new association is a new controller: it is initialized as the first was,
+            // Number of Queues included (a controller may refuse I/O queues it was not
+            // asked for), and must grant as many.
+            let (r, _) = new.admin.run(
+                "Set Features Number of Queues",
+                cmd::set_queue_count(self.opts.queues.max(1)),
+                Dir::None,
+                Vec::new(),
+                false,
+            )?;
+            let granted = ((r as u16).min((r >> 16) as u16)).saturating_add(1);
+            if granted < self.granted {
+                return Err(Error::Controller {
+                    target: self.target.to_string(),
+                    why: format!(
+                        "after reconnecting, the controller grants {granted} I/O queues, fewer than the {} in use",
+                        self.granted
+                    ),
+                });
+            }
             // The old admin connection closes here; the target then ends the old
             // controller.
             *a = new;
             self.epoch.store((ep & !BROKEN) + 1, Ordering::Release);
             self.reconnects.fetch_add(1, Ordering::Relaxed);
         }
-        let q = self.open_io(a.cntlid, w.qid, w.entries, &w.pool)?;
-        Ok((q, self.epoch.load(Ordering::Acquire)))
+        match self.open_io(a.cntlid, w.qid, w.entries, &w.pool) {
+            Ok(q) => Ok((q, self.epoch.load(Ordering::Acquire))),
+            Err(e) => {
+                // The live association, made by another queue's reconnect, may have been
+                // lost since, with no Keep Alive due yet to notice: if its admin queue
+                // does not answer one now, it is marked lost, so that the next attempt
+                // makes a new one instead of connecting to a controller that is gone.
+                if !fresh {
+                    let ka = a.admin.run(
+                        "Keep Alive",
+                        cmd::keep_alive(),
+                        Dir::None,
+                        Vec::new(),
+                        false,
+                    );
+                    if let Err(k) = ka {
+                        if let Ok(mut f) = self.ka_failed.lock() {
+                            *f = Some(k.to_string());
+                        }
+                        let _ = self.epoch.compare_exchange(
+                            ep,
+                            ep | BROKEN,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 
     /// A copy may only go on against the media it started on: the namespaces must have

@@ -901,9 +901,15 @@ impl Queue {
     fn advance(&mut self) -> Result<()> {
         let hlen = self.n.c2h_header_len();
         match self.rx {
-            Rx::Header { have } if have == hlen => {
+            // A Terminate Connection Request has no header digest: with header digests on
+            // it is complete 4 bytes short of every other header (and its sender may
+            // close the connection right after it).
+            Rx::Header { have }
+                if have == hlen
+                    || (have >= pdu::SHORT_HLEN && self.hdr[0] == pdu::kind::C2H_TERM_REQ) =>
+            {
                 let p =
-                    pdu::parse_c2h(&self.hdr[..hlen], &self.n).map_err(|source| Error::Pdu {
+                    pdu::parse_c2h(&self.hdr[..have], &self.n).map_err(|source| Error::Pdu {
                         target: self.target.clone(),
                         qid: self.qid,
                         source,
