@@ -172,8 +172,17 @@ fn a_file_to_nvme_tcp_and_back() {
     // And back, without digests this time.
     let from = format!("{url}+{}", data.len());
     let r = nvcopy_env(
-        &["copy", "--from", &from, "--to", s(&back), "--json"],
-        &[("NVCOPY_TCP_NO_DIGESTS", "1")],
+        &[
+            "copy",
+            "--from",
+            &from,
+            "--to",
+            s(&back),
+            "--json",
+            "--tcp-digests",
+            "none",
+        ],
+        &[],
     );
     assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
     assert_eq!(tcp_facts(&r.stdout)["data_digest"], "false");
