@@ -36,6 +36,16 @@ pub struct ControllerInfo {
     /// NVM Subsystem NVMe Qualified Name (bytes 768-1023), empty when not reported.
     /// Controllers of one subsystem report the same NQN.
     pub subnqn: String,
+    /// Keep Alive Support (KAS, bytes 320-321): the granularity of the Keep Alive
+    /// Timeout in 100 ms units; 0 means the controller has no Keep Alive.
+    pub kas: u16,
+    /// I/O Queue Command Capsule Supported Size (IOCCSZ, bytes 1792-1795), in 16-byte
+    /// units: how much of a command capsule over a fabric may be in-capsule data (base
+    /// spec 2.0, Identify Controller, Fabrics attributes). 0 on PCIe.
+    pub ioccsz: u32,
+    /// I/O Queue Response Capsule Supported Size (IORCSZ, bytes 1796-1799), in 16-byte
+    /// units. 0 on PCIe.
+    pub iorcsz: u32,
 }
 
 impl ControllerInfo {
@@ -56,6 +66,9 @@ impl ControllerInfo {
             ocfs: le::u16(b, 534),
             crdt: [le::u16(b, 134), le::u16(b, 136), le::u16(b, 138)],
             subnqn: nul_terminated(&b[768..1024]),
+            kas: le::u16(b, 320),
+            ioccsz: le::u32(b, 1792),
+            iorcsz: le::u32(b, 1796),
         }
     }
 
@@ -260,6 +273,14 @@ mod tests {
         );
         assert_eq!(c.nn, 256);
         assert_eq!(c.subnqn, "");
+        assert_eq!((c.kas, c.ioccsz, c.iorcsz), (0, 0, 0));
+        // A fabrics controller's: KAS 1 (100 ms), IOCCSZ 516 (8 KiB of data in a capsule
+        // after the 64-byte command), IORCSZ 1 (a bare 16-byte completion).
+        b[320..322].copy_from_slice(&1u16.to_le_bytes());
+        b[1792..1796].copy_from_slice(&516u32.to_le_bytes());
+        b[1796..1800].copy_from_slice(&1u32.to_le_bytes());
+        let c = ControllerInfo::parse(&b);
+        assert_eq!((c.kas, c.ioccsz, c.iorcsz), (1, 516, 1));
         let nqn = b"nqn.2014-08.org.example:subsys-1";
         b[768..768 + nqn.len()].copy_from_slice(nqn);
         assert_eq!(

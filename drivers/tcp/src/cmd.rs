@@ -11,6 +11,8 @@ pub type Sqe = [u8; 64];
 pub mod op {
     /// Fabrics command (the FCTYPE says which).
     pub const FABRICS: u8 = 0x7f;
+    /// Admin: Get Log Page.
+    pub const GET_LOG_PAGE: u8 = 0x02;
     /// Admin: Identify.
     pub const IDENTIFY: u8 = 0x06;
     /// Admin: Set Features.
@@ -166,6 +168,22 @@ pub fn identify(cns: u8, nsid: u32) -> Sqe {
     s
 }
 
+/// Get Log Page (base spec 2.0, 5.16) of log `lid`: `len` bytes (a whole number of
+/// dwords, at least one) from byte `offset` (dword aligned) of the log, returned by C2H
+/// Data. The dword count is split as the spec has it since 1.2.1: NUMDL in CDW10 bits
+/// 31:16 and NUMDU in CDW11 bits 15:0, 0's based; the offset is LPOL (CDW12) and LPOU
+/// (CDW13). LSP, RAE and the log specific identifier stay 0, which is what the
+/// Discovery log (LID 70h) asks for.
+pub fn get_log_page(lid: u8, offset: u64, len: u32) -> Sqe {
+    let mut s = sqe(op::GET_LOG_PAGE, 0, Sgl::Transport(len & !3));
+    let numd = (len / 4).saturating_sub(1);
+    set_cdw(&mut s, 10, lid as u32 | (numd & 0xffff) << 16);
+    set_cdw(&mut s, 11, numd >> 16);
+    set_cdw(&mut s, 12, offset as u32);
+    set_cdw(&mut s, 13, (offset >> 32) as u32);
+    s
+}
+
 /// Set Features Number of Queues (FID 07h): `n` submission and completion queues.
 pub fn set_queue_count(n: u16) -> Sqe {
     let mut s = sqe(op::SET_FEATURES, 0, Sgl::None);
@@ -225,6 +243,35 @@ mod tests {
         assert_eq!(&d[16..18], &[0xff, 0xff]);
         assert_eq!(&d[256..262], b"nqn.a\0");
         assert_eq!(&d[512..518], b"nqn.h\0");
+    }
+
+    fn dword(s: &Sqe, n: usize) -> u32 {
+        u32::from_le_bytes([s[4 * n], s[4 * n + 1], s[4 * n + 2], s[4 * n + 3]])
+    }
+
+    #[test]
+    fn get_log_page_layout() {
+        // The Discovery log's header: 1024 bytes = 256 dwords, NUMD 255.
+        let s = get_log_page(0x70, 0, 1024);
+        assert_eq!((s[0], s[1], s[39]), (0x02, 0x40, 0x5a));
+        assert_eq!(dword(&s, 1), 0, "no namespace");
+        assert_eq!(dword(&s, 8), 1024, "SGL length");
+        assert_eq!(dword(&s, 10), 0x70 | 255 << 16);
+        assert_eq!((dword(&s, 11), dword(&s, 12), dword(&s, 13)), (0, 0, 0));
+        // 1 MiB + 4 KiB from byte 1024: NUMD 0x40400 - 1 spills into NUMDU.
+        let s = get_log_page(0x70, 1024, (1 << 20) + 4096);
+        let numd = ((1u32 << 20) + 4096) / 4 - 1;
+        assert_eq!(dword(&s, 10), 0x70 | (numd & 0xffff) << 16);
+        assert_eq!(dword(&s, 11), numd >> 16);
+        assert_eq!(dword(&s, 11), 4);
+        assert_eq!(dword(&s, 12), 1024);
+        assert_eq!(dword(&s, 13), 0);
+        // An offset past 4 GiB goes to LPOU.
+        let s = get_log_page(0x70, 0x2_0000_0400, 4);
+        assert_eq!(
+            (dword(&s, 10), dword(&s, 12), dword(&s, 13)),
+            (0x70, 0x400, 2)
+        );
     }
 
     #[test]

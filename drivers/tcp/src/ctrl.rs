@@ -77,7 +77,7 @@ impl Default for Options {
     }
 }
 
-fn host_identity() -> [u8; 16] {
+pub(crate) fn host_identity() -> [u8; 16] {
     let text = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap_or_default();
     let hex: Vec<u8> = text
         .bytes()
@@ -98,7 +98,7 @@ fn host_identity() -> [u8; 16] {
     id
 }
 
-fn uuid_text(id: &[u8; 16]) -> String {
+pub(crate) fn uuid_text(id: &[u8; 16]) -> String {
     let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
     format!(
         "{}-{}-{}-{}-{}",
@@ -120,9 +120,9 @@ const BROKEN: u64 = 1 << 63;
 /// One association (NVMe over Fabrics 1.1, 3.3): the admin queue's connection and the
 /// controller Connect created on it. A reconnect makes a new one, with a new controller
 /// id, and every I/O queue is connected to that again.
-struct Assoc {
-    admin: Queue,
-    cntlid: u16,
+pub(crate) struct Assoc {
+    pub(crate) admin: Queue,
+    pub(crate) cntlid: u16,
 }
 
 /// A reactor's request to the service thread: connect I/O queue `qid` again, under a new
@@ -306,7 +306,7 @@ fn fabrics_connect(
 /// and enables it: Property Get CAP, CC.EN = 0 if it was set and CSTS.RDY = 0, then
 /// CC.EN = 1 and CSTS.RDY = 1 within CAP.TO (NVMe over Fabrics 1.1, 3.5; the base
 /// specification's 3.5.1 initialization, as on PCIe). Returns the association and CAP.
-fn associate(
+pub(crate) fn associate(
     t: &Target,
     addrs: &[SocketAddr],
     opts: &Options,

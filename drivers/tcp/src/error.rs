@@ -187,6 +187,15 @@ pub enum Error {
         /// Active namespace ids.
         active: Vec<u32>,
     },
+    /// A Discovery log that could not be read consistently, or is in a format nvcopy
+    /// does not know.
+    #[error("nvme+tcp://{target}: Discovery log: {problem}")]
+    DiscoveryLog {
+        /// host:port/nqn of the discovery controller.
+        target: String,
+        /// What was wrong.
+        problem: crate::discovery::LogProblem,
+    },
     /// Every I/O queue the controller granted is in use.
     #[error("nvme+tcp://{target}: the controller granted {granted} I/O queues, all in use; use fewer --cores")]
     NoQueue {

@@ -15,11 +15,14 @@
 //!   connection ended (or whose association's Keep Alive failed) is connected again by
 //!   the controller's service thread, under a new association when its own is the one
 //!   lost, for as long as [`Options::reconnect_for`] allows.
+//! - [`discovery`]: a discovery controller's log (Get Log Page 70h): which subsystems a
+//!   target offers, and on which addresses.
 //!
 //! All unsafe code is in `sock` (scatter/gather socket calls).
 
 pub mod cmd;
 mod ctrl;
+pub mod discovery;
 mod error;
 pub mod fuzz;
 pub mod pdu;
