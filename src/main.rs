@@ -16,7 +16,9 @@ use nvcopy::region::{parse_size, Region, RegionSpec};
 use nvcopy::trace;
 use nvcopy::{EngineOptions, Error, Flags, Result};
 use nvcopy_vfio::{IommuMode, PageKind, PciAddress, Sysfs, NVME_CLASS};
-use report::{human_bytes, list_text, ControllerReport, ListEntry};
+use report::{
+    human_bytes, list_text, ControllerReport, DiscoveryReport, ListEntry, TcpControllerReport,
+};
 
 /// Polled userspace NVMe copier (SPDK-style driver, kcopyd-style jobs).
 #[derive(Parser)]
@@ -28,17 +30,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// List the NVMe functions on the PCI bus with their driver and IOMMU group.
+    /// List the NVMe functions on the PCI bus with their driver and IOMMU group, or with
+    /// --discover, the subsystems an NVMe/TCP target offers.
     List {
+        /// Read the Discovery log of the NVMe/TCP discovery controller at HOST[:PORT]
+        /// (IPv6 as [ADDR][:PORT]; the port defaults to 8009, the well-known discovery
+        /// port; Linux nvmet also answers on its I/O ports, e.g. 4420) and list its
+        /// entries, with the region URL of each NVM subsystem.
+        #[arg(long, value_name = "HOST[:PORT]", value_parser = parse_discover)]
+        discover: Option<(String, u16)>,
+        /// With --discover: NVMe/TCP digests (CRC32C) to ask for: both, header, data or
+        /// none.
+        #[arg(long, default_value = "both", value_parser = parse_digests, requires = "discover")]
+        tcp_digests: (bool, bool),
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Show a controller's identity, limits, optional commands and namespaces.
     Identify {
-        /// PCI address of a controller bound to vfio-pci, e.g. 0000:00:10.0.
-        #[arg(value_parser = parse_bdf)]
-        bdf: PciAddress,
+        /// A PCI address of a controller bound to vfio-pci (0000:00:10.0), or an NVMe/TCP
+        /// controller (nvme+tcp://HOST[:PORT]/SUBSYSTEM-NQN).
+        #[arg(value_name = "DEVICE", value_parser = parse_identify_target)]
+        device: IdentifyTarget,
+        /// NVMe/TCP digests (CRC32C) to ask for: both, header, data or none.
+        #[arg(long, default_value = "both", value_parser = parse_digests)]
+        tcp_digests: (bool, bool),
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -213,8 +230,45 @@ impl HwArgs {
     }
 }
 
-fn parse_bdf(s: &str) -> std::result::Result<PciAddress, String> {
-    s.parse().map_err(|e: nvcopy_vfio::Error| e.to_string())
+/// What `nvcopy identify` shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum IdentifyTarget {
+    /// A controller on the PCI bus, through VFIO.
+    Pci(PciAddress),
+    /// An NVMe/TCP controller.
+    Tcp(nvcopy_tcp::Target),
+}
+
+fn parse_identify_target(s: &str) -> std::result::Result<IdentifyTarget, String> {
+    if s.starts_with(nvcopy::region::TCP_SCHEME) {
+        return match nvcopy::region::parse_tcp_controller(s) {
+            Ok((t, None)) => Ok(IdentifyTarget::Tcp(t)),
+            Ok((t, Some(nsid))) => Err(format!(
+                "identify shows a whole controller and all its namespaces: drop the /{nsid} and write nvme+tcp://{t}"
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+    }
+    s.parse().map(IdentifyTarget::Pci).map_err(|_: nvcopy_vfio::Error| {
+        format!(
+            "{s:?} is neither a PCI address (DDDD:BB:DD.F, e.g. 0000:00:10.0) nor an NVMe/TCP controller (nvme+tcp://HOST[:PORT]/SUBSYSTEM-NQN)"
+        )
+    })
+}
+
+fn parse_discover(s: &str) -> std::result::Result<(String, u16), String> {
+    nvcopy_tcp::discovery::parse_address(s).map_err(|e| e.to_string())
+}
+
+/// How nvcopy's NVMe/TCP host connects for `identify` and `list --discover`: with the
+/// digests `--tcp-digests` asks for, one I/O queue.
+fn tcp_options((header_digest, data_digest): (bool, bool)) -> nvcopy_tcp::Options {
+    nvcopy_tcp::Options {
+        header_digest,
+        data_digest,
+        queues: 1,
+        ..Default::default()
+    }
 }
 
 fn parse_region(s: &str) -> std::result::Result<RegionSpec, String> {
@@ -341,7 +395,35 @@ fn run_job(from: Option<RegionSpec>, to: Vec<RegionSpec>, a: JobArgs) -> Result<
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::List { json: as_json } => {
+        Command::List {
+            discover: Some((host, port)),
+            tcp_digests,
+            json: as_json,
+        } => {
+            let log = nvcopy_tcp::discovery::discover(&host, port, &tcp_options(tcp_digests))?;
+            let name = if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+            let report = DiscoveryReport::new(name, &log);
+            for k in &report.skipped {
+                eprintln!(
+                    "nvcopy: note: discovery log entry {} skipped: {}",
+                    k.index, k.problem
+                );
+            }
+            print(&if as_json {
+                json(&report)?
+            } else {
+                report.to_text()
+            })
+        }
+        Command::List {
+            discover: None,
+            json: as_json,
+            ..
+        } => {
             let entries: Vec<ListEntry> = Sysfs::default()
                 .functions_of_class(NVME_CLASS)?
                 .iter()
@@ -354,9 +436,24 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Identify {
-            bdf,
+            device: IdentifyTarget::Tcp(t),
+            tcp_digests,
+            json: as_json,
+            hw: _,
+        } => {
+            let c = nvcopy_tcp::Controller::connect(&t, tcp_options(tcp_digests))?;
+            let report = TcpControllerReport::new(&c);
+            print(&if as_json {
+                json(&report)?
+            } else {
+                report.to_text()
+            })
+        }
+        Command::Identify {
+            device: IdentifyTarget::Pci(bdf),
             json: as_json,
             hw,
+            ..
         } => {
             let platform = Platform::open(&[bdf], &hw.options())?;
             let report = ControllerReport::new(&platform.controllers[0]);
@@ -431,5 +528,90 @@ fn main() -> ExitCode {
             eprintln!("nvcopy: error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> std::result::Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("nvcopy").chain(args.iter().copied()))
+    }
+
+    fn list(args: &[&str]) -> (Option<(String, u16)>, bool) {
+        match parse(args).unwrap().command {
+            Command::List { discover, json, .. } => (discover, json),
+            _ => panic!("not list: {args:?}"),
+        }
+    }
+
+    #[test]
+    fn list_discover_takes_host_and_optional_port() {
+        assert_eq!(list(&["list"]), (None, false));
+        assert_eq!(
+            list(&["list", "--discover", "127.0.0.1:4420", "--json"]),
+            (Some(("127.0.0.1".into(), 4420)), true)
+        );
+        // No port: the well-known discovery port.
+        assert_eq!(
+            list(&["list", "--discover=10.0.0.2"]),
+            (Some(("10.0.0.2".into(), 8009)), false)
+        );
+        assert_eq!(
+            list(&["list", "--discover", "[fd00::1]:4420"]),
+            (Some(("fd00::1".into(), 4420)), false)
+        );
+        for bad in ["10.0.0.2:0", "10.0.0.2:x", ":4420", "fd00::1", "[fd00::1"] {
+            let e = parse(&["list", "--discover", bad])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains(bad) && e.contains("--discover"), "{bad}: {e}");
+        }
+        assert!(parse(&["list", "--discover"]).is_err());
+        // Digests: both by default, as for copies; --tcp-digests only with --discover.
+        let digests = |args: &[&str]| match parse(args).unwrap().command {
+            Command::List { tcp_digests, .. } => tcp_digests,
+            _ => panic!("not list"),
+        };
+        assert_eq!(digests(&["list", "--discover", "h"]), (true, true));
+        assert_eq!(
+            digests(&["list", "--discover", "h", "--tcp-digests", "header"]),
+            (true, false)
+        );
+        assert!(parse(&["list", "--tcp-digests", "none"]).is_err());
+    }
+
+    #[test]
+    fn identify_takes_a_pci_address_or_an_nvme_tcp_controller() {
+        let device = |args: &[&str]| match parse(args).map(|c| c.command) {
+            Ok(Command::Identify { device, .. }) => Ok(device),
+            Ok(_) => panic!("not identify"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(
+            device(&["identify", "0000:00:10.0"]),
+            Ok(IdentifyTarget::Pci("0000:00:10.0".parse().unwrap()))
+        );
+        assert_eq!(
+            device(&["identify", "--json", "nvme+tcp://127.0.0.1:4420/nqn.a:b"]),
+            Ok(IdentifyTarget::Tcp(nvcopy_tcp::Target {
+                host: "127.0.0.1".into(),
+                port: 4420,
+                nqn: "nqn.a:b".into(),
+            }))
+        );
+        let e = device(&["identify", "nvme+tcp://127.0.0.1:4420/nqn.a:b/1"]).unwrap_err();
+        assert!(e.contains("drop the /1"), "{e}");
+        let e = device(&["identify", "disk.img"]).unwrap_err();
+        assert!(
+            e.contains("neither a PCI address") && e.contains("nvme+tcp://"),
+            "{e}"
+        );
+        let e = device(&["identify", "nvme+tcp://h"]).unwrap_err();
+        assert!(e.contains("no subsystem NQN"), "{e}");
     }
 }

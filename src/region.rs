@@ -104,6 +104,18 @@ fn parse_tcp(region: &str, s: &str) -> Result<(nvcopy_tcp::Target, Option<u32>)>
     ))
 }
 
+/// Parses `nvme+tcp://HOST[:PORT]/NQN[/NSID]` naming a controller, as `nvcopy identify`
+/// takes it: the target, and the namespace id when one was written.
+pub fn parse_tcp_controller(s: &str) -> Result<(nvcopy_tcp::Target, Option<u32>)> {
+    let rest = s.strip_prefix(TCP_SCHEME).ok_or_else(|| {
+        Error::from(Refusal::BadTcpAddress {
+            region: s.to_string(),
+            why: format!("it does not start with {TCP_SCHEME}"),
+        })
+    })?;
+    parse_tcp(s, rest)
+}
+
 /// A region as the user wrote it, before it is checked against a namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegionSpec {
@@ -587,6 +599,24 @@ mod tests {
             kind("nvme+tcp://h:1/nqn+0"),
             Refusal::ZeroLength { .. }
         ));
+    }
+
+    #[test]
+    fn parses_tcp_controllers_for_identify() {
+        let (t, nsid) = parse_tcp_controller("nvme+tcp://127.0.0.1:4420/nqn.a:b").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.nqn.as_str(), nsid),
+            ("127.0.0.1", 4420, "nqn.a:b", None)
+        );
+        let (t, nsid) = parse_tcp_controller("nvme+tcp://h/nqn.a/2").unwrap();
+        assert_eq!((t.port, nsid), (TCP_DEFAULT_PORT, Some(2)));
+        for bad in ["0000:00:10.0", "nvme+tcp://h", "tcp://h/nqn"] {
+            let e = parse_tcp_controller(bad).unwrap_err();
+            assert!(
+                matches!(e, Error::Refused(Refusal::BadTcpAddress { .. })),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -259,6 +259,345 @@ impl ControllerReport {
     }
 }
 
+/// One namespace of an NVMe/TCP controller.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct TcpNamespaceReport {
+    /// Namespace id.
+    pub nsid: u32,
+    /// Logical block size, bytes.
+    pub lba_size: u32,
+    /// Size in blocks.
+    pub blocks: u64,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// The region URL of the whole namespace.
+    pub url: String,
+}
+
+/// An NVMe/TCP controller, as `nvcopy identify nvme+tcp://...` shows it: what Identify
+/// Controller says, and what the connection negotiated.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct TcpControllerReport {
+    /// `nvme+tcp://HOST:PORT/NQN`.
+    pub target: String,
+    /// The subsystem NQN Identify Controller reports.
+    pub subnqn: String,
+    /// The controller id Connect gave.
+    pub cntlid: u16,
+    /// Model number.
+    pub model: String,
+    /// Serial number.
+    pub serial: String,
+    /// Firmware revision.
+    pub firmware: String,
+    /// NVMe version.
+    pub version: String,
+    /// MDTS as reported (0: no limit).
+    pub mdts: u8,
+    /// Largest transfer, bytes, when MDTS limits it.
+    pub max_transfer_bytes: Option<usize>,
+    /// Largest write sent inside its command capsule, bytes (IOCCSZ less the command).
+    pub in_capsule_bytes: usize,
+    /// I/O Queue Command Capsule Supported Size, 16-byte units.
+    pub ioccsz: u32,
+    /// I/O Queue Response Capsule Supported Size, 16-byte units.
+    pub iorcsz: u32,
+    /// Keep Alive Support: the Keep Alive Timeout's granularity, 100 ms units.
+    pub kas: u16,
+    /// Header digests (CRC32C) on the admin connection.
+    pub header_digest: bool,
+    /// Data digests (CRC32C) on the admin connection.
+    pub data_digest: bool,
+    /// I/O queues granted.
+    pub io_queues: u16,
+    /// Maximum queue entries (CAP.MQES + 1).
+    pub max_queue_entries: u32,
+    /// Write Zeroes supported (nvcopy uses it for `zero`).
+    pub write_zeroes: bool,
+    /// Active namespaces.
+    pub namespaces: Vec<TcpNamespaceReport>,
+}
+
+impl TcpControllerReport {
+    /// Gathers the report from a connected controller.
+    pub fn new(c: &nvcopy_tcp::Controller) -> Self {
+        let info = c.info();
+        let n = c.negotiated();
+        TcpControllerReport {
+            target: c.name().to_string(),
+            subnqn: info.subnqn.clone(),
+            cntlid: c.cntlid(),
+            model: info.model.clone(),
+            serial: info.serial.clone(),
+            firmware: info.firmware.clone(),
+            version: info.version_string(),
+            mdts: info.mdts,
+            max_transfer_bytes: c.max_transfer(),
+            in_capsule_bytes: c.in_capsule(),
+            ioccsz: info.ioccsz,
+            iorcsz: info.iorcsz,
+            kas: info.kas,
+            header_digest: n.header_digest,
+            data_digest: n.data_digest,
+            io_queues: c.io_queues(),
+            max_queue_entries: (c.cap() & 0xffff) as u32 + 1,
+            write_zeroes: info.supports_write_zeroes(),
+            namespaces: c
+                .namespaces()
+                .iter()
+                .map(|ns| TcpNamespaceReport {
+                    nsid: ns.nsid,
+                    lba_size: ns.lba_size,
+                    blocks: ns.blocks,
+                    bytes: ns.bytes(),
+                    url: format!("{}/{}", c.name(), ns.nsid),
+                })
+                .collect(),
+        }
+    }
+
+    /// The human-readable form.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let on = |b: bool| if b { "on" } else { "off" };
+        let _ = writeln!(
+            s,
+            "{}  {} (serial {}, firmware {}, NVMe {})",
+            self.target, self.model, self.serial, self.firmware, self.version
+        );
+        let _ = writeln!(
+            s,
+            "  subsystem {}, controller id {}",
+            self.subnqn, self.cntlid
+        );
+        let mdts = match self.max_transfer_bytes {
+            Some(b) => format!("{} ({} KiB)", self.mdts, b / 1024),
+            None => "no limit".to_string(),
+        };
+        let _ = writeln!(
+            s,
+            "  MDTS: {mdts}; in-capsule data: {} bytes (IOCCSZ {}, IORCSZ {}); KAS: {} ms",
+            self.in_capsule_bytes,
+            self.ioccsz,
+            self.iorcsz,
+            self.kas as u32 * 100
+        );
+        let _ = writeln!(
+            s,
+            "  digests: header {}, data {}; I/O queues: {}; max queue entries: {}; Write Zeroes {}",
+            on(self.header_digest),
+            on(self.data_digest),
+            self.io_queues,
+            self.max_queue_entries,
+            if self.write_zeroes { "yes" } else { "no" }
+        );
+        for ns in &self.namespaces {
+            let _ = writeln!(
+                s,
+                "  namespace {}: {} blocks of {} bytes ({})  {}",
+                ns.nsid,
+                ns.blocks,
+                ns.lba_size,
+                human_bytes(ns.bytes),
+                ns.url
+            );
+        }
+        if self.namespaces.is_empty() {
+            s += "  no active namespace: check the subsystem's namespaces (nvmet: namespaces/N/enable)\n";
+        }
+        s
+    }
+}
+
+/// One entry of a Discovery log.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct DiscoveryEntryReport {
+    /// Position in the log, from 0.
+    pub index: u64,
+    /// Transport: tcp, rdma, fc, loop, unknown.
+    pub transport: &'static str,
+    /// TRTYPE as sent.
+    pub trtype: u8,
+    /// Address family: ipv4, ipv6, ib, fc, loop, unknown.
+    pub address_family: &'static str,
+    /// Subsystem type: nvm, referral, current discovery, unknown.
+    pub subtype: &'static str,
+    /// TREQ as sent.
+    pub treq: u8,
+    /// What TREQ says about a secure channel.
+    pub secure_channel: &'static str,
+    /// Port id.
+    pub portid: u16,
+    /// Controller id (65535: dynamic).
+    pub cntlid: u16,
+    /// Largest admin queue.
+    pub asqsz: u16,
+    /// Transport address.
+    pub traddr: String,
+    /// Transport service id (the TCP port).
+    pub trsvcid: String,
+    /// Subsystem NQN.
+    pub subnqn: String,
+    /// TCP: TSAS security type (0 none, 1 TLS 1.2, 2 TLS 1.3).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_sectype: Option<u8>,
+    /// The region URL nvcopy takes for it, when it is an NVMe/TCP NVM subsystem.
+    pub url: Option<String>,
+    /// Why there is no URL, when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_a_region: Option<String>,
+}
+
+/// An entry left out, and why.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct SkippedReport {
+    /// Position in the log.
+    pub index: u64,
+    /// What was wrong with it.
+    pub problem: String,
+}
+
+/// `nvcopy list --discover`: a discovery controller's log.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct DiscoveryReport {
+    /// HOST:PORT asked.
+    pub discovery_controller: String,
+    /// Generation counter of the log read.
+    pub generation: u64,
+    /// Records the controller reported.
+    pub records: u64,
+    /// Whether only the first records were read (the log was larger than nvcopy reads).
+    pub capped: bool,
+    /// Entries.
+    pub entries: Vec<DiscoveryEntryReport>,
+    /// Entries left out because their fields are malformed.
+    pub skipped: Vec<SkippedReport>,
+}
+
+impl DiscoveryReport {
+    /// The report of `log` read from `controller` (HOST:PORT).
+    pub fn new(controller: String, log: &nvcopy_tcp::discovery::DiscoveryLog) -> Self {
+        use nvcopy_tcp::discovery as d;
+        DiscoveryReport {
+            discovery_controller: controller,
+            generation: log.header.genctr,
+            records: log.header.numrec,
+            capped: log.capped,
+            entries: log
+                .entries
+                .iter()
+                .map(|e| {
+                    let url = e.region_url();
+                    DiscoveryEntryReport {
+                        index: e.index,
+                        transport: d::transport_name(e.trtype),
+                        trtype: e.trtype,
+                        address_family: d::family_name(e.adrfam),
+                        subtype: d::subtype_name(e.subtype),
+                        treq: e.treq,
+                        secure_channel: d::secure_channel_name(e.treq),
+                        portid: e.portid,
+                        cntlid: e.cntlid,
+                        asqsz: e.asqsz,
+                        traddr: e.traddr.clone(),
+                        trsvcid: e.trsvcid.clone(),
+                        subnqn: e.subnqn.clone(),
+                        tcp_sectype: e.tcp_sectype,
+                        not_a_region: url.as_ref().err().map(|w| w.to_string()),
+                        url: url.ok(),
+                    }
+                })
+                .collect(),
+            skipped: log
+                .skipped
+                .iter()
+                .map(|s| SkippedReport {
+                    index: s.index,
+                    problem: s.problem.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The human-readable form: a table, each NVM subsystem's region URL under its row,
+    /// and notes for what was left out.
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "discovery log of {} (generation {}, {} record(s))\n",
+            self.discovery_controller, self.generation, self.records
+        );
+        let head = [
+            "ENTRY",
+            "TRANSPORT",
+            "FAMILY",
+            "SUBTYPE",
+            "PORTID",
+            "TRADDR",
+            "TRSVCID",
+            "SUBNQN",
+        ];
+        let rows: Vec<[String; 8]> = self
+            .entries
+            .iter()
+            .map(|e| {
+                [
+                    e.index.to_string(),
+                    if e.transport == "unknown" {
+                        format!("unknown ({})", e.trtype)
+                    } else {
+                        e.transport.to_string()
+                    },
+                    e.address_family.to_string(),
+                    e.subtype.to_string(),
+                    e.portid.to_string(),
+                    e.traddr.clone(),
+                    e.trsvcid.clone(),
+                    e.subnqn.clone(),
+                ]
+            })
+            .collect();
+        let mut width = head.map(str::len);
+        for r in &rows {
+            for (w, c) in width.iter_mut().zip(r) {
+                *w = (*w).max(c.len());
+            }
+        }
+        let line = |cells: &[&str]| -> String {
+            let mut l = String::new();
+            for (i, c) in cells.iter().enumerate() {
+                if i + 1 == cells.len() {
+                    l += c;
+                } else {
+                    let _ = write!(l, "{c:<w$}  ", w = width[i]);
+                }
+            }
+            l + "\n"
+        };
+        s += &line(&head);
+        for (r, e) in rows.iter().zip(&self.entries) {
+            s += &line(&r.each_ref().map(String::as_str));
+            if let Some(u) = &e.url {
+                let _ = writeln!(s, "       region: {u}");
+            }
+        }
+        if self.entries.is_empty() {
+            s += "no entries: the target offers this host no subsystem on this port (nvmet: link a subsystem under ports/N/subsystems, and allow the host)\n";
+        }
+        for k in &self.skipped {
+            let _ = writeln!(s, "note: entry {} was skipped: {}", k.index, k.problem);
+        }
+        if self.capped {
+            let _ = writeln!(
+                s,
+                "note: the controller reports {} records; only the first {} were read",
+                self.records,
+                nvcopy_tcp::discovery::MAX_RECORDS
+            );
+        }
+        s
+    }
+}
+
 /// One line of `nvcopy list`.
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct ListEntry {

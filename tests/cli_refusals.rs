@@ -291,6 +291,43 @@ fn missing_and_unknown_arguments_are_refused() {
         USAGE,
         &["unexpected argument", "--bogus"],
     );
-    refused(&["identify"], USAGE, &["<BDF>"]);
+    refused(&["identify"], USAGE, &["<DEVICE>"]);
     refused(&["identify", "ff:zz.0"], USAGE, &["PCI address"]);
+    refused(
+        &["identify", "golden.img"],
+        USAGE,
+        &[
+            "neither a PCI address",
+            "nvme+tcp://HOST[:PORT]/SUBSYSTEM-NQN",
+        ],
+    );
+    refused(
+        &["identify", "nvme+tcp://127.0.0.1:4420/nqn.x/2"],
+        USAGE,
+        &["drop the /2"],
+    );
+    refused(
+        &["list", "--discover", "127.0.0.1:http"],
+        USAGE,
+        &["127.0.0.1:http", "1 to 65535"],
+    );
+}
+
+#[test]
+fn discovery_where_nothing_listens_fails_naming_the_address() {
+    // A port that was free a moment ago: the connection is refused at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let o = nvcopy(&["list", "--discover", &addr]);
+    assert_eq!(o.code, Some(REFUSED), "{}", o.stderr);
+    assert!(
+        o.stderr.contains(&addr) && o.stderr.contains("cannot connect"),
+        "{}",
+        o.stderr
+    );
+    assert!(o.stdout.is_empty(), "{}", o.stdout);
 }

@@ -6,6 +6,8 @@
 //! The kernel's own initiator (nvme-tcp, through Debian's nvme-cli, which the suite puts
 //! in the guest with `--deb nvme-cli`) cross-checks the same target both ways: it reads
 //! back what nvcopy wrote, and nvcopy copies what it wrote.
+//! `nvcopy list --discover` must find the export in nvmet's Discovery log, with its
+//! region URL, and `nvcopy identify nvme+tcp://...` must show its 64 MiB namespace.
 //!
 //! `scripts/test.sh` prepares the images with `scripts/vm-tcp-suite.sh prepare DIR` and
 //! boots one guest with `scripts/vm-tcp-suite.sh run DIR` (which owns the layout):
@@ -37,11 +39,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use vm_common::{
-    first_difference, json, nvcopy_for, read_at, setup_sh, strings, wait_for_driver, Run,
+    first_difference, json, nvcopy_for, ok, read_at, setup_sh, strings, wait_for_driver, Run,
 };
 
 const MIB: u64 = 1 << 20;
 const LEN: u64 = 32 * MIB;
+/// The exported namespace: tcp.img's size (scripts/vm-tcp-suite.sh).
+const TCP_NS_LEN: u64 = 64 * MIB;
 
 const SRC: &str = "0000:00:10.0";
 const DEST: &str = "0000:00:11.0";
@@ -172,6 +176,96 @@ fn guest_b_wrong_nqn_and_refused_port() {
         &["--from", SRC, "--to", &tcp(NQN, 4421)],
         &["cannot connect", "4421"],
     );
+}
+
+#[test]
+#[ignore = "needs the VM"]
+fn guest_c_discover_and_identify() {
+    ensure_target();
+    let url = tcp(NQN, 4420);
+    // The Discovery log, from nvmet's discovery controller on the I/O port.
+    let run = ok(
+        &strings(&["list", "--discover", "127.0.0.1:4420", "--json"]),
+        Duration::from_secs(120),
+    );
+    println!("discovery log: {}", run.stdout);
+    let v = json(&run);
+    let entries = v["entries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no entries: {run}"));
+    let ours: Vec<&serde_json::Value> = entries.iter().filter(|e| e["subnqn"] == NQN).collect();
+    assert_eq!(ours.len(), 1, "one entry for {NQN}: {run}");
+    let e = ours[0];
+    assert_eq!(
+        (&e["transport"], &e["subtype"], &e["traddr"], &e["trsvcid"]),
+        (
+            &serde_json::json!("tcp"),
+            &serde_json::json!("nvm"),
+            &serde_json::json!("127.0.0.1"),
+            &serde_json::json!("4420")
+        ),
+        "{run}"
+    );
+    assert_eq!(e["url"], url.as_str(), "{run}");
+    assert_eq!(v["records"].as_u64(), Some(entries.len() as u64), "{run}");
+    assert_eq!(v["skipped"].as_array().map(Vec::len), Some(0), "{run}");
+    // Only NVM subsystems get a URL; discovery entries say why not.
+    for e in entries {
+        assert_eq!(e["url"].is_null(), e["subtype"] != "nvm", "{run}");
+    }
+    // The human form: a table, and the URL to copy to.
+    let run = ok(
+        &strings(&["list", "--discover", "127.0.0.1:4420"]),
+        Duration::from_secs(120),
+    );
+    println!("{}", run.stdout);
+    assert!(
+        run.stdout.contains("TRADDR") && run.stdout.contains(NQN),
+        "{run}"
+    );
+    assert!(run.stdout.contains(&format!("region: {url}")), "{run}");
+
+    // The controller and its namespace, through nvcopy's own host.
+    let run = ok(
+        &strings(&["identify", &url, "--json"]),
+        Duration::from_secs(120),
+    );
+    println!("identify: {}", run.stdout);
+    let v = json(&run);
+    assert_eq!(v["subnqn"], NQN, "{run}");
+    assert_eq!(v["target"], url.as_str(), "{run}");
+    assert!(v["ioccsz"].as_u64().unwrap_or(0) >= 4, "IOCCSZ: {run}");
+    assert!(v["in_capsule_bytes"].is_u64() && v["kas"].is_u64(), "{run}");
+    assert_eq!(
+        (&v["header_digest"], &v["data_digest"]),
+        (&serde_json::json!(true), &serde_json::json!(true)),
+        "{run}"
+    );
+    let ns = v["namespaces"].as_array().unwrap();
+    assert_eq!(ns.len(), 1, "{run}");
+    assert_eq!(ns[0]["nsid"], 1, "{run}");
+    assert_eq!(ns[0]["bytes"], TCP_NS_LEN, "{run}");
+    let lba = ns[0]["lba_size"].as_u64().unwrap();
+    assert_eq!(ns[0]["blocks"].as_u64().unwrap() * lba, TCP_NS_LEN, "{run}");
+    let run = ok(&strings(&["identify", &url]), Duration::from_secs(120));
+    println!("{}", run.stdout);
+    assert!(
+        run.stdout.contains("namespace 1:") && run.stdout.contains("64.0 MiB"),
+        "{run}"
+    );
+    assert!(run.stdout.contains(&format!("{url}/1")), "{run}");
+
+    // Nothing listens on 4421: exit status 1, and the message names the address.
+    let run = nvcopy_for(
+        &strings(&["list", "--discover", "127.0.0.1:4421"]),
+        Duration::from_secs(120),
+    );
+    assert_eq!(run.status.code(), Some(1), "{run}");
+    assert!(
+        run.stderr.contains("127.0.0.1:4421") && run.stderr.contains("cannot connect"),
+        "{run}"
+    );
+    println!("refused as expected: {}", run.stderr.trim());
 }
 
 /// Sectors written to the backing drive so far (/sys/block/NAME/stat, field 7): what
