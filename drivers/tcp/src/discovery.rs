@@ -3,8 +3,8 @@
 //! log page (Get Log Page, LID 70h) and say which of its entries nvcopy can use as a
 //! region (`nvme+tcp://TRADDR:TRSVCID/SUBNQN`).
 //!
-//! The log's layout is in the NVMe Base Specification 2.0, 5.16.1.23 (before 2.0: NVMe
-//! over Fabrics 1.1, 5.3): a 1024-byte header (GENCTR, NUMREC, RECFMT) and then NUMREC
+//! The log's layout is in the NVMe Base Specification 2.0, Get Log Page, "Discovery
+//! (Log Page Identifier 70h)" (before 2.0: NVMe over Fabrics 1.1, "Discovery Log Page"): a 1024-byte header (GENCTR, NUMREC, RECFMT) and then NUMREC
 //! entries of 1024 bytes each. Everything in it comes from the peer, so:
 //!
 //! - NUMREC is believed only up to [`MAX_RECORDS`]: a larger count reads the first
@@ -39,13 +39,14 @@ use crate::ctrl::{associate, host_identity, uuid_text, Assoc, Options, Target};
 use crate::error::{Error, Result};
 use crate::queue::Dir;
 
-/// The well-known NQN of a discovery subsystem (base spec 2.0, 4.5, "NVMe Qualified
+/// The well-known NQN of a discovery subsystem (base spec 2.0, "NVMe Qualified
 /// Names").
 pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
 
-/// The NVMe/TCP well-known discovery port (IANA: 8009, nvme-disc; NVMe/TCP transport
-/// spec 1.0, 3.3). Linux nvmet also answers discovery on every port it serves (4420 for
-/// I/O, usually), so a target set up by `nvmet-setup.sh` is reached on 4420.
+/// The NVMe/TCP well-known discovery port (IANA: 8009, nvme-disc; the NVMe/TCP
+/// transport specification), the default of `--discover` as of nvme-cli's. Linux nvmet
+/// also answers discovery on every port it serves (4420 for I/O, usually), so a target
+/// set up by `nvmet-setup.sh` is reached on 4420.
 pub const DISCOVERY_PORT: u16 = 8009;
 
 /// The Discovery log page's identifier.
@@ -163,7 +164,7 @@ pub enum LogProblem {
         got: usize,
     },
     /// RECFMT is not 0, the only format defined.
-    #[error("record format {0} is not 0, the only one the spec defines (base spec 2.0, 5.16.1.23); nvcopy cannot read this log")]
+    #[error("record format {0} is not 0, the only one the spec defines (base spec 2.0, Discovery log page); nvcopy cannot read this log")]
     RecordFormat(u16),
     /// The Generation Counter changed during every read.
     #[error("the log changed while it was read (generation counter {first} became {last}), on each of {attempts} tries; the target's configuration is changing: try again once it settles")]
@@ -234,7 +235,7 @@ impl LogHeader {
     }
 }
 
-/// One Discovery log entry (base spec 2.0, 5.16.1.23, Discovery Log Page Entry).
+/// One Discovery log entry (base spec 2.0, Discovery Log Page Entry).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// Position in the log, from 0.
@@ -402,7 +403,7 @@ pub struct DiscoveryLog {
 /// Reads a Discovery log through `get(offset, len)`, which returns `len` bytes of the
 /// log from `offset` (one Get Log Page): the header, the entries in increasing offsets,
 /// [`RECORDS_PER_READ`] at a time, then the header again to check that the log did not
-/// change meanwhile (base spec 2.0, 5.16.1.23: a host reading the log in several
+/// change meanwhile (base spec 2.0, Discovery log page: a host reading the log in several
 /// commands compares GENCTR before and after, and reads it again when it differs).
 /// `target` names the controller in errors.
 pub fn read_log(
@@ -518,7 +519,7 @@ pub fn discover(host: &str, port: u16, opts: &Options) -> Result<DiscoveryLog> {
 }
 
 /// A normal shutdown (CC.SHN = 01b, then CSTS.SHST = 10b within 2 s), as a host does
-/// before it disconnects (base spec 2.0, 3.6.2). Best effort: the log is already read,
+/// before it disconnects (base spec 2.0, Controller Shutdown). Best effort: the log is already read,
 /// and the target reaps the controller when the connection closes anyway.
 fn shutdown(assoc: &mut Assoc, cc_value: u32) {
     let q = &mut assoc.admin;
