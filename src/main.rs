@@ -407,7 +407,9 @@ fn run(cli: Cli) -> Result<()> {
                 format!("{host}:{port}")
             };
             let report = DiscoveryReport::new(name, &log);
-            for k in &report.skipped {
+            // The text form carries these notes itself; with --json they go to stderr
+            // too, for whoever watches the terminal.
+            for k in report.skipped.iter().filter(|_| as_json) {
                 eprintln!(
                     "nvcopy: note: discovery log entry {} skipped: {}",
                     k.index, k.problem

@@ -692,4 +692,101 @@ mod tests {
             "{none}"
         );
     }
+
+    fn disc_entry(index: u64, trtype: u8, subtype: u8, nqn: &str) -> nvcopy_tcp::discovery::Entry {
+        nvcopy_tcp::discovery::Entry {
+            index,
+            trtype,
+            adrfam: 1,
+            subtype,
+            treq: 4,
+            portid: 1,
+            cntlid: 0xffff,
+            asqsz: 32,
+            eflags: 0,
+            trsvcid: "4420".into(),
+            subnqn: nqn.into(),
+            traddr: "127.0.0.1".into(),
+            tcp_sectype: (trtype == 3).then_some(0),
+        }
+    }
+
+    #[test]
+    fn discovery_report_lists_every_entry_and_the_urls() {
+        use nvcopy_tcp::discovery::{DiscoveryLog, EntryProblem, LogHeader, Skipped};
+        let log = DiscoveryLog {
+            header: LogHeader {
+                genctr: 7,
+                numrec: 4,
+                recfmt: 0,
+            },
+            entries: vec![
+                disc_entry(0, 3, 3, "nqn.2014-08.org.nvmexpress.discovery"),
+                disc_entry(1, 3, 2, "nqn.2026-12.io.nvcopy:a"),
+                disc_entry(3, 1, 2, "nqn.2026-12.io.nvcopy:rdma"),
+            ],
+            skipped: vec![Skipped {
+                index: 2,
+                problem: EntryProblem::Field {
+                    field: "TRADDR",
+                    why: "holds bytes that are not printable ASCII",
+                },
+            }],
+            capped: false,
+            attempts: 1,
+        };
+        let r = DiscoveryReport::new("127.0.0.1:4420".into(), &log);
+        assert_eq!(
+            r.entries
+                .iter()
+                .map(|e| e.url.as_deref())
+                .collect::<Vec<_>>(),
+            vec![
+                None,
+                Some("nvme+tcp://127.0.0.1:4420/nqn.2026-12.io.nvcopy:a"),
+                None
+            ]
+        );
+        assert!(r.entries[2]
+            .not_a_region
+            .as_deref()
+            .unwrap()
+            .contains("rdma"));
+        let t = r.to_text();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].contains("generation 7, 4 record(s)"), "{t}");
+        // The table's columns line up: SUBNQN starts at the same place on every row.
+        let col = lines[1].find("SUBNQN").unwrap();
+        assert_eq!(lines[2].find("nqn.2014-08").unwrap(), col, "{t}");
+        assert_eq!(
+            lines[3].find("nqn.2026-12.io.nvcopy:a").unwrap(),
+            col,
+            "{t}"
+        );
+        assert_eq!(
+            lines[4].trim(),
+            "region: nvme+tcp://127.0.0.1:4420/nqn.2026-12.io.nvcopy:a"
+        );
+        assert!(
+            lines[5].starts_with("3 ") && lines[5].contains("rdma"),
+            "{t}"
+        );
+        assert_eq!(t.matches("region:").count(), 1, "{t}");
+        assert!(t.contains("note: entry 2 was skipped: its TRADDR field holds bytes that are not printable ASCII"), "{t}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["skipped"][0]["index"], 2);
+        assert_eq!(json["entries"][1]["trsvcid"], "4420");
+        let capped = DiscoveryReport {
+            capped: true,
+            records: u64::MAX,
+            entries: vec![],
+            skipped: vec![],
+            ..r
+        };
+        let t = capped.to_text();
+        assert!(
+            t.contains("no entries") && t.contains("only the first 1024"),
+            "{t}"
+        );
+    }
 }

@@ -170,7 +170,7 @@ pub fn identify(cns: u8, nsid: u32) -> Sqe {
 
 /// Get Log Page (base spec 2.0, the Get Log Page command) of log `lid`: `len` bytes (a whole number of
 /// dwords, at least one) from byte `offset` (dword aligned) of the log, returned by C2H
-/// Data. The dword count is split as the spec has it since 1.2.1: NUMDL in CDW10 bits
+/// Data. The dword count is split as the spec has it since 1.3: NUMDL in CDW10 bits
 /// 31:16 and NUMDU in CDW11 bits 15:0, 0's based; the offset is LPOL (CDW12) and LPOU
 /// (CDW13). LSP, RAE and the log specific identifier stay 0, which is what the
 /// Discovery log (LID 70h) asks for.
