@@ -268,6 +268,48 @@ fn guest_c_discover_and_identify() {
     println!("refused as expected: {}", run.stderr.trim());
 }
 
+#[test]
+#[ignore = "needs the VM"]
+fn guest_c_discover_on_the_default_port() {
+    ensure_target();
+    // A second nvmet port on the well-known discovery port, 8009, offering the same
+    // subsystem: `--discover 127.0.0.1` without a port must reach it there.
+    let port = std::path::Path::new("/sys/kernel/config/nvmet/ports/2");
+    std::fs::create_dir(port).unwrap();
+    for (attr, value) in [
+        ("addr_trtype", "tcp"),
+        ("addr_adrfam", "ipv4"),
+        ("addr_traddr", "127.0.0.1"),
+        ("addr_trsvcid", "8009"),
+    ] {
+        std::fs::write(port.join(attr), value).unwrap();
+    }
+    let link = port.join("subsystems").join(NQN);
+    std::os::unix::fs::symlink(format!("/sys/kernel/config/nvmet/subsystems/{NQN}"), &link)
+        .unwrap();
+    let run = nvcopy_for(
+        &strings(&["list", "--discover", "127.0.0.1", "--json"]),
+        Duration::from_secs(120),
+    );
+    std::fs::remove_file(&link).unwrap();
+    std::fs::remove_dir(port).unwrap();
+    assert!(run.status.success(), "{run}");
+    println!("discovery log on 8009: {}", run.stdout);
+    let v = json(&run);
+    assert_eq!(v["discovery_controller"], "127.0.0.1:8009", "{run}");
+    let ours: Vec<&serde_json::Value> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["subnqn"] == NQN)
+        .collect();
+    assert_eq!(ours.len(), 1, "{run}");
+    // The log is per port: this one names port 8009 and its port id.
+    assert_eq!(ours[0]["trsvcid"], "8009", "{run}");
+    assert_eq!(ours[0]["portid"], 2, "{run}");
+    assert_eq!(ours[0]["url"], tcp(NQN, 8009).as_str(), "{run}");
+}
+
 /// Sectors written to the backing drive so far (/sys/block/NAME/stat, field 7): what
 /// nvmet has written for the hosts.
 fn backing_sectors_written() -> u64 {

@@ -303,11 +303,12 @@ pub enum NotARegion {
     /// Not NVMe/TCP.
     #[error("transport {0} ({name}): nvcopy reaches only NVMe/TCP", name = transport_name(*.0))]
     Transport(u8),
-    /// A discovery subsystem, not an NVM subsystem.
-    #[error(
-        "a discovery subsystem, not an NVM subsystem: list it with `nvcopy list --discover {0}`"
-    )]
-    Discovery(String),
+    /// A referral: another discovery subsystem, not an NVM subsystem.
+    #[error("a referral to another discovery subsystem, not an NVM subsystem: list it with `nvcopy list --discover {0}`")]
+    Referral(String),
+    /// The discovery subsystem that returned the log.
+    #[error("this discovery subsystem itself, not an NVM subsystem")]
+    CurrentDiscovery,
     /// Some other subsystem type.
     #[error("subsystem type {0} is not an NVM subsystem")]
     Subtype(u8),
@@ -366,9 +367,8 @@ impl Entry {
         }
         match self.subtype {
             subtype::NVM => {}
-            subtype::REFERRAL | subtype::CURRENT_DISCOVERY => {
-                return Err(NotARegion::Discovery(self.host_port()))
-            }
+            subtype::REFERRAL => return Err(NotARegion::Referral(self.host_port())),
+            subtype::CURRENT_DISCOVERY => return Err(NotARegion::CurrentDiscovery),
             s => return Err(NotARegion::Subtype(s)),
         }
         if self.traddr.is_empty() {
@@ -760,18 +760,18 @@ mod tests {
         let odd = Entry::parse(0, &entry(77, subtype::NVM, "x", "1", NQN)).unwrap();
         assert_eq!(transport_name(odd.trtype), "unknown");
         assert!(odd.region_url().is_err());
-        let disc = Entry::parse(
-            0,
-            &entry(
-                trtype::TCP,
-                subtype::CURRENT_DISCOVERY,
-                "10.0.0.2",
-                "8009",
-                DISCOVERY_NQN,
-            ),
-        )
-        .unwrap();
-        let why = disc.region_url().unwrap_err().to_string();
+        let disc = |subtype| {
+            let b = entry(trtype::TCP, subtype, "10.0.0.2", "8009", DISCOVERY_NQN);
+            Entry::parse(0, &b).unwrap()
+        };
+        assert_eq!(
+            disc(subtype::CURRENT_DISCOVERY).region_url(),
+            Err(NotARegion::CurrentDiscovery)
+        );
+        let why = disc(subtype::REFERRAL)
+            .region_url()
+            .unwrap_err()
+            .to_string();
         assert!(
             why.contains("nvcopy list --discover 10.0.0.2:8009"),
             "{why}"
