@@ -402,7 +402,7 @@ pub struct DiscoveryLog {
 
 /// Reads a Discovery log through `get(offset, len)`, which returns `len` bytes of the
 /// log from `offset` (one Get Log Page): the header, the entries in increasing offsets,
-/// [`RECORDS_PER_READ`] at a time, then the header again to check that the log did not
+/// four entries (4 KiB) at a time, then the header again to check that the log did not
 /// change meanwhile (base spec 2.0, Discovery log page: a host reading the log in several
 /// commands compares GENCTR before and after, and reads it again when it differs).
 /// `target` names the controller in errors.
