@@ -190,9 +190,14 @@ impl Summary {
             }
         }
         for (c, n) in &self.controller_resets {
-            t += &format!(
-                "controller {c} was reset {n} time(s); the chunks in flight were issued again\n"
-            );
+            // Only a job that ended well can say that what was in flight went again: a
+            // reset that failed left its chunks failed.
+            let then = if self.ok() {
+                "; the chunks in flight were issued again"
+            } else {
+                ""
+            };
+            t += &format!("controller {c} was reset {n} time(s){then}\n");
         }
         if self.bytes_todo < self.bytes_total {
             t += &format!(
