@@ -888,29 +888,36 @@ impl Drop for Controller {
         }
         // A normal shutdown: CC.SHN, then CSTS.SHST until complete (bounded).
         let Ok(mut a) = s.assoc.lock() else { return };
-        let q = &mut a.admin;
-        if !q.is_usable() {
-            return;
-        }
-        let set = cmd::property_set(prop::CC, self.cc | cc::SHN_NORMAL);
-        if q.run("Property Set CC.SHN", set, Dir::None, Vec::new(), false)
-            .is_err()
-        {
-            return;
-        }
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(2) {
-            match q.run(
-                "Property Get CSTS",
-                cmd::property_get(prop::CSTS, false),
-                Dir::None,
-                Vec::new(),
-                false,
-            ) {
-                Ok((v, _)) if v as u32 & cc::SHST_MASK == cc::SHST_DONE => break,
-                Ok(_) => std::thread::sleep(Duration::from_millis(5)),
-                Err(_) => break,
-            }
+        shutdown(&mut a, self.cc);
+    }
+}
+
+/// A normal shutdown (CC.SHN = 01b, then CSTS.SHST = 10b within 2 s), as a host does
+/// before it disconnects (base spec 2.0, Controller Shutdown). Best effort: the target reaps the
+/// controller when the connection closes anyway.
+pub(crate) fn shutdown(assoc: &mut Assoc, cc_value: u32) {
+    let q = &mut assoc.admin;
+    if !q.is_usable() {
+        return;
+    }
+    let set = cmd::property_set(prop::CC, cc_value | cc::SHN_NORMAL);
+    if q.run("Property Set CC.SHN", set, Dir::None, Vec::new(), false)
+        .is_err()
+    {
+        return;
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        match q.run(
+            "Property Get CSTS",
+            cmd::property_get(prop::CSTS, false),
+            Dir::None,
+            Vec::new(),
+            false,
+        ) {
+            Ok((v, _)) if v as u32 & cc::SHST_MASK == cc::SHST_DONE => return,
+            Ok(_) => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => return,
         }
     }
 }

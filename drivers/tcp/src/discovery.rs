@@ -32,10 +32,10 @@
 //! (120 s) to reap sessions that are left open; a listing takes well under a second.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::cmd::{self, cc, prop};
-use crate::ctrl::{associate, host_identity, uuid_text, Assoc, Options, Target};
+use crate::cmd::{self, cc};
+use crate::ctrl::{associate, host_identity, shutdown, uuid_text, Options, Target};
 use crate::error::{Error, Result};
 use crate::queue::Dir;
 
@@ -516,36 +516,6 @@ pub fn discover(host: &str, port: u16, opts: &Options) -> Result<DiscoveryLog> {
     });
     shutdown(&mut assoc, cc_value);
     log
-}
-
-/// A normal shutdown (CC.SHN = 01b, then CSTS.SHST = 10b within 2 s), as a host does
-/// before it disconnects (base spec 2.0, Controller Shutdown). Best effort: the log is already read,
-/// and the target reaps the controller when the connection closes anyway.
-fn shutdown(assoc: &mut Assoc, cc_value: u32) {
-    let q = &mut assoc.admin;
-    if !q.is_usable() {
-        return;
-    }
-    let set = cmd::property_set(prop::CC, cc_value | cc::SHN_NORMAL);
-    if q.run("Property Set CC.SHN", set, Dir::None, Vec::new(), false)
-        .is_err()
-    {
-        return;
-    }
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(2) {
-        match q.run(
-            "Property Get CSTS",
-            cmd::property_get(prop::CSTS, false),
-            Dir::None,
-            Vec::new(),
-            false,
-        ) {
-            Ok((v, _)) if v as u32 & cc::SHST_MASK == cc::SHST_DONE => return,
-            Ok(_) => std::thread::sleep(Duration::from_millis(5)),
-            Err(_) => return,
-        }
-    }
 }
 
 /// Why a `--discover` address was refused.
