@@ -528,3 +528,32 @@ fn one_target_to_another_namespace_of_it_and_to_a_second_target_with_drops() {
     assert_eq!(a.host_errors(), Vec::<String>::new());
     assert_eq!(b.host_errors(), Vec::<String>::new());
 }
+
+/// A target that accepts connections after the drop but never answers on them (a hung
+/// target, or a blackholing firewall): each reconnect attempt is cut to what is left of
+/// the window, so the copy still fails about `--io-timeout` after the drop, not after the
+/// 10 s a connection step may otherwise take.
+#[test]
+fn a_target_that_accepts_and_never_answers_fails_the_copy_within_the_timeout() {
+    let d = scratch("silent");
+    let data = pattern(8, 4 * MIB);
+    let src = d.join("src.img");
+    std::fs::write(&src, &data).unwrap();
+    let sim = sim();
+    sim.set_faults(Faults {
+        drop_at: vec![5],
+        silent_after_drop: true,
+        ..Faults::default()
+    });
+    let url = sim.url(1);
+    let r = failed(&["copy", "--from", s(&src), "--to", &url, "--io-timeout", "2"]);
+    assert!(r.took < Duration::from_secs(7), "took {:?}", r.took);
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(all.contains("could not be made again"), "says why: {all}");
+    assert!(
+        sim.counters().connections >= 2,
+        "the host tried again: {:?}",
+        sim.counters()
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}

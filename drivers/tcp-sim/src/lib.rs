@@ -116,6 +116,9 @@ pub struct Faults {
     pub refuse_for: Option<Duration>,
     /// Never answer this I/O command (nor ask for its data).
     pub stall: Option<u64>,
+    /// After a drop, accept connections but never answer on them (a peer that a
+    /// firewall or a hung target blackholes: connect works, ICResp never comes).
+    pub silent_after_drop: bool,
     /// The first I/O command from this one on that the fault applies to gets this
     /// malformed reply.
     pub corrupt: Option<(u64, PduFault)>,
@@ -238,6 +241,8 @@ struct Listen {
     want: bool,
     /// Refusing until then.
     refuse_until: Option<Instant>,
+    /// Accepted and never answered ([`Faults::silent_after_drop`]), held open.
+    silent: Option<Vec<TcpStream>>,
 }
 
 struct FaultState {
@@ -330,7 +335,11 @@ impl Shared {
         let k = g.io_seen;
         if g.f.drop_at.contains(&k) {
             let refuse = g.f.refuse_for;
+            let silent = g.f.silent_after_drop;
             drop(g);
+            if silent {
+                lock(&self.listen).silent.get_or_insert_with(Vec::new);
+            }
             if let Some(d) = refuse {
                 let mut l = lock(&self.listen);
                 if d == Duration::MAX {
@@ -386,6 +395,12 @@ impl Shared {
                 l.listener.as_ref().map(|s| s.accept())
             };
             match got {
+                Some(Ok((s, _))) if lock(&self.listen).silent.is_some() => {
+                    bump(&self.counters.connections);
+                    if let Some(v) = lock(&self.listen).silent.as_mut() {
+                        v.push(s);
+                    }
+                }
                 Some(Ok((s, _))) => {
                     bump(&self.counters.connections);
                     let sh = self.clone();
@@ -449,6 +464,7 @@ impl TcpSim {
                 listener: Some(listener),
                 want: true,
                 refuse_until: None,
+                silent: None,
             }),
             stop: AtomicBool::new(false),
             counters: AtomicCounters::default(),

@@ -573,7 +573,9 @@ impl Controller {
             });
         }
         let a = self.shared.lock_assoc()?;
-        let q = self.shared.open_io(a.cntlid, qid, entries, pool)?;
+        let q = self
+            .shared
+            .open_io(a.cntlid, qid, entries, pool, &self.shared.opts)?;
         Ok((q, self.epoch()))
     }
 
@@ -654,10 +656,17 @@ impl Shared {
         self.svc.lock().map_or(true, |g| g.stop)
     }
 
-    /// Connects I/O queue `qid` to controller `cntlid`.
-    fn open_io(&self, cntlid: u16, qid: u16, entries: u16, pool: &DmaPool) -> Result<Queue> {
+    /// Connects I/O queue `qid` to controller `cntlid`, each step within `o.admin_timeout`.
+    fn open_io(
+        &self,
+        cntlid: u16,
+        qid: u16,
+        entries: u16,
+        pool: &DmaPool,
+        o: &Options,
+    ) -> Result<Queue> {
         let size = entries.clamp(2, self.mqes.saturating_add(1).max(2));
-        let (sock, n) = connect_socket(&self.target, &self.addrs, qid, &self.opts)?;
+        let (sock, n) = connect_socket(&self.target, &self.addrs, qid, o)?;
         let mut q = Queue::new(
             sock,
             self.target.to_string(),
@@ -665,7 +674,7 @@ impl Shared {
             n,
             size - 1,
             Some(pool.clone()),
-            self.opts.admin_timeout,
+            o.admin_timeout,
         )?;
         fabrics_connect(
             &mut q,
@@ -755,7 +764,16 @@ impl Shared {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let last = match self.try_reopen(w) {
+            // No step of an attempt (a connect to a host that does not answer, an ICResp
+            // that never comes) may outlast the window by more than a moment.
+            let left = self
+                .opts
+                .reconnect_for
+                .saturating_sub(start.elapsed())
+                .max(Duration::from_millis(100));
+            let mut o = self.opts.clone();
+            o.admin_timeout = o.admin_timeout.min(left);
+            let last = match self.try_reopen(w, &o) {
                 Ok(x) => return Ok(x),
                 Err(e @ Error::Changed { .. }) => return Err(e),
                 Err(e) => e,
@@ -776,7 +794,7 @@ impl Shared {
 
     /// One attempt: a new association if `w.seen` is still the live one (or the live one
     /// is lost), checked to serve the same namespaces, then the queue under it.
-    fn try_reopen(&self, w: &Want) -> Result<(Queue, u64)> {
+    fn try_reopen(&self, w: &Want, o: &Options) -> Result<(Queue, u64)> {
         let mut a = self.lock_assoc()?;
         let ep = self.epoch.load(Ordering::Acquire);
         let fresh = ep == w.seen || ep & BROKEN != 0;
@@ -785,10 +803,11 @@ impl Shared {
             let (mut new, _) = associate(
                 &self.target,
                 &self.addrs,
-                &self.opts,
+                o,
                 (&self.hostid, &self.hostnqn),
                 cc_value,
             )?;
+            new.admin.set_timeout(self.opts.admin_timeout);
             self.check_same(&mut new.admin)?;
             // A new association is a new controller: it is initialized as the first was,
             // Number of Queues included (a controller may refuse I/O queues it was not
@@ -816,7 +835,7 @@ impl Shared {
             self.epoch.store((ep & !BROKEN) + 1, Ordering::Release);
             self.reconnects.fetch_add(1, Ordering::Relaxed);
         }
-        match self.open_io(a.cntlid, w.qid, w.entries, &w.pool) {
+        match self.open_io(a.cntlid, w.qid, w.entries, &w.pool, o) {
             Ok(q) => Ok((q, self.epoch.load(Ordering::Acquire))),
             Err(e) => {
                 // The live association, made by another queue's reconnect, may have been
