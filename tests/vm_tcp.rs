@@ -8,6 +8,11 @@
 //! back what nvcopy wrote, and nvcopy copies what it wrote.
 //! `nvcopy list --discover` must find the export in nvmet's Discovery log, with its
 //! region URL, and `nvcopy identify nvme+tcp://...` must show its 64 MiB namespace.
+//! Faults: the target's port is taken away in the middle of a copy (nvmet then ends every
+//! connection of it and stops listening) and given back 2 s later, and the copy must
+//! reconnect and end `ok` with every byte right (the namespace is zeroed first, so the
+//! host check sees a lost chunk); taken away for good, the copy must fail with exit
+//! status 1 about `--io-timeout` later, naming the target and the fix.
 //!
 //! `scripts/test.sh` prepares the images with `scripts/vm-tcp-suite.sh prepare DIR` and
 //! boots one guest with `scripts/vm-tcp-suite.sh run DIR` (which owns the layout):
