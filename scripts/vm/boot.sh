@@ -74,7 +74,7 @@ Options:
                                              (e.g. 4M), capacity = size
   --net KEY=VAL[,KEY=VAL...]   one virtio-net NIC on a QEMU socket network over the
                                host's loopback, joining two guests (instead of no
-                               network); loads virtio_net.  Keys:
+                               network); loads virtio_pci, virtio_net.  Keys:
                                  socket-listen=PORT   QEMU listens on 127.0.0.1:PORT
                                                       (start this guest first)
                                  socket-connect=PORT  QEMU connects to 127.0.0.1:PORT
@@ -757,9 +757,13 @@ vm_boot() {
         vm_add_nvme "$i" "${VM_OPT_NVME[$i]}" ""
     done
     vm_parse_net "$VM_OPT_NET"
-    if [[ -n $VM_OPT_NET && " ${VM_OPT_KMODS[*]} " != *" virtio_net "* ]]; then
-        VM_OPT_KMODS+=(virtio_net)
-    fi
+    # Debian builds the virtio PCI transport as a module too.
+    local m
+    for m in virtio_pci virtio_net; do
+        if [[ -n $VM_OPT_NET && " ${VM_OPT_KMODS[*]} " != *" $m "* ]]; then
+            VM_OPT_KMODS+=("$m")
+        fi
+    done
     [[ -n $VM_OPT_NO_BUILD ]] && export NVCOPY_VM_NO_BUILD=1
     local timeout=${VM_OPT_TIMEOUT:-$((VM_OPT_SHELL ? 0 : 600))}
 
