@@ -89,6 +89,13 @@ fn nvmet(args: &[&str]) -> String {
 #[ignore = "needs the target guest of scripts/vm-tcp2-suite.sh"]
 fn target_exports_until_done() {
     let dev = setup_sh(&["blockdev", BACKING]).trim().to_string();
+    // By hand, `run DIR --env NVCOPY_TCP2_EXPORT_DELAY_SECS=20` makes the nvcopy guest
+    // wait for the export (guest_a's retries); the suite leaves it at 0.
+    let delay = secs_from_env("NVCOPY_TCP2_EXPORT_DELAY_SECS", 0);
+    if !delay.is_zero() {
+        println!("target: exporting in {delay:?}");
+        std::thread::sleep(delay);
+    }
     print!("{}", nvmet(&["up", &dev, NQN, TARGET_ADDR, TARGET_PORT]));
     let listener = TcpListener::bind((TARGET_ADDR, DONE_PORT)).unwrap();
     listener.set_nonblocking(true).unwrap();
