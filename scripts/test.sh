@@ -137,6 +137,14 @@ if [ "${NVCOPY_SKIP_VM:-0}" != 1 ]; then
     check vm-tcp-images bash scripts/vm-tcp-suite.sh prepare "$TCPIMG"
     tests vm-tcp timeout -k 10 900 bash scripts/vm-tcp-suite.sh run "$TCPIMG" --timeout 600
     tests vm-tcp-host env NVCOPY_TCP_IMAGES="$TCPIMG" cargo test --test vm_tcp -- --ignored host_
+    # NVMe/TCP between two guests joined by a QEMU socket network on the host's loopback
+    # (tests/vm_tcp2.rs; the layout is in scripts/vm-tcp2-suite.sh): nvmet-tcp in one guest,
+    # nvcopy in the other copies a VFIO drive to it over virtio-net and back. The libtest
+    # lines of both guests are counted; the host checks the images byte for byte.
+    TCP2IMG=$VMWORK/tcp2-images
+    check vm-tcp2-images bash scripts/vm-tcp2-suite.sh prepare "$TCP2IMG"
+    tests vm-tcp2 timeout -k 10 900 bash scripts/vm-tcp2-suite.sh run "$TCP2IMG" --timeout 600
+    tests vm-tcp2-host env NVCOPY_TCP2_IMAGES="$TCP2IMG" cargo test --test vm_tcp2 -- --ignored host_
 fi
 
 echo

@@ -72,6 +72,16 @@ Options:
                                              time (QEMU blkdebug; ns=1 only)
                                  zoned=SIZE  zoned namespaces (ZNS) with zones of SIZE
                                              (e.g. 4M), capacity = size
+  --net KEY=VAL[,KEY=VAL...]   one virtio-net NIC on a QEMU socket network over the
+                               host's loopback, joining two guests (instead of no
+                               network); loads virtio_pci, virtio_net.  Keys:
+                                 socket-listen=PORT   QEMU listens on 127.0.0.1:PORT
+                                                      (start this guest first)
+                                 socket-connect=PORT  QEMU connects to 127.0.0.1:PORT
+                                 mac=MAC     the NIC's address (default
+                                             52:54:00:4e:56:01 listening,
+                                             52:54:00:4e:56:02 connecting)
+                                 ip=ADDR/LEN /init gives the NIC this IPv4 address
   --qemu-arg ARG               pass ARG to QEMU unchanged (repeatable)
   --noiommu                    no emulated IOMMU; vfio in unsafe no-IOMMU mode
                                (uses a vfio.ko rebuilt with CONFIG_VFIO_NOIOMMU)
@@ -464,6 +474,7 @@ vm_deb_payload() {
 vm_reset_state() {
     VM_OPT_NVME=()
     VM_OPT_QEMU_ARGS=()
+    VM_OPT_NET=
     VM_OPT_NOIOMMU=0
     VM_OPT_HUGEMEM=512
     VM_OPT_MEM=2G
@@ -492,7 +503,7 @@ vm_parse_options() {
             set -- "$opt" "$val" "${@:2}"
         fi
         case $opt in
-            --nvme | --qemu-arg | --hugemem | --mem | --smp | --timeout | --env | --add | --append | --kmod | --deb)
+            --nvme | --net | --qemu-arg | --hugemem | --mem | --smp | --timeout | --env | --add | --append | --kmod | --deb)
                 (($# >= 2)) || vm_usage_error "$opt needs a value"
                 val=$2
                 shift 2
@@ -501,6 +512,9 @@ vm_parse_options() {
         esac
         case $opt in
             --nvme) VM_OPT_NVME+=("$val") ;;
+            --net)
+                [[ -z $VM_OPT_NET ]] || vm_usage_error "--net: one NIC per guest"
+                VM_OPT_NET=$val ;;
             --qemu-arg) VM_OPT_QEMU_ARGS+=("$val") ;;
             --noiommu) VM_OPT_NOIOMMU=1 ;;
             --hugemem)
@@ -657,6 +671,45 @@ vm_add_nvme() {
     done
 }
 
+# Turn the --net spec $1 into QEMU arguments (VM_QEMU_NET) and the guest address
+# (VM_NET_IP, empty if none); usage errors exit.  Called before the build, so that a
+# typo fails at once.
+vm_parse_net() {
+    local spec=$1 kv key val mode='' port='' mac='' ip=''
+    local -a kvs=()
+    VM_QEMU_NET=(-nic none)
+    VM_NET_IP=
+    [[ -n $spec ]] || return 0
+    IFS=, read -r -a kvs <<<"$spec"
+    for kv in "${kvs[@]}"; do
+        [[ $kv == *=* ]] || vm_usage_error "--net '$spec': '$kv' is not KEY=VALUE"
+        key=${kv%%=*}
+        val=${kv#*=}
+        case $key in
+            socket-listen | socket-connect)
+                [[ -z $mode ]] || vm_usage_error "--net '$spec': give one of socket-listen= and socket-connect="
+                mode=${key#socket-}
+                port=$val ;;
+            mac) mac=$val ;;
+            ip) ip=$val ;;
+            *) vm_usage_error "--net '$spec': unknown key '$key' (known: socket-listen, socket-connect, mac, ip)" ;;
+        esac
+    done
+    [[ -n $mode ]] || vm_usage_error "--net '$spec': socket-listen=PORT or socket-connect=PORT is required"
+    if [[ ! $port =~ ^[1-9][0-9]{0,4}$ ]] || ((port > 65535)); then
+        vm_usage_error "--net '$spec': '$port' is not a TCP port (1..65535)"
+    fi
+    if [[ -z $mac ]]; then
+        [[ $mode == listen ]] && mac=52:54:00:4e:56:01 || mac=52:54:00:4e:56:02
+    fi
+    [[ $mac =~ ^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$ ]] || vm_usage_error "--net '$spec': bad mac '$mac'"
+    if [[ -n $ip ]] && [[ ! $ip =~ ^([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}$ ]]; then
+        vm_usage_error "--net '$spec': ip wants ADDR/PREFIXLEN, e.g. 10.77.0.1/24, got '$ip'"
+    fi
+    VM_QEMU_NET=(-netdev "socket,id=n0,$mode=127.0.0.1:$port" -device "virtio-net-pci,netdev=n0,mac=$mac")
+    VM_NET_IP=$ip
+}
+
 # ----------------------------------------------------------------------------
 # Boot
 # ----------------------------------------------------------------------------
@@ -702,6 +755,14 @@ vm_boot() {
     ((${#VM_OPT_NVME[@]} <= VM_NVME_MAX)) || vm_usage_error "at most $VM_NVME_MAX --nvme controllers"
     for i in "${!VM_OPT_NVME[@]}"; do
         vm_add_nvme "$i" "${VM_OPT_NVME[$i]}" ""
+    done
+    vm_parse_net "$VM_OPT_NET"
+    # Debian builds the virtio PCI transport as a module too.
+    local m
+    for m in virtio_pci virtio_net; do
+        if [[ -n $VM_OPT_NET && " ${VM_OPT_KMODS[*]} " != *" $m "* ]]; then
+            VM_OPT_KMODS+=("$m")
+        fi
     done
     [[ -n $VM_OPT_NO_BUILD ]] && export NVCOPY_VM_NO_BUILD=1
     local timeout=${VM_OPT_TIMEOUT:-$((VM_OPT_SHELL ? 0 : 600))}
@@ -752,6 +813,7 @@ vm_boot() {
         echo "VM_BIND=$VM_OPT_BIND"
         echo "VM_SHELL=$VM_OPT_SHELL"
         echo "VM_KMODS='${VM_OPT_KMODS[*]}'"
+        echo "VM_NET_IP='$VM_NET_IP'"
     } >"$p/etc/nvcopy-vm.conf"
     local e
     : >"$p/etc/nvcopy-vm.env"
@@ -776,7 +838,7 @@ vm_boot() {
     cat "$payload" "$base" >"$initrd"
 
     local -a qemu=("$VM_QEMU" -M "q35,kernel-irqchip=split" -accel "tcg,thread=multi" -cpu max
-        -smp "$VM_OPT_SMP" -m "$VM_OPT_MEM" -no-reboot -nic none -vga none -display none)
+        -smp "$VM_OPT_SMP" -m "$VM_OPT_MEM" -no-reboot "${VM_QEMU_NET[@]}" -vga none -display none)
     local append="console=ttyS0 panic=-1 quiet loglevel=3"
     if ((VM_OPT_NOIOMMU == 0)); then
         # Before any other PCI device, so that all of them sit behind it.

@@ -80,6 +80,23 @@ for m in $VM_KMODS; do
     modprobe "$m" || vm_fail "modprobe $m (--kmod)"
 done
 
+# --net ...,ip=ADDR/LEN: the one NIC (virtio_net, loaded above) gets a static address;
+# the kernel names it (no udev), so take the first interface that is not loopback.
+if [ -n "${VM_NET_IP:-}" ]; then
+    ip link set lo up || vm_fail "ip link set lo up"
+    nic= tries=0
+    while [ -z "$nic" ] && [ "$tries" -lt 50 ]; do
+        for n in /sys/class/net/*; do
+            [ "${n##*/}" = lo ] || { nic=${n##*/}; break; }
+        done
+        [ -n "$nic" ] || { tries=$((tries + 1)); sleep 0.1; }
+    done
+    [ -n "$nic" ] || vm_fail "--net: no network interface after 5 s (are virtio_pci and virtio_net loaded?)"
+    ip addr add "$VM_NET_IP" dev "$nic" || vm_fail "ip addr add $VM_NET_IP dev $nic"
+    ip link set "$nic" up || vm_fail "ip link set $nic up"
+    echo "vm: $nic $VM_NET_IP"
+fi
+
 [ -f /etc/nvcopy-vm.env ] && . /etc/nvcopy-vm.env
 cd /tmp || vm_fail "cd /tmp"
 echo "vm: NVCOPY_DEVS=$NVCOPY_DEVS"
