@@ -44,7 +44,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use vm_common::{
-    first_difference, json, nvcopy_for, ok, read_at, setup_sh, strings, wait_for_driver, Run,
+    first_difference, json, nvcopy_for, nvmet, ok, read_at, setup_sh, strings, wait_for_driver, Run,
 };
 
 const MIB: u64 = 1 << 20;
@@ -130,21 +130,6 @@ fn ensure_target() {
         let dev = setup_sh(&["blockdev", BACKING]).trim().to_string();
         nvmet(&["up", &dev, NQN]);
     });
-}
-
-/// Runs scripts/nvmet-setup.sh in the guest; it must succeed.
-fn nvmet(args: &[&str]) -> String {
-    let out = std::process::Command::new("nvmet-setup.sh")
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "nvmet-setup.sh {args:?}: {text}");
-    text
 }
 
 #[test]

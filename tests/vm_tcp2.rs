@@ -36,7 +36,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vm_common::{first_difference, json, nvcopy_for, ok, read_at, setup_sh, strings, Run};
+use vm_common::{first_difference, json, nvcopy_for, nvmet, ok, read_at, setup_sh, strings, Run};
 
 const MIB: u64 = 1 << 20;
 const LEN: u64 = 32 * MIB;
@@ -64,21 +64,6 @@ fn url() -> String {
 fn secs_from_env(name: &str, default: u64) -> Duration {
     let s = std::env::var(name).ok();
     Duration::from_secs(s.and_then(|s| s.parse().ok()).unwrap_or(default))
-}
-
-/// Runs scripts/nvmet-setup.sh in the guest; it must succeed.
-fn nvmet(args: &[&str]) -> String {
-    let out = std::process::Command::new("nvmet-setup.sh")
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "nvmet-setup.sh {args:?}: {text}");
-    text
 }
 
 // ---------------------------------------------------------------------------------------

@@ -154,6 +154,19 @@ pub fn setup_sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs scripts/nvmet-setup.sh (/bin/nvmet-setup.sh in the guest), which must succeed;
+/// what it printed.
+pub fn nvmet(args: &[&str]) -> String {
+    let out = Command::new("nvmet-setup.sh").args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "nvmet-setup.sh {args:?}: {text}");
+    text
+}
+
 /// The driver `bdf` is bound to, if any.
 pub fn driver_of(bdf: &str) -> Option<String> {
     std::fs::read_link(format!("/sys/bus/pci/devices/{bdf}/driver"))

@@ -408,22 +408,29 @@ fn identify(q: &mut Queue, what: &'static str, cns: u8, nsid: u32) -> Result<Vec
     Ok(b.unwrap_or_else(|| vec![0; 4096]))
 }
 
+/// What connecting to `t` needs first: its addresses (resolved once: a reconnect makes no
+/// name lookup) and who this host is (its identifier, and its NQN: `opts.hostnqn`, or one
+/// made from the identifier).
+pub(crate) fn reach(t: &Target, opts: &Options) -> Result<(Vec<SocketAddr>, [u8; 16], String)> {
+    let addrs: Vec<SocketAddr> = (t.host.as_str(), t.port)
+        .to_socket_addrs()
+        .map_err(|source| Error::Resolve {
+            target: t.to_string(),
+            source,
+        })?
+        .collect();
+    let hostid = host_identity();
+    let hostnqn = opts
+        .hostnqn
+        .clone()
+        .unwrap_or_else(|| format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid_text(&hostid)));
+    Ok((addrs, hostid, hostnqn))
+}
+
 impl Controller {
     /// Connects the admin queue of `t` and brings the controller up.
     pub fn connect(t: &Target, opts: Options) -> Result<Arc<Controller>> {
-        let target = t.to_string();
-        let addrs: Vec<SocketAddr> = (t.host.as_str(), t.port)
-            .to_socket_addrs()
-            .map_err(|source| Error::Resolve {
-                target: target.clone(),
-                source,
-            })?
-            .collect();
-        let hostid = host_identity();
-        let hostnqn = opts
-            .hostnqn
-            .clone()
-            .unwrap_or_else(|| format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid_text(&hostid)));
+        let (addrs, hostid, hostnqn) = reach(t, &opts)?;
         let cc_value = cc::EN | cc::QUEUE_ENTRY_SIZES;
         let (mut assoc, cap) = associate(t, &addrs, &opts, (&hostid, &hostnqn), cc_value)?;
         let q = &mut assoc.admin;

@@ -31,11 +31,10 @@
 //! Alive). Linux nvmet accepts 0 from a discovery host and arms a timer of its own
 //! (120 s) to reap sessions that are left open; a listing takes well under a second.
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use crate::cmd::{self, cc};
-use crate::ctrl::{associate, host_identity, shutdown, uuid_text, Options, Target};
+use crate::ctrl::{associate, reach, shutdown, Options, Target};
 use crate::error::{Error, Result};
 use crate::queue::Dir;
 
@@ -486,18 +485,7 @@ pub fn discover(host: &str, port: u16, opts: &Options) -> Result<DiscoveryLog> {
         port,
         nqn: DISCOVERY_NQN.to_string(),
     };
-    let addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(|source| Error::Resolve {
-            target: t.to_string(),
-            source,
-        })?
-        .collect();
-    let hostid = host_identity();
-    let hostnqn = opts
-        .hostnqn
-        .clone()
-        .unwrap_or_else(|| format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid_text(&hostid)));
+    let (addrs, hostid, hostnqn) = reach(&t, opts)?;
     let opts = Options {
         kato: Duration::ZERO,
         ..opts.clone()
