@@ -940,8 +940,13 @@ impl Reactor {
             return;
         };
         let outcome = q.recover(&mut aborted);
-        if let (Recovery::Failed { .. }, Some(f)) = (outcome, q.fault()) {
+        // An endpoint that says why its recovery failed (a reconnect that could not be
+        // made) is taken at its word: the generic "could not be reset" would only repeat
+        // it less clearly.
+        let mut own_words = false;
+        if let (Recovery::Failed { quiet }, Some(f)) = (outcome, q.fault()) {
             self.faults[ci] = f;
+            own_words = quiet;
         }
         let name = self.shared.devices[ci].name().to_string();
         for c in &aborted {
@@ -977,8 +982,11 @@ impl Reactor {
                         self.slots[si as usize].quarantine = true;
                     }
                     let fault = &self.faults[ci];
-                    let msg = || format!("{name}: {fault}; the controller {why}");
-                    let msg = msg();
+                    let msg = if own_words {
+                        format!("{name}: {fault}")
+                    } else {
+                        format!("{name}: {fault}; the controller {why}")
+                    };
                     let Some(chunk) = self.chunk_mut(owner) else {
                         continue;
                     };
