@@ -134,6 +134,15 @@ fn fact(f: &serde_json::Value, key: &str) -> u64 {
 }
 
 /// An 8 MiB namespace of 512-byte blocks.
+/// A scratch folder `name` holding `src.img`, `len` bytes of pattern `seed`.
+fn source(name: &str, seed: u64, len: usize) -> (PathBuf, Vec<u8>, PathBuf) {
+    let d = scratch(name);
+    let data = pattern(seed, len);
+    let src = d.join("src.img");
+    std::fs::write(&src, &data).unwrap();
+    (d, data, src)
+}
+
 fn sim() -> TcpSim {
     TcpSim::start(SimConfig::default()).unwrap()
 }
@@ -276,10 +285,7 @@ fn dropped_connections_are_made_again_and_the_copy_ends_ok() {
 
 #[test]
 fn a_target_that_never_comes_back_fails_the_copy_in_bounded_time() {
-    let d = scratch("gone");
-    let data = pattern(6, 4 * MIB);
-    let src = d.join("src.img");
-    std::fs::write(&src, &data).unwrap();
+    let (d, data, src) = source("gone", 6, 4 * MIB);
     let sim = sim();
     sim.set_faults(Faults {
         drop_at: vec![5],
@@ -315,10 +321,7 @@ fn a_target_that_never_comes_back_fails_the_copy_in_bounded_time() {
 
 #[test]
 fn a_command_never_answered_is_reissued_on_a_new_connection() {
-    let d = scratch("stall");
-    let data = pattern(7, 2 * MIB);
-    let src = d.join("src.img");
-    std::fs::write(&src, &data).unwrap();
+    let (d, data, src) = source("stall", 7, 2 * MIB);
     let sim = sim();
     sim.set_faults(Faults {
         stall: Some(3),
@@ -352,10 +355,7 @@ fn a_command_never_answered_is_reissued_on_a_new_connection() {
 
 #[test]
 fn more_drops_than_max_resets_allows_fail_the_copy() {
-    let d = scratch("budget");
-    let data = pattern(8, 4 * MIB);
-    let src = d.join("src.img");
-    std::fs::write(&src, &data).unwrap();
+    let (d, data, src) = source("budget", 8, 4 * MIB);
     let sim = sim();
     // A drop every few commands: far more than one reset's worth.
     sim.set_faults(Faults {
@@ -422,10 +422,7 @@ fn a_malformed_reply_ends_the_connection_and_the_copy_reconnects() {
 
 #[test]
 fn two_reactors_one_command_stuck_and_the_destination_verified() {
-    let d = scratch("stall2");
-    let data = pattern(10, 4 * MIB);
-    let src = d.join("src.img");
-    std::fs::write(&src, &data).unwrap();
+    let (d, data, src) = source("stall2", 10, 4 * MIB);
     let sim = sim();
     sim.set_faults(Faults {
         stall: Some(7),
@@ -535,10 +532,7 @@ fn one_target_to_another_namespace_of_it_and_to_a_second_target_with_drops() {
 /// 10 s a connection step may otherwise take.
 #[test]
 fn a_target_that_accepts_and_never_answers_fails_the_copy_within_the_timeout() {
-    let d = scratch("silent");
-    let data = pattern(8, 4 * MIB);
-    let src = d.join("src.img");
-    std::fs::write(&src, &data).unwrap();
+    let (d, data, src) = source("silent", 8, 4 * MIB);
     let sim = sim();
     sim.set_faults(Faults {
         drop_at: vec![5],
@@ -554,6 +548,10 @@ fn a_target_that_accepts_and_never_answers_fails_the_copy_within_the_timeout() {
         sim.counters().connections >= 2,
         "the host tried again: {:?}",
         sim.counters()
+    );
+    assert!(
+        std::fs::read(&src).unwrap() == data,
+        "the source is untouched"
     );
     let _ = std::fs::remove_dir_all(&d);
 }
